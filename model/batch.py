@@ -1,0 +1,78 @@
+"""BatchLayout: where each sequence's new tokens sit in a packed step, and how to pad them.
+
+Legend: T packed tokens of the step, B sequences, L = longest new-token run in the step.
+A step mixes prefill chunks and decode tokens; each sequence owns one cache slot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    slots: Tensor      # [B] long: cache/state slot of each sequence
+    starts: Tensor     # [B] long: tokens of the sequence already in its cache
+    lengths: Tensor    # [B] long: new tokens of the sequence in this step (>= 1)
+    positions: Tensor  # [T] long: absolute position of each packed token
+    pad_index: Tensor  # [B, L] long: packed index of (sequence, new-token i); 0 where invalid
+    valid: Tensor      # [B, L] bool
+
+    @classmethod
+    def build(cls, slots: list[int], starts: list[int], lengths: list[int],
+              device: torch.device | str = "cpu") -> BatchLayout:
+        if not (len(slots) == len(starts) == len(lengths)) or not slots:
+            raise ValueError("BatchLayout needs one (slot, start, length) per sequence, at least one")
+        if min(lengths) < 1:
+            raise ValueError(f"every sequence needs at least one new token, got lengths={lengths}")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"a slot appears twice in one step: {slots}")
+        B, L = len(slots), max(lengths)
+        lengths_t = torch.tensor(lengths, dtype=torch.long)
+        starts_t = torch.tensor(starts, dtype=torch.long)
+        offsets = torch.cumsum(lengths_t, 0) - lengths_t  # [B]
+        i = torch.arange(L)
+        valid = i[None, :] < lengths_t[:, None]  # [B, L]
+        pad_index = torch.where(valid, offsets[:, None] + i[None, :], 0)
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
+        return cls(
+            slots=torch.tensor(slots, dtype=torch.long, device=device),
+            starts=starts_t.to(device),
+            lengths=lengths_t.to(device),
+            positions=positions.to(device),
+            pad_index=pad_index.to(device),
+            valid=valid.to(device),
+        )
+
+    @property
+    def num_seqs(self) -> int:
+        return self.slots.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence brings exactly one new token."""
+        return self.pad_index.shape[1] == 1
+
+    def last_token_index(self) -> Tensor:
+        """[B] packed index of each sequence's last new token."""
+        return torch.cumsum(self.lengths, 0) - 1
+
+    def to_padded(self, x: Tensor) -> Tensor:
+        """[T, ...] -> [B, L, ...], zeros where invalid."""
+        xp = x[self.pad_index]
+        mask = self.valid.view(*self.valid.shape, *([1] * (x.dim() - 1)))
+        return xp * mask.to(xp.dtype)
+
+    def to_packed(self, xp: Tensor) -> Tensor:
+        """[B, L, ...] -> [T, ...]."""
+        return xp[self.valid]
+
+    def to(self, device: torch.device | str) -> BatchLayout:
+        return BatchLayout(*(t.to(device) for t in (self.slots, self.starts, self.lengths,
+                                                   self.positions, self.pad_index, self.valid)))
