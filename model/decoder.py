@@ -1,0 +1,108 @@
+"""The decoder of both architectures: embedding, a stack of (token mixer + feed-forward)
+layers, final norm and LM head. Module names equal the checkpoint's tensor names, so loading
+is a lookup; a layer can be built alone (for one actor) with any subset of its experts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from model.attention import Attention
+from model.batch import BatchLayout
+from model.cache import DeltaNetState, KVCache
+from model.config import ModelConfig
+from model.gated_deltanet import GatedDeltaNet
+from model.loading import load_module, materialize
+from model.moe import MLP, SparseMoeBlock
+from model.norm import RMSNorm
+from model.weights import CheckpointReader
+
+Cache = KVCache | DeltaNetState
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, index: int, expert_ids: Sequence[int] | None = None) -> None:
+        """`expert_ids`: the routed experts this copy holds (None: all of them, []: none)."""
+        super().__init__()
+        c = config
+        self.index = index
+        self.kind = c.layer_types[index]
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.zero_centered_norm)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.zero_centered_norm)
+        if self.kind == "full_attention":
+            self.self_attn = Attention(c)
+        else:
+            self.linear_attn = GatedDeltaNet(c)
+        self.mlp: SparseMoeBlock | MLP
+        if c.is_moe_layer(index):
+            self.mlp = SparseMoeBlock(c, expert_ids)
+        else:
+            self.mlp = MLP(c.hidden_size, c.intermediate_size)
+
+    @property
+    def mixer(self) -> Attention | GatedDeltaNet:
+        return self.self_attn if self.kind == "full_attention" else self.linear_attn
+
+    def make_cache(self, num_slots: int, max_len: int, dtype: torch.dtype,
+                   device: torch.device | str) -> Cache:
+        if isinstance(self.mixer, Attention):
+            return self.mixer.make_cache(num_slots, max_len, dtype, device)
+        return self.mixer.make_state(num_slots, dtype, device)
+
+    def mix(self, h: Tensor, layout: BatchLayout, cache: Cache) -> Tensor:
+        return h + self.mixer(self.input_layernorm(h), layout, cache)
+
+    def feed_forward(self, h: Tensor) -> Tensor:
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward(self, h: Tensor, layout: BatchLayout, cache: Cache) -> Tensor:
+        return self.feed_forward(self.mix(h, layout, cache))
+
+
+class DecoderStack(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.zero_centered_norm)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str | None = None,
+                        device: torch.device | str = "cpu") -> CausalLM:
+        config = ModelConfig.from_dir(path, dtype=dtype)
+        with torch.device("meta"):
+            lm = cls(config)
+        materialize(lm, device, config.torch_dtype)
+        reader = CheckpointReader(path)
+        skip = ("lm_head.weight",) if config.tie_word_embeddings else ()
+        load_module(lm, reader, prefix="", skip=skip)
+        if config.tie_word_embeddings:
+            lm.lm_head.weight = lm.model.embed_tokens.weight
+        return lm.eval()
+
+    def make_caches(self, num_slots: int, max_len: int) -> list[Cache]:
+        p = self.lm_head.weight
+        return [layer.make_cache(num_slots, max_len, p.dtype, p.device) for layer in self.model.layers]
+
+    @torch.inference_mode()
+    def forward(self, token_ids: Tensor, layout: BatchLayout, caches: Sequence[Cache]) -> Tensor:
+        """token_ids [T] -> final-normed hidden states [T, H]."""
+        h = self.model.embed_tokens(token_ids)
+        for layer, cache in zip(self.model.layers, caches):
+            h = layer(h, layout, cache)
+        return self.model.norm(h)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(hidden).float()

@@ -1,0 +1,76 @@
+"""The gated delta rule, two ways: a token-by-token recurrence (decode, and the reference) and
+the chunked UT-transform form (prefill). Both carry the state between calls.
+
+Legend: B sequences, T tokens, H value heads (q/k already repeated to H), K key dim, V value dim.
+Inputs q, k [B, T, H, K] (L2-normed), v [B, T, H, V], log-decay g [B, T, H] (<= 0), beta [B, T, H];
+state [B, H, K, V] float32. Right padding is exact when the padded tokens have g = beta = 0:
+they neither decay nor write the state, and a causal step never reads tokens after it."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+                               state: Tensor) -> tuple[Tensor, Tensor]:
+    """S ← exp(g)·S; δ = β(v − Sᵀk); S ← S + k δᵀ; o = Sᵀq. Returns o [B, T, H, V] (dtype of v)
+    and the final state [B, H, K, V] float32."""
+    out_dtype = v.dtype
+    q, k, v = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, *]
+    g, beta = g.float().transpose(1, 2), beta.float().transpose(1, 2)  # [B, H, T]
+    q = q * q.shape[-1] ** -0.5
+    S = state.float().clone()
+    out = torch.empty_like(v)
+    for t in range(q.shape[2]):
+        S = S * g[:, :, t].exp()[..., None, None]
+        k_t = k[:, :, t]
+        delta = beta[:, :, t, None] * (v[:, :, t] - torch.einsum("bhkv,bhk->bhv", S, k_t))
+        S = S + k_t[..., :, None] * delta[..., None, :]
+        out[:, :, t] = torch.einsum("bhkv,bhk->bhv", S, q[:, :, t])
+    return out.transpose(1, 2).to(out_dtype), S
+
+
+def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor,
+                           chunk_size: int = 64) -> tuple[Tensor, Tensor]:
+    """Same result as the recurrence: within a chunk of C tokens the C rank-1 updates are folded
+    into one lower-triangular solve (the UT transform); chunks are scanned in order."""
+    out_dtype = v.dtype
+    B, T, H, _ = q.shape
+    q, k, v = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, *]
+    g, beta = g.float().transpose(1, 2), beta.float().transpose(1, 2)
+    q = q * q.shape[-1] ** -0.5
+
+    C = chunk_size
+    pad = (C - T % C) % C  # padded tokens get beta = g = 0: exact, see module doc
+    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    g, beta = F.pad(g, (0, pad)), F.pad(beta, (0, pad))
+    n = (T + pad) // C
+    q, k, v = (x.reshape(B, H, n, C, x.shape[-1]) for x in (q, k, v))
+    g, beta = g.reshape(B, H, n, C), beta.reshape(B, H, n, C)
+
+    cum = g.cumsum(-1)  # [B, H, n, C] log-decay from the chunk start to each token
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    # decay[i, j] = exp(cum_i - cum_j) for j <= i, else 0
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+
+    k_beta = k * beta[..., None]
+    # (I + A) where A[i, j] = β_i (k_i·k_j) decay[i, j] for j < i: the UT system.
+    system = (k_beta @ k.transpose(-1, -2)) * decay
+    u = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)
+    w = torch.linalg.solve_triangular(system, k_beta * cum.exp()[..., None], upper=False, unitriangular=True)
+
+    attn = (q @ k.transpose(-1, -2)) * decay  # intra-chunk, causal incl. the diagonal
+    q_decayed = q * cum.exp()[..., None]
+    k_to_end = k * (cum[..., -1:] - cum).exp()[..., None]
+    chunk_decay = cum[..., -1].exp()[..., None, None]  # [B, H, n, 1, 1]
+
+    S = state.float().clone()
+    out = torch.empty_like(v)
+    for c in range(n):
+        v_new = u[:, :, c] - w[:, :, c] @ S  # what the old state does not already predict
+        out[:, :, c] = q_decayed[:, :, c] @ S + attn[:, :, c] @ v_new
+        S = S * chunk_decay[:, :, c] + k_to_end[:, :, c].transpose(-1, -2) @ v_new
+    out = out.reshape(B, H, n * C, -1)[:, :, :T]
+    return out.transpose(1, 2).to(out_dtype), S
