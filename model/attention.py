@@ -59,7 +59,7 @@ class Attention(nn.Module):
         mask = torch.arange(Lk, device=x.device)[None, None, :] <= q_pos[:, :, None]  # [B, L, Lk]
         o = F.scaled_dot_product_attention(
             qp.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=mask[:, None], scale=self.D ** -0.5, enable_gqa=self.N != self.Nkv,
+            attn_mask=mask[:, None], scale=self.D ** -0.5, enable_gqa=self.Nkv != self.N,
         )  # [B, N, L, D]
         o = layout.to_packed(o.transpose(1, 2)).reshape(T, self.N * self.D)
         if self.gated:

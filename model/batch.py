@@ -29,14 +29,14 @@ class BatchLayout:
             raise ValueError(f"every sequence needs at least one new token, got lengths={lengths}")
         if len(set(slots)) != len(slots):
             raise ValueError(f"a slot appears twice in one step: {slots}")
-        B, L = len(slots), max(lengths)
+        L = max(lengths)
         lengths_t = torch.tensor(lengths, dtype=torch.long)
         starts_t = torch.tensor(starts, dtype=torch.long)
         offsets = torch.cumsum(lengths_t, 0) - lengths_t  # [B]
         i = torch.arange(L)
         valid = i[None, :] < lengths_t[:, None]  # [B, L]
         pad_index = torch.where(valid, offsets[:, None] + i[None, :], 0)
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
         return cls(
             slots=torch.tensor(slots, dtype=torch.long, device=device),
             starts=starts_t.to(device),

@@ -232,7 +232,8 @@ def _rope_from_hf(raw: dict[str, Any], head_dim: int, default_partial: float) ->
         params["rope_type"] = params.pop("type")
     rope_type = params.get("rope_type", "default")
     if rope_type not in ROPE_TYPES:
-        raise ConfigError(f"rope_scaling.rope_type {rope_type!r} is not supported (expected one of {ROPE_TYPES})")
+        raise ConfigError(f"rope_scaling.rope_type {rope_type!r} is not supported "
+                          f"(expected one of {ROPE_TYPES})")
     theta = float(params.get("rope_theta", 10000.0))
     partial = float(params.get("partial_rotary_factor", default_partial))
     rope = RopeConfig(

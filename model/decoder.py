@@ -99,7 +99,7 @@ class CausalLM(nn.Module):
     def forward(self, token_ids: Tensor, layout: BatchLayout, caches: Sequence[Cache]) -> Tensor:
         """token_ids [T] -> final-normed hidden states [T, H]."""
         h = self.model.embed_tokens(token_ids)
-        for layer, cache in zip(self.model.layers, caches):
+        for layer, cache in zip(self.model.layers, caches, strict=True):
             h = layer(h, layout, cache)
         return self.model.norm(h)
 

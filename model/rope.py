@@ -49,7 +49,8 @@ def _yarn(rope: RopeConfig, pos_freqs: Tensor) -> tuple[Tensor, float]:
         high += 0.001  # avoid a zero-width ramp
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     extrapolation_share = 1 - ramp
-    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_share) + (1.0 / pos_freqs) * extrapolation_share
+    interpolated, extrapolated = 1.0 / (factor * pos_freqs), 1.0 / pos_freqs
+    inv_freq = interpolated * (1 - extrapolation_share) + extrapolated * extrapolation_share
     return inv_freq, float(attention_factor)
 
 

@@ -1,0 +1,144 @@
+"""`nextserve` command line: `generate` (offline batch through the engine) and `make-tiny-model`.
+Mistakes a user can make end with exit code 2 and one line naming the flag, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from model.config import DTYPES
+
+
+class UsageError(Exception):
+    """A bad flag value found after parsing; printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # argparse prints the usage block too; one line is easier to read and to grep.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"token ids must be >= 0, got {text!r}")
+    return ids
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="nextserve", description="Serve Qwen3-Next and Qwen3 MoE models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="generate from prompts, batched through the engine")
+    gen.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    prompts = gen.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    prompts.add_argument("--prompt-token-ids", action="append", type=_token_ids,
+                         help="comma-separated prompt token ids (repeatable)")
+    gen.add_argument("--max-tokens", type=int, default=16)
+    gen.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0, help="0 or -1: off")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt and line")
+    gen.add_argument("--executor", default="local")
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--max-model-len", type=int, default=None)
+    gen.add_argument("--max-num-seqs", type=int, default=16)
+    gen.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    gen.set_defaults(func=_generate)
+
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint")
+    tiny.add_argument("dir")
+    tiny.add_argument("--arch", choices=["qwen3_next", "qwen3_moe"], default="qwen3_next")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    tiny.set_defaults(func=_make_tiny_model)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"nextserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine.executor import create_executor
+    from engine.llm_engine import LLMEngine
+    from engine.sampling import SamplingParams, SamplingParamsError
+    from engine.tokenizer import Tokenizer
+    from model.config import ConfigError, ModelConfig
+
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, logprobs=True)
+    except SamplingParamsError as e:
+        raise UsageError(f"--{e.field.replace('_', '-')}: {e}") from None
+    for flag in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    # Check the cheap things (config, tokenizer, token ids) before loading any weights.
+    try:
+        config = ModelConfig.from_dir(args.model)
+    except ConfigError as e:
+        raise UsageError(f"--model {args.model}: {e}") from None
+    tokenizer = Tokenizer.from_dir(args.model)
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise UsageError(f"--prompt needs {args.model}/tokenizer.json; give --prompt-token-ids instead")
+        prompts = [tokenizer.encode(p) for p in args.prompt]
+        if any(not p for p in prompts):
+            raise UsageError("--prompt: a prompt encodes to no tokens")
+    else:
+        prompts = args.prompt_token_ids
+    for ids in prompts:
+        bad = [t for t in ids if t >= config.vocab_size]
+        if bad:
+            raise UsageError(f"--prompt-token-ids: token id {bad[0]} is out of range for vocab_size "
+                             f"{config.vocab_size}")
+
+    try:
+        executor = create_executor(args.executor, model_dir=args.model, dtype=args.dtype, device=args.device,
+                                   num_slots=min(len(prompts), args.max_num_seqs),
+                                   max_model_len=args.max_model_len)
+    except ValueError as e:  # unknown executor, bad sizes, unreadable checkpoint
+        raise UsageError(f"--executor {args.executor}: {e}") from None
+    try:
+        engine = LLMEngine(executor, tokenizer=tokenizer,
+                           max_num_batched_tokens=max(args.max_num_batched_tokens, executor.num_slots))
+        results = engine.generate(prompts, params)
+    except ValueError as e:  # a prompt longer than --max-model-len
+        raise UsageError(str(e)) from None
+    finally:
+        executor.shutdown()
+    for r in results:
+        if args.json:
+            print(json.dumps({"token_ids": list(r.token_ids), "logprobs": list(r.logprobs or ())}))
+        else:
+            print(r.text if r.text is not None else " ".join(map(str, r.token_ids)))
+    return 0
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from model.tiny import make_tiny_model
+
+    print(make_tiny_model(args.dir, arch=args.arch, seed=args.seed, dtype=args.dtype))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The `local` executor: the whole model in this process, with one cache (KV or DeltaNet state)
+per layer holding every slot. The reference the cluster executor is checked against."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from engine.executor import Executor, StepInput, register_executor
+from model.batch import BatchLayout
+from model.decoder import CausalLM
+
+# Caches are allocated up front for num_slots × max_model_len tokens; the checkpoints' native
+# context (262k for Qwen3-Next) would not fit, so without an explicit length we cap it here.
+DEFAULT_MAX_MODEL_LEN = 4096
+
+
+@register_executor("local")
+class LocalExecutor(Executor):
+    def __init__(self, model_dir: str | Path, dtype: str | None = None, num_slots: int = 8,
+                 max_model_len: int | None = None, device: torch.device | str = "cpu") -> None:
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.model = CausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
+        self.config = self.model.config
+        if max_model_len is None:
+            max_model_len = min(self.config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+        if max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
+        self.num_slots = num_slots
+        self.max_model_len = max_model_len
+        self.device = torch.device(device)
+        self.caches = self.model.make_caches(num_slots, max_model_len)
+
+    def execute(self, step: StepInput) -> Tensor:
+        if any(not 0 <= s < self.num_slots for s in step.slots):
+            raise ValueError(f"slots {step.slots} outside 0..{self.num_slots - 1}")
+        layout = BatchLayout.build(list(step.slots), list(step.starts), list(step.lengths), self.device)
+        token_ids = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)  # [T]
+        hidden = self.model(token_ids, layout, self.caches)  # [T, H]
+        index = torch.tensor(step.logits_index, dtype=torch.long, device=self.device)  # [R]
+        return self.model.compute_logits(hidden[index])  # [R, V] float32
