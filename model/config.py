@@ -159,8 +159,12 @@ class ModelConfig:
         hidden = int(req("hidden_size"))
         n_layers = int(req("num_hidden_layers"))
         n_heads = int(req("num_attention_heads"))
-        head_dim = int(raw.get("head_dim") or hidden // n_heads)
         is_next = arch == "qwen3_next"
+        # Defaults for absent keys are those of the transformers config classes.
+        head_dim = int(raw.get("head_dim") or (256 if is_next else hidden // n_heads))
+        if raw.get("use_sliding_window"):
+            raise ConfigError("config.json: use_sliding_window=true is not supported (sliding-window "
+                              "attention is not implemented)")
 
         layer_types = raw.get("layer_types")
         if layer_types is None:
@@ -177,7 +181,8 @@ class ModelConfig:
             raise ConfigError("config.json: missing required field 'num_experts' (or 'num_local_experts')")
 
         eos = raw.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        eos_list = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+        eos_ids = tuple(int(e) for e in eos_list)
         dtype = dtype or raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
         if dtype not in DTYPES:
             raise ConfigError(f"dtype {dtype!r} is not supported (expected one of {sorted(DTYPES)})")
@@ -189,7 +194,7 @@ class ModelConfig:
             num_hidden_layers=n_layers,
             layer_types=tuple(layer_types),
             num_attention_heads=n_heads,
-            num_key_value_heads=int(raw.get("num_key_value_heads") or n_heads),
+            num_key_value_heads=int(raw.get("num_key_value_heads") or (2 if is_next else 4)),
             head_dim=head_dim,
             rope=_rope_from_hf(raw, head_dim, default_partial=0.25 if is_next else 1.0),
             max_position_embeddings=int(req("max_position_embeddings")),
@@ -212,7 +217,7 @@ class ModelConfig:
             mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             dtype=dtype,
-            bos_token_id=raw.get("bos_token_id"),
+            bos_token_id=None if raw.get("bos_token_id") is None else int(raw["bos_token_id"]),
             eos_token_ids=eos_ids,
             num_mtp_layers=int(raw.get("num_nextn_predict_layers", 1 if is_next else 0)),
             extra=raw,

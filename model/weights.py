@@ -1,85 +1,121 @@
-"""CheckpointReader: reads single tensors by their Hugging Face names from a checkpoint directory
-(one or several safetensors files, with or without model.safetensors.index.json)."""
+"""CheckpointReader: single tensors of a Hugging Face safetensors checkpoint, by the checkpoint's own
+names; a shard file is opened only when one of its tensors is asked for."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 INDEX_FILE = "model.safetensors.index.json"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot serve a tensor; the message names the tensor and the file."""
+    """A checkpoint that cannot serve what was asked of it; the message names the tensor or file."""
 
 
 class CheckpointReader:
-    """Maps tensor names to files from the index (or the files' headers) and opens a file only
-    when one of its tensors is asked for, so a caller that needs a slice of the model (an expert
-    shard) reads nothing else and may even run from a partial copy of the checkpoint."""
+    """`accessed` lists every tensor read and `files_opened` every shard file opened to read one (a
+    header scan of an index-less directory does not count), so tests can prove partial loading."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
             raise CheckpointError(f"checkpoint directory {self.path} does not exist")
-        self._where = self._index()
-        self._open: dict[str, object] = {}
+        index = self.path / INDEX_FILE
+        self._file_of: dict[str, str] = _read_index(index) if index.is_file() else _scan_headers(self.path)
+        self._handles: dict[str, Any] = {}
         self.accessed: list[str] = []
         self.files_opened: set[str] = set()
 
-    def _index(self) -> dict[str, str]:
-        index = self.path / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from e
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to files")
-            return dict(weight_map)
-        files = sorted(self.path.glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{self.path}: no *.safetensors files and no {INDEX_FILE}")
-        where: dict[str, str] = {}
-        for f in files:
-            with safe_open(f, framework="pt") as handle:  # reads the header only
-                where.update(dict.fromkeys(handle.keys(), f.name))
-        return where
-
     def names(self) -> set[str]:
-        return set(self._where)
+        return set(self._file_of)
 
     def has(self, name: str) -> bool:
-        return name in self._where
+        return name in self._file_of
 
     def file_of(self, name: str) -> str:
-        if name not in self._where:
-            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint {self.path}")
-        return self._where[name]
+        """The file (relative to the checkpoint directory) that holds `name`."""
+        if name not in self._file_of:
+            files = len(set(self._file_of.values()))
+            raise CheckpointError(f"tensor {name!r} is not in checkpoint {self.path} "
+                                  f"({len(self._file_of)} tensors in {files} files)")
+        return self._file_of[name]
 
     def get(self, name: str, *, shape: tuple[int, ...] | None = None,
             dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Read one tensor; checks its shape when `shape` is given, casts when `dtype` is."""
+        """Read one tensor; `shape` is checked from the header before the data is read."""
         file = self.file_of(name)
-        handle = self._handle(file, name)
-        tensor = handle.get_tensor(name)
+        handle = self._open(file, name)
+        try:
+            if shape is not None:
+                actual = tuple(handle.get_slice(name).get_shape())
+                if actual != tuple(shape):
+                    raise CheckpointError(f"tensor {name!r} in {self.path / file} has shape {actual}, "
+                                          f"expected {tuple(shape)}")
+            tensor = handle.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"cannot read tensor {name!r} from {self.path / file}: {e}") from e
         self.accessed.append(name)
-        if shape is not None and tuple(tensor.shape) != tuple(shape):
-            raise CheckpointError(f"tensor {name!r} in {file} has shape {tuple(tensor.shape)}, "
-                                  f"expected {tuple(shape)}")
         return tensor if dtype is None else tensor.to(dtype)
 
-    def _handle(self, file: str, name: str):
-        if file not in self._open:
+    def close(self) -> None:
+        self._handles.clear()  # safetensors unmaps a file when its handle is dropped
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _open(self, file: str, name: str) -> Any:
+        if file not in self._handles:
             full = self.path / file
+            # Checked here, not at construction: an expert-shard actor may hold a partial copy of
+            # the checkpoint, and a shard it never reads from need not be there.
             if not full.is_file():
-                raise CheckpointError(f"tensor {name!r} is in {file}, which is missing from {self.path}")
+                raise CheckpointError(f"tensor {name!r} is in {file} according to {INDEX_FILE}, "
+                                      f"but {full} does not exist")
             try:
-                self._open[file] = safe_open(full, framework="pt")
-            except Exception as e:  # safetensors raises its own error types for a bad header
-                raise CheckpointError(f"{full}: not a readable safetensors file ({e})") from e
+                self._handles[file] = safe_open(str(full), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"cannot open {full} (needed for tensor {name!r}): {e}") from e
             self.files_opened.add(file)
-        return self._open[file]
+        return self._handles[file]
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        raw = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index}: not valid JSON ({e})") from e
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: no 'weight_map' object mapping tensor names to files")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file or Path(file).is_absolute() or ".." in Path(file).parts:
+            raise CheckpointError(f"{index}: 'weight_map' entry {name!r} -> {file!r} is not a file name "
+                                  f"inside the checkpoint directory")
+    return dict(weight_map)
+
+
+def _scan_headers(path: Path) -> dict[str, str]:
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors files and no {INDEX_FILE}")
+    file_of: dict[str, str] = {}
+    for file in files:
+        try:
+            with safe_open(str(path / file), framework="pt") as f:
+                names = list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path / file}: not a readable safetensors file ({e})") from e
+        for name in names:
+            if name in file_of:
+                raise CheckpointError(f"{path}: tensor {name!r} is in both {file_of[name]} and {file} "
+                                      f"and there is no {INDEX_FILE} to say which one to use")
+            file_of[name] = file
+    return file_of

@@ -89,6 +89,7 @@ def test_yarn_frequencies_match_transformers(partial):
     ({"layer_types": ["sliding_attention"] * 48}, "'sliding_attention'"),
     ({"num_experts_per_tok": 600}, "num_experts_per_tok"),
     ({"torch_dtype": "int8"}, "dtype 'int8'"),
+    ({"use_sliding_window": True}, "use_sliding_window"),
 ])
 def test_bad_config_names_the_field(change, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
