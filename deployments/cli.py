@@ -7,8 +7,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from model.config import DTYPES
+
+# The built-in model `generate` uses without --model, made on first use (models/ is git-ignored).
+TINY_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "tiny-qwen3-next"
 
 
 class UsageError(Exception):
@@ -36,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="generate from prompts, batched through the engine")
-    gen.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    gen.add_argument("--model", help=f"Hugging Face checkpoint directory (default: {TINY_MODEL_DIR})")
     prompts = gen.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     prompts.add_argument("--prompt-token-ids", action="append", type=_token_ids,
@@ -48,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt and line")
-    gen.add_argument("--executor", default="local")
+    gen.add_argument("--executor", default="local", help="local (this process) or cluster (Ray actors)")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--max-model-len", type=int, default=None)
@@ -78,51 +82,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from engine.executor import create_executor
     from engine.llm_engine import LLMEngine
-    from engine.sampling import SamplingParams, SamplingParamsError
-    from engine.tokenizer import Tokenizer
-    from model.config import ConfigError, ModelConfig
 
-    try:
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, logprobs=True)
-    except SamplingParamsError as e:
-        raise UsageError(f"--{e.field.replace('_', '-')}: {e}") from None
-    for flag in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    # Check the cheap things (config, tokenizer, token ids) before loading any weights.
-    try:
-        config = ModelConfig.from_dir(args.model)
-    except ConfigError as e:
-        raise UsageError(f"--model {args.model}: {e}") from None
-    tokenizer = Tokenizer.from_dir(args.model)
-    if args.prompt is not None:
-        if tokenizer is None:
-            raise UsageError(f"--prompt needs {args.model}/tokenizer.json; give --prompt-token-ids instead")
-        prompts = [tokenizer.encode(p) for p in args.prompt]
-        if any(not p for p in prompts):
-            raise UsageError("--prompt: a prompt encodes to no tokens")
-    else:
-        prompts = args.prompt_token_ids
-    for ids in prompts:
-        bad = [t for t in ids if t >= config.vocab_size]
-        if bad:
-            raise UsageError(f"--prompt-token-ids: token id {bad[0]} is out of range for vocab_size "
-                             f"{config.vocab_size}")
-
+    params = _sampling_params(args)
+    tokenizer, prompts, flag = _prompts(args)  # before loading any weights: they take a while
+    if args.executor == "cluster":
+        import cluster.executor  # noqa: F401 - registers "cluster"; it imports Ray, so only on demand
     try:
         executor = create_executor(args.executor, model_dir=args.model, dtype=args.dtype, device=args.device,
                                    num_slots=min(len(prompts), args.max_num_seqs),
                                    max_model_len=args.max_model_len)
-    except ValueError as e:  # unknown executor, bad sizes, unreadable checkpoint
-        raise UsageError(f"--executor {args.executor}: {e}") from None
-    try:
-        engine = LLMEngine(executor, tokenizer=tokenizer,
-                           max_num_batched_tokens=max(args.max_num_batched_tokens, executor.num_slots))
-        results = engine.generate(prompts, params)
-    except ValueError as e:  # a prompt longer than --max-model-len
+    except (ValueError, OSError) as e:  # unknown executor, unreadable checkpoint
         raise UsageError(str(e)) from None
+    for i, ids in enumerate(prompts):
+        if len(ids) > executor.max_model_len:
+            executor.shutdown()
+            raise UsageError(f"{flag}: prompt {i + 1} has {len(ids)} tokens, more than --max-model-len "
+                             f"{executor.max_model_len}")
+    try:
+        # Every slot must be able to decode in each step, so the budget is at least the slot count.
+        budget = max(args.max_num_batched_tokens, executor.num_slots)
+        engine = LLMEngine(executor, tokenizer=tokenizer, max_num_batched_tokens=budget)
+        results = engine.generate(prompts, params)
+    except ValueError as e:  # the engine refused a prompt
+        raise UsageError(f"{flag}: {e}") from None
     finally:
         executor.shutdown()
     for r in results:
@@ -131,6 +113,56 @@ def _generate(args: argparse.Namespace) -> int:
         else:
             print(r.text if r.text is not None else " ".join(map(str, r.token_ids)))
     return 0
+
+
+def _sampling_params(args: argparse.Namespace):
+    from engine.sampling import SamplingParams, SamplingParamsError
+
+    for flag in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    try:
+        return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, logprobs=True)
+    except SamplingParamsError as e:
+        raise UsageError(f"--{e.field.replace('_', '-')}: {e}") from None
+
+
+def _prompts(args: argparse.Namespace):
+    """(tokenizer or None, prompt token ids, the flag they came from), checked against the config."""
+    from engine.tokenizer import Tokenizer
+    from model.config import ConfigError, ModelConfig
+
+    if args.model is None:
+        args.model = str(_builtin_tiny_model())
+    try:
+        config = ModelConfig.from_dir(args.model)
+    except ConfigError as e:
+        raise UsageError(f"--model: {e}") from None  # e names the directory
+    tokenizer = Tokenizer.from_dir(args.model)
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise UsageError(f"--prompt needs {args.model}/tokenizer.json; give --prompt-token-ids instead")
+        flag, prompts = "--prompt", [tokenizer.encode(p) for p in args.prompt]
+        if any(not p for p in prompts):
+            raise UsageError("--prompt: a prompt encodes to no tokens")
+    else:
+        flag, prompts = "--prompt-token-ids", args.prompt_token_ids
+    for ids in prompts:
+        bad = [t for t in ids if t >= config.vocab_size]
+        if bad:
+            raise UsageError(f"{flag}: token id {bad[0]} is out of range for vocab_size {config.vocab_size}")
+    return tokenizer, prompts, flag
+
+
+def _builtin_tiny_model() -> Path:
+    if not (TINY_MODEL_DIR / "config.json").is_file():
+        from model.tiny import make_tiny_model
+
+        print(f"nextserve: making the built-in tiny model in {TINY_MODEL_DIR}", file=sys.stderr)
+        make_tiny_model(TINY_MODEL_DIR, arch="qwen3_next")
+    return TINY_MODEL_DIR
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:

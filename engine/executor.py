@@ -63,11 +63,10 @@ def register_executor(name: str) -> Callable[[Callable[..., Executor]], Callable
 
 
 def create_executor(name: str, **kwargs) -> Executor:
+    # Executors register on import: `local` here, `cluster` when cluster.executor is imported
+    # (engine must not import cluster/).
     if name not in _REGISTRY:
-        # Executors register on import: `local` here, `cluster` when cluster.executor is imported
-        # (engine must not import cluster/).
-        if name == "local":
-            import engine.local_executor  # noqa: F401
+        import engine.local_executor  # noqa: F401
     if name not in _REGISTRY:
         raise ValueError(f"unknown executor {name!r}; registered: {sorted(_REGISTRY)}")
     return _REGISTRY[name](**kwargs)

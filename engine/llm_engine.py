@@ -149,7 +149,7 @@ class LLMEngine:
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
         seqs = []
         try:
-            for rid, prompt, p in zip(ids, prompts, params):
+            for rid, prompt, p in zip(ids, prompts, params, strict=True):
                 self.add_request(rid, prompt, p)
                 seqs.append(self._requests[rid])
             while self.has_unfinished():
@@ -180,7 +180,7 @@ class LLMEngine:
         out = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
         token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
         outputs = []
-        for seq, tok, lp in zip(seqs, token_ids, logprobs):
+        for seq, tok, lp in zip(seqs, token_ids, logprobs, strict=True):
             seq.append(tok, lp)
             reason = self._stop_reason(seq)
             if reason is not None:

@@ -37,6 +37,8 @@ class LocalExecutor(Executor):
     def execute(self, step: StepInput) -> Tensor:
         if any(not 0 <= s < self.num_slots for s in step.slots):
             raise ValueError(f"slots {step.slots} outside 0..{self.num_slots - 1}")
+        if any(s + n > self.max_model_len for s, n in zip(step.starts, step.lengths, strict=True)):
+            raise ValueError(f"a sequence of the step runs past max_model_len={self.max_model_len}")
         layout = BatchLayout.build(list(step.slots), list(step.starts), list(step.lengths), self.device)
         token_ids = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)  # [T]
         hidden = self.model(token_ids, layout, self.caches)  # [T, H]

@@ -98,7 +98,7 @@ class Sampler:
 
 def filtered_probs(logits: Tensor, params: Sequence[SamplingParams]) -> Tensor:
     """[b, V] logits of sampled rows -> [b, V] probabilities after temperature, top-k and top-p."""
-    b, V = logits.shape
+    V = logits.shape[-1]
     dev = logits.device
     temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
     logits = logits / temperature[:, None]

@@ -1,0 +1,108 @@
+"""`nextserve` argument errors: exit code 2, one line on stderr naming the flag and the value."""
+
+import json
+
+import pytest
+
+from deployments.cli import main
+
+
+@pytest.fixture
+def config_only_dir(tmp_path):
+    """A checkpoint directory with just config.json: enough for every check made before loading."""
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        architectures=["Qwen3MoeForCausalLM"], vocab_size=384, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        num_experts=2, num_experts_per_tok=1,
+        moe_intermediate_size=8, eos_token_id=1, dtype="float32")))
+    return tmp_path
+
+
+def run_cli(argv, capsys) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors exit from inside parse_args
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--prompt-token-ids", "1,x"], ["--prompt-token-ids", "'1,x'"]),
+    (["--prompt-token-ids", "1,-2"], ["--prompt-token-ids", "'1,-2'"]),
+    (["--prompt-token-ids", "1,384"], ["--prompt-token-ids", "384", "vocab_size 384"]),
+    (["--prompt-token-ids", "1", "--temperature", "-1"], ["--temperature", "-1"]),
+    (["--prompt-token-ids", "1", "--max-tokens", "0"], ["--max-tokens", "0"]),
+    (["--prompt-token-ids", "1", "--top-p", "2"], ["--top-p", "2"]),
+    (["--prompt-token-ids", "1", "--max-tokens", "many"], ["--max-tokens", "'many'"]),
+    (["--prompt-token-ids", "1", "--max-model-len", "0"], ["--max-model-len", "0"]),
+    (["--prompt-token-ids", "1", "--prompt", "hi"], ["--prompt", "--prompt-token-ids", "not allowed"]),
+    ([], ["--prompt", "--prompt-token-ids", "required"]),
+    (["--prompt", "hi"], ["--prompt", "tokenizer.json"]),
+])
+def test_generate_argument_errors(args, expected, config_only_dir, capsys):
+    code, err = run_cli(["generate", "--model", str(config_only_dir), *args], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for word in expected:
+        assert word in err, err
+
+
+def test_missing_model_dir(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    code, err = run_cli(["generate", "--model", str(missing), "--prompt-token-ids", "1,2"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "--model" in err and str(missing) in err and "config.json" in err
+
+
+def test_unknown_subcommand_and_executor(config_only_dir, capsys):
+    code, err = run_cli(["frobnicate"], capsys)
+    assert code == 2 and "frobnicate" in err
+    code, err = run_cli(["generate", "--model", str(config_only_dir), "--prompt-token-ids", "1",
+                         "--executor", "warp"], capsys)
+    assert code == 2 and "unknown executor 'warp'" in err and err.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from model.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"), arch="qwen3_next")
+
+
+def test_generate_json_end_to_end(tiny_dir, capsys):
+    from engine.executor import create_executor
+    from engine.llm_engine import LLMEngine
+    from engine.sampling import SamplingParams
+
+    prompts = [[5, 9, 13], [101], [3, 3, 3, 250, 17]]
+    code = main(["generate", "--model", str(tiny_dir), "--max-tokens", "4", "--temperature", "0", "--json",
+                 *[a for p in prompts for a in ("--prompt-token-ids", ",".join(map(str, p)))]])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().split("\n")
+    got = [json.loads(line) for line in lines]
+    ex = create_executor("local", model_dir=tiny_dir, num_slots=1, max_model_len=64)
+    params = SamplingParams(temperature=0, max_tokens=4, logprobs=True)
+    for p, g in zip(prompts, got, strict=True):
+        (want,) = LLMEngine(ex).generate([p], params)
+        assert set(g) == {"token_ids", "logprobs"}
+        assert g["token_ids"] == list(want.token_ids)
+        assert g["logprobs"] == pytest.approx(list(want.logprobs), abs=5e-4)  # see test_local_executor
+
+
+def test_generate_text_prompts(tiny_dir, capsys):
+    argv = ["generate", "--model", str(tiny_dir), "--prompt", "hello world", "--prompt", "a",
+            "--max-tokens", "3", "--temperature", "0.8", "--seed", "1"]
+    assert main([*argv, "--json"]) == 0
+    first = [json.loads(line) for line in capsys.readouterr().out.strip().split("\n")]
+    assert len(first) == 2 and all(1 <= len(r["token_ids"]) <= 3 for r in first)
+    assert main([*argv, "--json"]) == 0  # same seed, same tokens
+    assert [json.loads(line) for line in capsys.readouterr().out.strip().split("\n")] == first
+    assert main(argv) == 0  # without --json: the decoded text, one line per prompt at most
+    assert "{" not in capsys.readouterr().out
+
+
+def test_make_tiny_model(tmp_path, capsys):
+    assert main(["make-tiny-model", str(tmp_path / "m"), "--arch", "qwen3_moe"]) == 0
+    assert (tmp_path / "m" / "config.json").is_file()
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3MoeForCausalLM"]
