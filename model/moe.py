@@ -13,6 +13,9 @@ from torch import Tensor, nn
 
 from model.config import ModelConfig
 
+# One GEMM over all experts' row groups (torch >= 2.8 on CPU and CUDA); None: loop over experts.
+_grouped_mm = getattr(F, "grouped_mm", None)
+
 
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int) -> None:
@@ -67,23 +70,32 @@ class Experts(nn.Module):
         """x [T, H], ids [T, k] global expert ids (-1: skip), weights [T, k] -> Σ_k w·expert(x) over
         the held experts, [T, H]. Pairs routed to experts held elsewhere contribute nothing."""
         out = torch.zeros_like(x)
-        local = self.local_index[ids]  # [T, k]; -1 where not held
-        flat = local.flatten()
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat + 1, minlength=len(self.expert_ids) + 1)[1:].tolist()
-        start = int((flat < 0).sum())  # skipped pairs sort first
         k = ids.shape[1]
-        for j, n in enumerate(counts):
-            if n == 0:
-                continue
-            pairs = order[start:start + n]
-            start += n
-            rows = pairs // k
-            gate, up = F.linear(x[rows], self.gate_up[j]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down[j])
-            y = y * weights.flatten()[pairs, None]
-            out.index_add_(0, rows, y.to(out.dtype))
-        return out
+        local = self.local_index[ids].flatten()  # [T·k] stacked index, -1 where not held
+        pairs = (local >= 0).nonzero().squeeze(1)
+        if pairs.numel() == 0:
+            return out
+        # Group the (token, expert) pairs by expert: one grouped GEMM per projection.
+        pairs = pairs[torch.argsort(local[pairs], stable=True)]
+        counts = torch.bincount(local[pairs], minlength=len(self.expert_ids))
+        rows = pairs // k
+        y = self._grouped_swiglu(x[rows], counts)  # [P, H]
+        y = y * weights.flatten()[pairs, None]
+        return out.index_add_(0, rows, y.to(out.dtype))
+
+    def _grouped_swiglu(self, xs: Tensor, counts: Tensor) -> Tensor:
+        """xs [P, H] sorted by expert, counts [E] rows per expert -> down(silu(gate)·up) [P, H]."""
+        if _grouped_mm is not None and xs.dtype == self.gate_up.dtype:
+            offs = torch.cumsum(counts, 0, dtype=torch.int32)
+            gate, up = _grouped_mm(xs, self.gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+            return _grouped_mm(F.silu(gate) * up, self.down.transpose(-2, -1), offs=offs)
+        out, start = [], 0
+        for j, n in enumerate(counts.tolist()):  # the reference: one expert at a time
+            if n:
+                gate, up = F.linear(xs[start:start + n], self.gate_up[j]).chunk(2, dim=-1)
+                out.append(F.linear(F.silu(gate) * up, self.down[j]))
+                start += n
+        return torch.cat(out)
 
 
 class SparseMoeBlock(nn.Module):

@@ -3,9 +3,11 @@ the whole; the gate against its definition."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from model import moe
 from model.moe import Experts, TopKGate
 
 H, I, E, K = 24, 16, 10, 3
@@ -43,7 +45,12 @@ def routing(T=37, seed=1):
     return x, ids, weights
 
 
-def test_dispatched_equals_dense_loop():
+@pytest.mark.parametrize("grouped", [True, False])
+def test_dispatched_equals_dense_loop(grouped, monkeypatch):
+    if not grouped:
+        monkeypatch.setattr(moe, "_grouped_mm", None)  # the per-expert loop
+    elif moe._grouped_mm is None:
+        pytest.skip("this torch has no grouped_mm")
     ex = make_experts(range(E))
     x, ids, w = routing()
     torch.testing.assert_close(ex(x, ids, w), dense_loop(ex, x, ids, w), atol=1e-5, rtol=1e-5)
