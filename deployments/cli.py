@@ -1,4 +1,5 @@
-"""`nextserve` command line: `generate` (offline batch through the engine) and `make-tiny-model`.
+"""`nextserve` command line: `serve` (the HTTP API on Ray Serve), `generate` (offline batch through
+the engine) and `make-tiny-model`.
 Mistakes a user can make end with exit code 2 and one line naming the flag, never a traceback."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from model.config import DTYPES
 
 # The built-in model `generate` uses without --model, made on first use (models/ is git-ignored).
 TINY_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "tiny-qwen3-next"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "ray_config.yaml"
 
 
 class UsageError(Exception):
@@ -53,12 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt and line")
     gen.add_argument("--executor", default="local", help="local (this process) or cluster (Ray actors)")
+    gen.add_argument("--config", help="with --executor cluster: the ray_config.yaml whose placement to use "
+                                      f"(default: {DEFAULT_CONFIG})")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--max-model-len", type=int, default=None)
     gen.add_argument("--max-num-seqs", type=int, default=16)
     gen.add_argument("--max-num-batched-tokens", type=int, default=2048)
     gen.set_defaults(func=_generate)
+
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API on Ray Serve")
+    srv.add_argument("--config", help=f"Ray Serve config file (default: {DEFAULT_CONFIG})")
+    srv.add_argument("--model", help="checkpoint directory; overrides the file's args.model")
+    srv.add_argument("--port", type=int, default=None, help="overrides the file's http_options.port")
+    srv.add_argument("--host", default=None, help="overrides the file's http_options.host")
+    srv.set_defaults(func=_serve)
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint")
     tiny.add_argument("dir")
@@ -85,12 +96,21 @@ def _generate(args: argparse.Namespace) -> int:
 
     params = _sampling_params(args)
     tokenizer, prompts, flag = _prompts(args)  # before loading any weights: they take a while
+    extra = {}
     if args.executor == "cluster":
         import cluster.executor  # noqa: F401 - registers "cluster"; it imports Ray, so only on demand
+        from engine.config import NextserveConfig, NextserveConfigError
+
+        try:
+            extra["config"] = NextserveConfig.from_yaml(args.config or DEFAULT_CONFIG)
+        except NextserveConfigError as e:
+            raise UsageError(f"--config: {e}") from None
+    elif args.config is not None:
+        raise UsageError("--config: only the cluster executor reads a placement (add --executor cluster)")
     try:
         executor = create_executor(args.executor, model_dir=args.model, dtype=args.dtype, device=args.device,
                                    num_slots=min(len(prompts), args.max_num_seqs),
-                                   max_model_len=args.max_model_len)
+                                   max_model_len=args.max_model_len, **extra)
     except (ValueError, OSError) as e:  # unknown executor, unreadable checkpoint
         raise UsageError(str(e)) from None
     for i, ids in enumerate(prompts):
@@ -113,6 +133,19 @@ def _generate(args: argparse.Namespace) -> int:
         else:
             print(r.text if r.text is not None else " ".join(map(str, r.token_ids)))
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from deployments.serve_command import ServeUsageError, serve_forever
+
+    if args.port is not None and not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    if args.model is not None and not (Path(args.model) / "config.json").is_file():
+        raise UsageError(f"--model: {args.model} has no config.json")
+    try:
+        return serve_forever(args.config, args.model, args.port, args.host)
+    except ServeUsageError as e:
+        raise UsageError(str(e)) from None
 
 
 def _sampling_params(args: argparse.Namespace):

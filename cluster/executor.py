@@ -1,0 +1,178 @@
+"""The `cluster` executor: the model taken apart into attention, DeltaNet and expert-shard actors
+placed by the `pools` of ray_config.yaml, one engine step run as a compiled graph of their calls.
+Gives the logits of the `local` executor (tests/cluster).
+
+Tensors travel between actors through host memory (numpy, cluster/messages.py), GPU actors
+included: typed NCCL edges (`with_tensor_transport`) between GPU actors are not wired yet."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from torch import Tensor
+
+from cluster.messages import StepMsg, from_wire
+from cluster.micro_batch import join_logits, split_step
+from cluster.placement import ClusterPlacement, resolve_placement
+from cluster.session import RaySession, connect, reserve
+from cluster.step_graph import CompiledStep, RemoteStep
+from cluster.workers import ExpertWorker, MixerWorker
+from engine.config import NextserveConfig, Pools
+from engine.executor import Executor, StepInput, register_executor
+from model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_MODEL_LEN = 4096  # as the local executor: caches are allocated up front
+
+
+def _device(pool: Any) -> str:
+    """Where an actor computes: its GPU if the pool gives it one (Ray sets CUDA_VISIBLE_DEVICES)."""
+    return "cuda" if pool.resources.num_gpus > 0 else "cpu"
+
+
+@register_executor("cluster")
+class ClusterExecutor(Executor):
+    def __init__(self, model_dir: str | Path, dtype: str | None = None, num_slots: int = 8,
+                 max_model_len: int | None = None, config: NextserveConfig | None = None,
+                 device: str = "cpu") -> None:
+        """`device` is accepted for the executor interface's sake and unused: each actor computes on
+        its pool's GPU when `resources.num_gpus` > 0, else on CPU. Logits come back on CPU."""
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.settings = config or NextserveConfig()
+        self.model_dir = str(Path(model_dir).resolve())  # workers may start in another directory
+        self.dtype = dtype
+        self.config = ModelConfig.from_dir(self.model_dir, dtype=dtype)
+        self.num_slots = num_slots
+        self.max_model_len = max_model_len or min(self.config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+        cluster = self.settings.cluster
+        self.num_lanes = 2 if cluster.micro_batch_tokens > 0 else 1
+        self._seq = itertools.count()
+        self.mixers: list[Any] = []
+        self.shards: list[Any] = []
+        self.step_runner: CompiledStep | RemoteStep | None = None
+        placement = resolve_placement(self.settings.pools, self.config)  # config errors before Ray starts
+        self.session: RaySession = connect(cluster.ray_address, self.settings.pools)
+        try:
+            self._start(self.settings.pools, placement)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # -- placement ---------------------------------------------------------------------------
+    def _start(self, pools: Pools, placement: ClusterPlacement) -> None:
+        timeout = self.settings.cluster.timeout_s
+        reserve(self.session, pools, placement, timeout)
+        self.pools, self.placement = pools, placement
+        for m in placement.mixers:
+            pool = getattr(pools, m.pool)
+            actor = ray.remote(MixerWorker).options(**self._actor_options(m.pool, pool, m.index))
+            self.mixers.append(actor.remote(self.model_dir, self.dtype, m, self.num_slots, self.max_model_len,
+                                            placement.experts, _device(pool)))
+        if placement.experts is not None:
+            for s, ids in enumerate(placement.experts.shards):
+                actor = ray.remote(ExpertWorker).options(**self._actor_options("experts", pools.experts, s))
+                self.shards.append(actor.remote(self.model_dir, self.dtype, s, ids, _device(pools.experts)))
+        names = [m.name for m in placement.mixers] + [f"experts-{s}" for s in range(len(self.shards))]
+        for name, actor in zip(names, self.mixers + self.shards, strict=True):
+            try:
+                ray.get(actor.ready.remote(), timeout=timeout)
+            except ray.exceptions.RayActorError as e:  # e.g. a tensor missing from the checkpoint
+                cause = str(e).strip().splitlines()[-1]
+                raise ValueError(f"cluster actor {name} failed to start: {cause}") from None
+            except ray.exceptions.GetTimeoutError:
+                raise TimeoutError(f"cluster actor {name} did not start within {timeout}s "
+                                   f"(cluster.timeout_s)") from None
+        self.step_runner = self._build_step()
+
+    def _actor_options(self, pool_name: str, pool: Any, index: int) -> dict[str, Any]:
+        r = pool.resources
+        return dict(num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=dict(r.resources),
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        self.session.groups[pool_name], placement_group_bundle_index=index))
+
+    def _build_step(self) -> CompiledStep | RemoteStep:
+        c = self.settings.cluster
+        if c.compiled_graph:
+            return CompiledStep(self.config, self.placement, self.mixers, self.shards, self.num_lanes,
+                                c.timeout_s, c.buffer_size_bytes)
+        return RemoteStep(self.config, self.placement, self.mixers, self.shards, c.timeout_s)
+
+    def configure_step(self, compiled_graph: bool | None = None,
+                       micro_batch_tokens: int | None = None) -> None:
+        """Rebuild the step on the same actors: compiled graph or plain remote calls, one lane or
+        two (tests and bench/cluster_step.py compare them without restarting actors)."""
+        if self.step_runner is not None:
+            self.step_runner.teardown()
+            self.step_runner = None
+        update = {k: v for k, v in (("compiled_graph", compiled_graph),
+                                    ("micro_batch_tokens", micro_batch_tokens)) if v is not None}
+        cluster = self.settings.cluster.model_copy(update=update)
+        self.settings = self.settings.model_copy(update={"cluster": cluster})
+        self.num_lanes = 2 if cluster.micro_batch_tokens > 0 else 1
+        self.step_runner = self._build_step()
+
+    def replace_placement(self, pools: Pools) -> None:
+        """Move to a new placement: new actors (they load their new share of the checkpoint) and a
+        step graph compiled again; the cached sequences are lost, so call it between requests."""
+        placement = resolve_placement(pools, self.config)
+        self._stop_actors()
+        self._start(pools, placement)
+
+    def accessed_tensors(self) -> dict[str, list[str]]:
+        """Checkpoint tensors each actor read. Actors answer plain calls only while no compiled
+        graph holds them, so the graph is paused for this (a test and debugging aid)."""
+        if self.step_runner is not None:
+            self.step_runner.teardown()
+            self.step_runner = None
+        names = [m.name for m in self.placement.mixers] + [f"experts-{s}" for s in range(len(self.shards))]
+        lists = ray.get([a.accessed_tensors.remote() for a in self.mixers + self.shards],
+                        timeout=self.settings.cluster.timeout_s)
+        self.step_runner = self._build_step()
+        return dict(zip(names, lists, strict=True))
+
+    # -- steps -------------------------------------------------------------------------------
+    def execute(self, step: StepInput) -> Tensor:
+        if any(not 0 <= s < self.num_slots for s in step.slots):
+            raise ValueError(f"slots {step.slots} outside 0..{self.num_slots - 1}")
+        if any(s + n > self.max_model_len for s, n in zip(step.starts, step.lengths, strict=True)):
+            raise ValueError(f"a sequence of the step runs past max_model_len={self.max_model_len}")
+        if self.step_runner is None:
+            raise RuntimeError("the cluster executor was shut down")
+        split = split_step(step, self.settings.cluster.micro_batch_tokens)
+        parts = split.parts[: self.num_lanes]
+        msgs = [StepMsg(next(self._seq), p) for p in parts]
+        results = self.step_runner(msgs)
+        logits = [None if r is None else from_wire(r, torch.float32) for r in results]
+        return join_logits(split, logits)
+
+    def release(self, slots: list[int]) -> None:
+        # Nothing to do: a sequence starting at 0 ignores what its slot's last owner left behind
+        # (model/cache.py), so a freed slot needs no clearing on the actors.
+        pass
+
+    def shutdown(self) -> None:
+        self._stop_actors()
+        if hasattr(self, "session"):
+            self.session.shutdown()
+
+    def _stop_actors(self) -> None:
+        if self.step_runner is not None:
+            try:
+                self.step_runner.teardown(kill_actors=True)
+            except Exception as e:  # a dead actor: teardown still frees the rest
+                log.warning("compiled graph teardown: %s", e)
+            self.step_runner = None
+        for a in self.mixers + self.shards:
+            ray.kill(a)
+        self.mixers, self.shards = [], []
+        if hasattr(self, "session"):
+            for pg in list(self.session.groups.values()):
+                ray.util.remove_placement_group(pg)
+            self.session.groups.clear()

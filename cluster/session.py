@@ -1,0 +1,81 @@
+"""Joining a Ray cluster (or starting a local one, stopped again on shutdown) and reserving the
+pools' resources as placement groups, after checking that some node can give them."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+
+from cluster.placement import ClusterPlacement, check_resources
+from engine.config import NextserveConfigError, Pools
+
+log = logging.getLogger(__name__)
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+@dataclass
+class RaySession:
+    """What this process started in Ray, so that shutdown removes exactly that."""
+
+    started_ray: bool
+    groups: dict[str, PlacementGroup] = field(default_factory=dict)
+
+    def shutdown(self) -> None:
+        for pg in self.groups.values():
+            try:
+                remove_placement_group(pg)
+            except Exception as e:  # Ray already gone: nothing left to free
+                log.debug("placement group removal failed: %s", e)
+        self.groups.clear()
+        if self.started_ray and ray.is_initialized():
+            ray.shutdown()
+
+
+def connect(address: str | None, pools: Pools) -> RaySession:
+    """Use the Ray this process is already in (a Serve replica, a test); else join `address` or
+    $RAY_ADDRESS (set by `ray job submit`); else start a local cluster with enough logical CPUs for
+    every pool's actors. Not Ray's "auto" discovery: it finds any gcs_server in the process table,
+    also one in another network namespace, and then waits on an address it cannot reach."""
+    if ray.is_initialized():
+        return RaySession(started_ray=False)
+    # Workers import nextserve's packages from the repo root, wherever they were started.
+    runtime_env = {"env_vars": {"PYTHONPATH": REPO_ROOT}}
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+        except ConnectionError as e:
+            raise NextserveConfigError(f"cluster.ray_address: no Ray cluster at {address!r} ({e})") from None
+        return RaySession(started_ray=False)
+    need = sum(p.actors * p.resources.num_cpus for p in (pools.attention, pools.deltanet, pools.experts))
+    ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=False,
+             runtime_env=runtime_env, log_to_driver=False)
+    return RaySession(started_ray=True)
+
+
+def reserve(session: RaySession, pools: Pools, placement: ClusterPlacement, timeout_s: float) -> None:
+    """One placement group per pool in use, a bundle per actor."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    check_resources(pools, placement, nodes)
+    counts = {"attention": sum(m.pool == "attention" for m in placement.mixers),
+              "deltanet": sum(m.pool == "deltanet" for m in placement.mixers),
+              "experts": placement.num_shards}
+    for name, n in counts.items():
+        if n == 0:
+            continue
+        pool = getattr(pools, name)
+        # A bundle may not be empty; a zero-CPU actor still gets a tiny CPU reservation.
+        bundle = pool.resources.as_bundle() or {"CPU": 0.001}
+        session.groups[name] = placement_group([dict(bundle) for _ in range(n)], strategy=pool.strategy)
+    for name, pg in session.groups.items():
+        try:
+            ray.get(pg.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise NextserveConfigError(f"pools.{name}: the cluster could not place {counts[name]} actors "
+                                       f"({pools.__getattribute__(name).strategy}) within {timeout_s}s; "
+                                       f"are other jobs holding the resources?") from None

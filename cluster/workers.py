@@ -1,0 +1,175 @@
+"""The cluster's actor classes (plain classes; cluster/executor.py makes them Ray actors):
+a mixer holds some attention or DeltaNet layers with their per-slot cache, the gate and shared
+expert of those layers, and the embedding / final norm + LM head when it runs the first / last
+layer; an expert shard holds a slice of the routed experts of every MoE layer. Each reads from
+the checkpoint only the tensors it holds.
+
+Legend: T tokens of a (micro-)batch, H hidden, S expert shards, R logits rows, V vocab."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cluster.messages import Carry, ShardWork, StepMsg, from_wire, to_wire
+from cluster.placement import MixerSpec
+from model.batch import BatchLayout
+from model.config import ModelConfig
+from model.decoder import DecoderLayer
+from model.loading import load_experts, load_module, materialize
+from model.moe import Experts, SparseMoeBlock
+from model.norm import RMSNorm
+from model.weights import CheckpointReader
+from router.dispatch import Router, combine
+from router.placement import ExpertPlacement
+
+
+def _init_process() -> None:
+    torch.set_num_threads(1)  # several actors share a node's cores; one thread each is fastest
+    # Inputs under compiled graphs are read-only views of channel buffers; we only read them.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+def _built(module: nn.Module, reader: CheckpointReader, prefix: str, device: str,
+           dtype: torch.dtype) -> nn.Module:
+    """`module` was built on the meta device: allocate it and read its tensors under `prefix`."""
+    materialize(module, device, dtype)
+    load_module(module, reader, prefix)
+    return module.eval()
+
+
+class MixerWorker:
+    def __init__(self, model_dir: str, dtype: str | None, spec: MixerSpec, num_slots: int,
+                 max_model_len: int, experts: ExpertPlacement | None, device: str = "cpu") -> None:
+        _init_process()
+        c = self.config = ModelConfig.from_dir(model_dir, dtype=dtype)
+        self.spec, self.device, self.dtype = spec, torch.device(device), c.torch_dtype
+        reader = CheckpointReader(model_dir)
+        with torch.device("meta"):
+            # expert_ids=[]: the routed experts live in the shards; gate and shared expert stay here
+            layers = {i: DecoderLayer(c, i, expert_ids=[]) for i in spec.layers}
+            embed = nn.Embedding(c.vocab_size, c.hidden_size) if spec.embeds else None
+            norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.zero_centered_norm) if spec.has_head else None
+            lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False) if spec.has_head else None
+        self.layers = {i: _built(m, reader, f"model.layers.{i}.", device, self.dtype)
+                       for i, m in layers.items()}
+        self.embed = embed and _built(embed, reader, "model.embed_tokens.", device, self.dtype)
+        self.norm = norm and _built(norm, reader, "model.norm.", device, self.dtype)
+        if lm_head is not None and c.tie_word_embeddings and self.embed is not None:
+            lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False, device=device, dtype=self.dtype)
+            lm_head.weight = self.embed.weight
+            self.lm_head = lm_head
+        elif lm_head is not None:
+            head_prefix = "model.embed_tokens." if c.tie_word_embeddings else "lm_head."
+            self.lm_head = _built(lm_head, reader, head_prefix, device, self.dtype)
+        else:
+            self.lm_head = None
+        self.caches = {i: m.make_cache(num_slots, max_model_len, self.dtype, device)
+                       for i, m in self.layers.items()}
+        self.router = Router(experts) if experts is not None else None
+        self.accessed = list(reader.accessed)
+        reader.close()
+        self._batches: dict[int, tuple[BatchLayout, Tensor]] = {}
+
+    def accessed_tensors(self) -> list[str]:
+        return self.accessed
+
+    def ready(self) -> str:
+        return self.spec.name
+
+    def run(self, layer: int, msg: StepMsg, carry: Carry | None, *partials: np.ndarray | None):
+        """Finish layer-1's MLP (combine), then layer `layer`'s mixer; for a MoE layer also gate,
+        shared expert and dispatch: returns (Carry, one ShardWork per shard), else a Carry."""
+        moe = isinstance(self.layers[layer].mlp, SparseMoeBlock)
+        if msg.step is None:  # an empty micro-batch lane: pass nothing along
+            return (None,) * (1 + self.router.placement.num_shards) if moe else None
+        h = self._resume(msg, carry, partials)
+        m = self.layers[layer]
+        with torch.inference_mode():
+            layout, _ = self._batch(msg)
+            h = m.mix(h, layout, self.caches[layer])  # [T, H]
+            if not moe:
+                return Carry(to_wire(m.feed_forward(h)), None, ())
+            y = m.post_attention_layernorm(h)
+            ids, weights = m.mlp.gate(y)  # [T, k] each
+            shared = m.mlp.shared(y)
+            plan = self.router.plan(ids, weights)
+            carry_out = Carry(to_wire(h), None if shared is None else to_wire(shared),
+                              tuple(to_wire(r) for r in plan.rows))
+            work = [ShardWork(layer, to_wire(y[r]), to_wire(i), to_wire(w))
+                    for r, i, w in zip(plan.rows, plan.ids, plan.weights, strict=True)]
+        return (carry_out, *work)
+
+    def finish(self, msg: StepMsg, carry: Carry | None, *partials: np.ndarray | None) -> np.ndarray | None:
+        """Combine the last layer's MLP, final norm, LM head at the step's logits rows: [R, V] float32."""
+        if msg.step is None:
+            return None
+        h = self._resume(msg, carry, partials)
+        with torch.inference_mode():
+            index = torch.tensor(msg.step.logits_index, dtype=torch.long, device=self.device)
+            return to_wire(self.lm_head(self.norm(h)[index]).float())
+
+    def _batch(self, msg: StepMsg) -> tuple[BatchLayout, Tensor]:
+        """Layout and token ids of a (micro-)batch, built on its first layer here; the two lanes'
+        calls alternate, so the last two are kept."""
+        if msg.seq not in self._batches:
+            s = msg.step
+            layout = BatchLayout.build(list(s.slots), list(s.starts), list(s.lengths), self.device)
+            tokens = torch.tensor(s.token_ids, dtype=torch.long, device=self.device)
+            self._batches = {k: v for k, v in self._batches.items() if k > msg.seq - 2}
+            self._batches[msg.seq] = (layout, tokens)
+        return self._batches[msg.seq]
+
+    def _resume(self, msg: StepMsg, carry: Carry | None, partials: Sequence[np.ndarray | None]) -> Tensor:
+        """The residual stream entering the next layer: embeddings, or the previous layer's carry
+        plus its MLP output (shared expert + the shards' combined partial sums)."""
+        with torch.inference_mode():
+            if carry is None:
+                return self.embed(self._batch(msg)[1])
+            h = from_wire(carry.h, self.dtype).to(self.device)
+            if not carry.rows:
+                return h
+            rows = [torch.from_numpy(r).to(self.device) for r in carry.rows]
+            parts = [from_wire(p, self.dtype).to(self.device) for p in partials]
+            mlp = combine(parts, rows, h.shape[0])
+            if carry.shared is not None:
+                mlp = mlp + from_wire(carry.shared, self.dtype).to(self.device)
+            return h + mlp  # the order of model.decoder: h + (routed + shared)
+
+
+class ExpertWorker:
+    def __init__(self, model_dir: str, dtype: str | None, shard: int, expert_ids: Sequence[int],
+                 device: str = "cpu") -> None:
+        _init_process()
+        c = ModelConfig.from_dir(model_dir, dtype=dtype)
+        self.shard, self.device, self.dtype = shard, torch.device(device), c.torch_dtype
+        reader = CheckpointReader(model_dir)
+        self.experts: dict[int, Experts] = {}
+        for layer in c.moe_layers:
+            with torch.device("meta"):
+                ex = Experts(c.hidden_size, c.moe_intermediate_size, expert_ids, c.num_experts)
+            materialize(ex, device, self.dtype)
+            load_experts(ex, reader, f"model.layers.{layer}.mlp.experts.")
+            self.experts[layer] = ex.eval()
+        self.accessed = list(reader.accessed)
+        reader.close()
+
+    def accessed_tensors(self) -> list[str]:
+        return self.accessed
+
+    def ready(self) -> str:
+        return f"experts-{self.shard}"
+
+    def run(self, work: ShardWork | None) -> np.ndarray | None:
+        """Σ_k weight_k · expert_k(x) over this shard's pairs of its rows: [n, H]."""
+        if work is None:
+            return None
+        with torch.inference_mode():
+            x = from_wire(work.x, self.dtype).to(self.device)
+            ids = torch.from_numpy(work.ids).to(self.device)
+            weights = from_wire(work.weights, self.dtype).to(self.device)
+            return to_wire(self.experts[work.layer](x, ids, weights))

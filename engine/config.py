@@ -1,0 +1,136 @@
+"""NextserveConfig: the one typed view of nextserve's settings in ray_config.yaml. The file is a
+Ray Serve config; nextserve's own settings are the first application's `args`. Checked when read,
+frozen afterwards; every error names the key path and the value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+ARGS_PATH = "applications[0].args"
+
+
+class NextserveConfigError(ValueError):
+    """A config file nextserve cannot run with; the message names the key and the value."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ActorResources(_Frozen):
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor (Ray logical CPUs)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a GPU")
+    resources: dict[str, float] = Field(default_factory=dict,
+                                        description="custom Ray resources per actor, e.g. {node_kind_a: 1}")
+
+    def as_bundle(self) -> dict[str, float]:
+        """The placement-group bundle of one actor."""
+        bundle = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
+        return {k: v for k, v in bundle.items() if v > 0}
+
+
+class _Pool(_Frozen):
+    actors: int = Field(1, ge=1, description="number of actors in the pool")
+    resources: ActorResources = Field(default_factory=ActorResources, description="resources per actor")
+    strategy: PlacementStrategy = Field("PACK", description="placement-group strategy of the pool's bundles")
+
+
+class MixerPool(_Pool):
+    layers: list[list[int]] | None = Field(
+        None, description="layers[a]: the decoder layers actor a holds (default: contiguous even split "
+                          "of this pool's layer kind); unused when the model has no layer of the kind")
+
+    @model_validator(mode="after")
+    def _one_list_per_actor(self) -> MixerPool:
+        if self.layers is not None and len(self.layers) != self.actors:
+            raise ValueError(f"layers: {len(self.layers)} lists for actors={self.actors}")
+        return self
+
+
+class ExpertPool(_Pool):
+    experts: list[list[int]] | None = Field(
+        None, description="experts[a]: routed experts shard a holds in every MoE layer (default: even "
+                          "split); an expert listed on several shards is a redundant copy")
+
+    @model_validator(mode="after")
+    def _one_list_per_actor(self) -> ExpertPool:
+        if self.experts is not None and len(self.experts) != self.actors:
+            raise ValueError(f"experts: {len(self.experts)} lists for actors={self.actors}")
+        return self
+
+
+class Pools(_Frozen):
+    attention: MixerPool = Field(default_factory=MixerPool, description="full-attention actors")
+    deltanet: MixerPool = Field(default_factory=MixerPool, description="Gated DeltaNet actors")
+    experts: ExpertPool = Field(default_factory=lambda: ExpertPool(actors=2), description="expert shards")
+
+
+class EngineLimits(_Frozen):
+    max_num_seqs: int = Field(16, ge=1, description="sequence slots: most sequences in flight")
+    max_model_len: int | None = Field(None, ge=1,
+                                      description="tokens per sequence (default: min(model's, 4096))")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="most tokens in one engine step")
+
+
+class ClusterSettings(_Frozen):
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster started and "
+                          "stopped by nextserve)")
+    compiled_graph: bool = Field(True, description="run the step as a Ray Compiled Graph (false: one "
+                                                   "remote call per hop, the slower fallback)")
+    micro_batch_tokens: int = Field(
+        0, ge=0, description="steps with at least this many tokens are split into two micro-batches so "
+                               "that mixers and expert shards overlap (0: never split)")
+    buffer_size_bytes: int = Field(1 << 20, ge=1024, description="initial compiled-graph channel buffer; "
+                                                                 "channels grow for larger messages")
+    timeout_s: float = Field(120.0, gt=0, description="longest wait for one step or actor start-up")
+
+
+class ServeSettings(_Frozen):
+    served_model_name: str | None = Field(None, description="the name clients pass as `model` "
+                                                            "(default: the checkpoint directory's name)")
+    max_queued_requests: int = Field(64, ge=0, description="requests that may wait for a slot per engine "
+                                                           "replica; beyond that: HTTP 429")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and 503 replies")
+    torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads in each engine "
+                                                              "replica (default: torch's)")
+
+
+class NextserveConfig(_Frozen):
+    model: str | None = Field(None, description="Hugging Face checkpoint directory")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="default: checkpoint's")
+    executor: Literal["local", "cluster"] = Field("local", description="where the model runs")
+    device: str = Field("cpu", description="torch device of the local executor and of CPU-only actors")
+    engine: EngineLimits = Field(default_factory=EngineLimits)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    pools: Pools = Field(default_factory=Pools)
+    serve: ServeSettings = Field(default_factory=ServeSettings, description="the HTTP API")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> NextserveConfig:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except OSError as e:
+            raise NextserveConfigError(f"{path}: cannot read ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise NextserveConfigError(f"{path}: not valid YAML ({e})") from None
+        apps = raw.get("applications") if isinstance(raw, dict) else None
+        if not isinstance(apps, list) or not apps or not isinstance(apps[0], dict):
+            raise NextserveConfigError(f"{path}: applications: expected a list of Serve applications")
+        return cls.from_args(apps[0].get("args") or {}, source=f"{path}: {ARGS_PATH}")
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any], source: str = ARGS_PATH) -> NextserveConfig:
+        try:
+            return cls.model_validate(args)
+        except ValidationError as e:
+            first = e.errors()[0]
+            key = ".".join(str(p) for p in first["loc"])
+            value = first.get("input")
+            raise NextserveConfigError(f"{source}.{key}: {first['msg']} (got {value!r})") from None

@@ -1,0 +1,148 @@
+"""The cluster executor against the local one: same logits for prefill, chunked prefill, decode and
+mixed steps, slot reuse, both architectures, compiled graph and plain remote calls, one lane and
+two micro-batch lanes, redundant expert copies; and every actor reads only its own tensors.
+
+Starts Ray: run inside a loopback-only network namespace,
+    unshare -n sh -c 'ip link set lo up; exec .venv/bin/python -m pytest tests/cluster -q'"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from cluster.executor import ClusterExecutor  # noqa: E402
+from engine.config import NextserveConfig  # noqa: E402
+from engine.executor import StepInput  # noqa: E402
+from engine.local_executor import LocalExecutor  # noqa: E402
+from model.weights import CheckpointReader  # noqa: E402
+
+ROOT = str(Path(__file__).resolve().parents[2])
+SLOTS, MAX_LEN = 4, 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    yield
+    ray.shutdown()
+
+
+def steps(seed: int = 0) -> list[StepInput]:
+    """A request life cycle: prefill of three sequences, chunked prefill continuing beside decode,
+    decode, and slot 1 reused by a new sequence (start 0) while the others decode."""
+    g = torch.Generator().manual_seed(seed)
+
+    def toks(n):
+        return tuple(torch.randint(2, 384, (n,), generator=g).tolist())
+
+    return [
+        StepInput(toks(17), (0, 1, 2), (0, 0, 0), (7, 4, 6), (6, 10, 16)),  # prefill
+        StepInput(toks(8), (0, 1, 2), (7, 4, 6), (1, 6, 1), (0, 6, 7)),  # decode + chunked prefill
+        StepInput(toks(3), (0, 1, 2), (8, 10, 7), (1, 1, 1), (0, 1, 2)),  # decode
+        StepInput(toks(1), (1,), (11,), (1,), (0,)),  # one decode
+        StepInput(toks(11), (2, 1, 0), (8, 0, 9), (1, 9, 1), (0, 9, 10)),  # slot 1 reused, mixed
+        StepInput(toks(2), (1, 3), (9, 0), (1, 1), (0, 1)),  # decode + a one-token prompt
+    ]
+
+
+def assert_same_logits(cluster: ClusterExecutor, local: LocalExecutor, seed: int = 0) -> None:
+    for i, step in enumerate(steps(seed)):
+        got, want = cluster.execute(step), local.execute(step)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        # Same math and order, except that the routed experts' sum is added shard by shard.
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()),
+                                   msg=lambda m, i=i: f"step {i}: {m}")
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def make(model_dir, **args) -> ClusterExecutor:
+    return ClusterExecutor(model_dir, dtype="float32", num_slots=SLOTS, max_model_len=MAX_LEN,
+                           config=NextserveConfig.from_args(args))
+
+
+def local(model_dir) -> LocalExecutor:
+    return LocalExecutor(model_dir, dtype="float32", num_slots=SLOTS, max_model_len=MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def next_cluster(hf_next_dir):
+    # 1 attention + 1 DeltaNet actor, 3 expert shards with expert 0 and 5 replicated; two lanes,
+    # split from 8 tokens, so the prefill steps run as two micro-batches.
+    ex = make(hf_next_dir, cluster={"micro_batch_tokens": 8},
+              pools={"experts": {"actors": 3, "experts": [[0, 1, 2, 3], [4, 5, 6, 7], [0, 5]]}})
+    yield ex
+    ex.shutdown()
+
+
+@pytest.fixture(scope="module")
+def moe_cluster(hf_moe_dir):
+    ex = make(hf_moe_dir, cluster={"micro_batch_tokens": 0},
+              pools={"attention": {"actors": 2}, "experts": {"actors": 2}})
+    yield ex
+    ex.shutdown()
+
+
+def test_qwen3_next_compiled_two_lanes_redundant_experts(next_cluster, hf_next_dir):
+    assert next_cluster.num_lanes == 2 and next_cluster.placement.experts.copies(5) == (1, 2)
+    assert_same_logits(next_cluster, local(hf_next_dir))
+
+
+def test_qwen3_moe_compiled_one_lane(moe_cluster, hf_moe_dir):
+    assert [m.name for m in moe_cluster.placement.mixers] == ["attention-0", "attention-1"]
+    assert_same_logits(moe_cluster, local(hf_moe_dir), seed=1)
+
+
+def test_plain_remote_calls_fallback(moe_cluster, hf_moe_dir):
+    moe_cluster.configure_step(compiled_graph=False, micro_batch_tokens=8)
+    try:
+        assert_same_logits(moe_cluster, local(hf_moe_dir), seed=2)
+    finally:
+        moe_cluster.configure_step(compiled_graph=True, micro_batch_tokens=0)
+
+
+def expected_tensors(names: set[str], config, spec=None, experts=None) -> set[str]:
+    if spec is not None:
+        own = {n for n in names if any(n.startswith(f"model.layers.{i}.") for i in spec.layers)
+               and ".mlp.experts." not in n}
+        if spec.embeds:
+            own.add("model.embed_tokens.weight")
+        if spec.has_head:
+            own |= {"model.norm.weight", "model.embed_tokens.weight" if config.tie_word_embeddings
+                    else "lm_head.weight"}
+        return own
+    return {f"model.layers.{layer}.mlp.experts.{e}.{p}.weight" for layer in config.moe_layers
+            for e in experts for p in ("gate_proj", "up_proj", "down_proj")}
+
+
+@pytest.mark.parametrize("which", ["next", "moe"])
+def test_each_actor_reads_only_its_tensors(which, request):
+    ex = request.getfixturevalue(f"{which}_cluster")
+    names = CheckpointReader(ex.model_dir).names()
+    accessed = ex.accessed_tensors()
+    for spec in ex.placement.mixers:
+        got = accessed[spec.name]
+        assert len(got) == len(set(got)), f"{spec.name} read a tensor twice"
+        assert set(got) == expected_tensors(names, ex.config, spec=spec), spec.name
+    for s, held in enumerate(ex.placement.experts.shards):
+        assert set(accessed[f"experts-{s}"]) == expected_tensors(names, ex.config, experts=held)
+    everything = set().union(*map(set, accessed.values()))
+    assert everything == {n for n in names if not n.startswith("mtp.")}
+    # the graph is rebuilt after the pause: steps still run
+    assert ex.execute(StepInput((5, 6), (3,), (0,), (2,), (1,))).shape == (1, ex.config.vocab_size)
+
+
+def test_new_placement_new_actors_same_logits(moe_cluster, hf_moe_dir):
+    """Runs last on moe_cluster: a placement change restarts its actors and recompiles the step."""
+    old = set(moe_cluster.shards)
+    moe_cluster.replace_placement(NextserveConfig.from_args({"pools": {
+        "attention": {"actors": 1},
+        "experts": {"actors": 2, "experts": [[0, 1, 2, 3, 7], [4, 5, 6, 7]]}}}).pools)
+    assert not old & set(moe_cluster.shards)
+    assert [m.layers for m in moe_cluster.placement.mixers] == [(0, 1, 2, 3)]
+    assert moe_cluster.placement.experts.copies(7) == (0, 1)
+    assert_same_logits(moe_cluster, local(hf_moe_dir), seed=3)
