@@ -20,12 +20,15 @@ from torch import Tensor
 from cluster.messages import StepMsg, from_wire
 from cluster.micro_batch import join_logits, split_step
 from cluster.placement import ClusterPlacement, resolve_placement
+from cluster.rebalance import apply_expert_placement
+from cluster.recovery import ACTOR_FAILURES, restart
 from cluster.session import RaySession, connect, reserve
 from cluster.step_graph import CompiledStep, RemoteStep
 from cluster.workers import ExpertWorker, MixerWorker
 from engine.config import NextserveConfig, Pools
 from engine.executor import Executor, StepInput, register_executor
 from model.config import ModelConfig
+from router.placement import ExpertPlacement
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_MODEL_LEN = 4096  # as the local executor: caches are allocated up front
@@ -57,6 +60,10 @@ class ClusterExecutor(Executor):
         self.mixers: list[Any] = []
         self.shards: list[Any] = []
         self.step_runner: CompiledStep | RemoteStep | None = None
+        self.lost = False  # an actor died and restarting failed: the next step tries again
+        self._expert_counts: dict[int, Any] = {}  # layer -> [E] pairs since the last take
+        # Set by cluster/recovery.py: restarts so far, the last one's seconds and what it restarted.
+        self.num_recoveries, self.last_recovery_s, self.last_recovery_detail = 0, 0.0, ""
         placement = resolve_placement(self.settings.pools, self.config)  # config errors before Ray starts
         self.session: RaySession = connect(cluster.ray_address, self.settings.pools)
         try:
@@ -70,17 +77,30 @@ class ClusterExecutor(Executor):
         timeout = self.settings.cluster.timeout_s
         reserve(self.session, pools, placement, timeout)
         self.pools, self.placement = pools, placement
-        for m in placement.mixers:
-            pool = getattr(pools, m.pool)
-            actor = ray.remote(MixerWorker).options(**self._actor_options(m.pool, pool, m.index))
-            self.mixers.append(actor.remote(self.model_dir, self.dtype, m, self.num_slots, self.max_model_len,
-                                            placement.experts, _device(pool)))
+        self.mixers = [self._new_mixer(m) for m in placement.mixers]
         if placement.experts is not None:
-            for s, ids in enumerate(placement.experts.shards):
-                actor = ray.remote(ExpertWorker).options(**self._actor_options("experts", pools.experts, s))
-                self.shards.append(actor.remote(self.model_dir, self.dtype, s, ids, _device(pools.experts)))
-        names = [m.name for m in placement.mixers] + [f"experts-{s}" for s in range(len(self.shards))]
-        for name, actor in zip(names, self.mixers + self.shards, strict=True):
+            self.shards = [self._new_shard(s) for s in range(placement.num_shards)]
+        self._wait_ready(self.actor_names(), self.mixers + self.shards)
+        self.step_runner = self._build_step()
+
+    def actor_names(self) -> list[str]:
+        """Names of `self.mixers + self.shards`, in that order."""
+        return [m.name for m in self.placement.mixers] + [f"experts-{s}" for s in range(len(self.shards))]
+
+    def _new_mixer(self, spec: Any) -> Any:
+        pool = getattr(self.pools, spec.pool)
+        actor = ray.remote(MixerWorker).options(**self._actor_options(spec.pool, pool, spec.index))
+        return actor.remote(self.model_dir, self.dtype, spec, self.num_slots, self.max_model_len,
+                            self.placement.experts, _device(pool))
+
+    def _new_shard(self, s: int) -> Any:
+        pool = self.pools.experts
+        actor = ray.remote(ExpertWorker).options(**self._actor_options("experts", pool, s))
+        return actor.remote(self.model_dir, self.dtype, s, self.placement.experts.shards[s], _device(pool))
+
+    def _wait_ready(self, names: list[str], actors: list[Any]) -> None:
+        timeout = self.settings.cluster.timeout_s
+        for name, actor in zip(names, actors, strict=True):
             try:
                 ray.get(actor.ready.remote(), timeout=timeout)
             except ray.exceptions.RayActorError as e:  # e.g. a tensor missing from the checkpoint
@@ -89,7 +109,6 @@ class ClusterExecutor(Executor):
             except ray.exceptions.GetTimeoutError:
                 raise TimeoutError(f"cluster actor {name} did not start within {timeout}s "
                                    f"(cluster.timeout_s)") from None
-        self.step_runner = self._build_step()
 
     def _actor_options(self, pool_name: str, pool: Any, index: int) -> dict[str, Any]:
         r = pool.resources
@@ -101,8 +120,8 @@ class ClusterExecutor(Executor):
         c = self.settings.cluster
         if c.compiled_graph:
             return CompiledStep(self.config, self.placement, self.mixers, self.shards, self.num_lanes,
-                                c.timeout_s, c.buffer_size_bytes)
-        return RemoteStep(self.config, self.placement, self.mixers, self.shards, c.timeout_s)
+                                c.step_timeout_s, c.buffer_size_bytes)
+        return RemoteStep(self.config, self.placement, self.mixers, self.shards, c.step_timeout_s)
 
     def configure_step(self, compiled_graph: bool | None = None,
                        micro_batch_tokens: int | None = None) -> None:
@@ -125,6 +144,15 @@ class ClusterExecutor(Executor):
         self._stop_actors()
         self._start(pools, placement)
 
+    def take_expert_counts(self) -> dict[int, list[int]]:
+        counts, self._expert_counts = self._expert_counts, {}
+        return {layer: c.tolist() for layer, c in sorted(counts.items())}
+
+    def set_expert_placement(self, experts: ExpertPlacement) -> float:
+        """Move the routed experts to `experts` between steps, keeping every cache (expert
+        rebalancing, cluster/rebalance.py); returns the seconds it took."""
+        return apply_expert_placement(self, experts)
+
     def accessed_tensors(self) -> dict[str, list[str]]:
         """Checkpoint tensors each actor read. Actors answer plain calls only while no compiled
         graph holds them, so the graph is paused for this (a test and debugging aid)."""
@@ -143,13 +171,21 @@ class ClusterExecutor(Executor):
             raise ValueError(f"slots {step.slots} outside 0..{self.num_slots - 1}")
         if any(s + n > self.max_model_len for s, n in zip(step.starts, step.lengths, strict=True)):
             raise ValueError(f"a sequence of the step runs past max_model_len={self.max_model_len}")
+        if self.lost:
+            raise restart(self, RuntimeError("the last restart failed"))
         if self.step_runner is None:
             raise RuntimeError("the cluster executor was shut down")
         split = split_step(step, self.settings.cluster.micro_batch_tokens)
         parts = split.parts[: self.num_lanes]
         msgs = [StepMsg(next(self._seq), p) for p in parts]
-        results = self.step_runner(msgs)
-        logits = [None if r is None else from_wire(r, torch.float32) for r in results]
+        try:
+            results = self.step_runner(msgs)
+        except ACTOR_FAILURES as e:  # the engine recomputes its sequences on the restarted actors
+            raise restart(self, e) from None
+        logits = [None if r is None else from_wire(r.logits, torch.float32) for r in results]
+        for r in results:
+            for layer, c in ({} if r is None else r.counts).items():
+                self._expert_counts[layer] = self._expert_counts.get(layer, 0) + c
         return join_logits(split, logits)
 
     def release(self, slots: list[int]) -> None:

@@ -6,7 +6,7 @@ Legend: T tokens of a (micro-)batch, H hidden, k experts per token, n rows sent 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -44,6 +44,18 @@ class Carry:
     h: np.ndarray  # [T, H]
     shared: np.ndarray | None  # [T, H]; None: no shared expert, or h already holds the whole MLP
     rows: tuple[np.ndarray, ...]  # [n_s] long per shard; () for a dense-MLP layer
+    # The gate's pairs per expert of each MoE layer so far ({layer: [E] int64}), carried to the
+    # last mixer, which returns them with the logits: under a compiled graph an actor takes no
+    # side calls, so the expert-load counts ride along with the step instead.
+    counts: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What the last mixer returns: logits [R, V] float32 and the step's pairs per expert."""
+
+    logits: np.ndarray
+    counts: dict[int, np.ndarray]
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,9 @@ def reserve(session: RaySession, pools: Pools, placement: ClusterPlacement, time
         pool = getattr(pools, name)
         # A bundle may not be empty; a zero-CPU actor still gets a tiny CPU reservation.
         bundle = pool.resources.as_bundle() or {"CPU": 0.001}
-        session.groups[name] = placement_group([dict(bundle) for _ in range(n)], strategy=pool.strategy)
+        labels = [dict(pool.label_selector) for _ in range(n)] if pool.label_selector else None
+        session.groups[name] = placement_group([dict(bundle) for _ in range(n)], strategy=pool.strategy,
+                                               bundle_label_selector=labels)
     for name, pg in session.groups.items():
         try:
             ray.get(pg.ready(), timeout=timeout_s)

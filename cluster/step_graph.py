@@ -32,7 +32,7 @@ import numpy as np
 import ray
 from ray.dag import DAGContext, InputNode, MultiOutputNode
 
-from cluster.messages import StepMsg
+from cluster.messages import StepMsg, StepResult
 from cluster.placement import ClusterPlacement
 from model.config import ModelConfig
 
@@ -67,6 +67,10 @@ def _remote(actor: Any, method: str, num_returns: int, *args: Any) -> Any:
     return getattr(actor, method).options(num_returns=num_returns).remote(*args)
 
 
+def _copied(r: StepResult) -> StepResult:
+    return StepResult(np.array(r.logits, copy=True), {k: np.array(v, copy=True) for k, v in r.counts.items()})
+
+
 class RemoteStep:
     """Plain actor calls; an empty lane is not submitted at all."""
 
@@ -75,11 +79,11 @@ class RemoteStep:
         self.args = (model, placement, mixers, shards)
         self.timeout_s = timeout_s
 
-    def __call__(self, msgs: Sequence[StepMsg]) -> list[np.ndarray | None]:
+    def __call__(self, msgs: Sequence[StepMsg]) -> list[StepResult | None]:
         live = [m for m in msgs if m.step is not None]
         refs = wire_lanes(_remote, live, *self.args)
         # copied: arrays from the object store are read-only (and pin it while referenced)
-        out = iter([np.array(r, copy=True) for r in ray.get(refs, timeout=self.timeout_s)])
+        out = iter([_copied(r) for r in ray.get(refs, timeout=self.timeout_s)])
         return [next(out) if m.step is not None else None for m in msgs]
 
     def teardown(self, kill_actors: bool = False) -> None:
@@ -103,13 +107,13 @@ class CompiledStep:
                                               _submit_timeout=timeout_s)
         self.num_lanes = num_lanes
 
-    def __call__(self, msgs: Sequence[StepMsg]) -> list[np.ndarray | None]:
+    def __call__(self, msgs: Sequence[StepMsg]) -> list[StepResult | None]:
         if len(msgs) != self.num_lanes:
             raise ValueError(f"the compiled step has {self.num_lanes} lanes, got {len(msgs)} messages")
         results = ray.get(self.graph.execute(*msgs), timeout=self.timeout_s)
         # A numpy result is a view into the graph's output channel; holding it would stall the
         # next execution, so copy it out now.
-        return [None if r is None else np.array(r, copy=True) for r in results]
+        return [None if r is None else _copied(r) for r in results]
 
     def teardown(self, kill_actors: bool = False) -> None:
         """Stop the graph; without `kill_actors` its actors stay and take plain calls again."""

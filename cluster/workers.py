@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cluster.messages import Carry, ShardWork, StepMsg, from_wire, to_wire
+from cluster.messages import Carry, ShardWork, StepMsg, StepResult, from_wire, to_wire
 from cluster.placement import MixerSpec
 from model.batch import BatchLayout
 from model.config import ModelConfig
@@ -81,6 +81,11 @@ class MixerWorker:
     def ready(self) -> str:
         return self.spec.name
 
+    def set_expert_placement(self, experts: ExpertPlacement) -> str:
+        """Route to a new set of shards from the next step on (expert rebalancing); the caches stay."""
+        self.router = Router(experts)
+        return self.spec.name
+
     def run(self, layer: int, msg: StepMsg, carry: Carry | None, *partials: np.ndarray | None):
         """Finish layer-1's MLP (combine), then layer `layer`'s mixer; for a MoE layer also gate,
         shared expert and dispatch: returns (Carry, one ShardWork per shard), else a Carry."""
@@ -88,30 +93,36 @@ class MixerWorker:
         if msg.step is None:  # an empty micro-batch lane: pass nothing along
             return (None,) * (1 + self.router.placement.num_shards) if moe else None
         h = self._resume(msg, carry, partials)
+        counts = {} if carry is None else carry.counts
         m = self.layers[layer]
         with torch.inference_mode():
             layout, _ = self._batch(msg)
             h = m.mix(h, layout, self.caches[layer])  # [T, H]
             if not moe:
-                return Carry(to_wire(m.feed_forward(h)), None, ())
+                return Carry(to_wire(m.feed_forward(h)), None, (), counts)
             y = m.post_attention_layernorm(h)
             ids, weights = m.mlp.gate(y)  # [T, k] each
             shared = m.mlp.shared(y)
             plan = self.router.plan(ids, weights)
+            flat = ids.flatten()
+            counts = {**counts, layer: torch.bincount(flat[flat >= 0], minlength=self.config.num_experts)
+                      .cpu().numpy()}  # [E]
             carry_out = Carry(to_wire(h), None if shared is None else to_wire(shared),
-                              tuple(to_wire(r) for r in plan.rows))
+                              tuple(to_wire(r) for r in plan.rows), counts)
             work = [ShardWork(layer, to_wire(y[r]), to_wire(i), to_wire(w))
                     for r, i, w in zip(plan.rows, plan.ids, plan.weights, strict=True)]
         return (carry_out, *work)
 
-    def finish(self, msg: StepMsg, carry: Carry | None, *partials: np.ndarray | None) -> np.ndarray | None:
-        """Combine the last layer's MLP, final norm, LM head at the step's logits rows: [R, V] float32."""
+    def finish(self, msg: StepMsg, carry: Carry | None, *partials: np.ndarray | None) -> StepResult | None:
+        """Combine the last layer's MLP, final norm, LM head at the step's logits rows: [R, V]
+        float32, with the step's pairs per expert."""
         if msg.step is None:
             return None
         h = self._resume(msg, carry, partials)
         with torch.inference_mode():
             index = torch.tensor(msg.step.logits_index, dtype=torch.long, device=self.device)
-            return to_wire(self.lm_head(self.norm(h)[index]).float())
+            logits = to_wire(self.lm_head(self.norm(h)[index]).float())
+        return StepResult(logits, {} if carry is None else carry.counts)
 
     def _batch(self, msg: StepMsg) -> tuple[BatchLayout, Tensor]:
         """Layout and token ids of a (micro-)batch, built on its first layer here; the two lanes'
@@ -145,18 +156,29 @@ class ExpertWorker:
     def __init__(self, model_dir: str, dtype: str | None, shard: int, expert_ids: Sequence[int],
                  device: str = "cpu") -> None:
         _init_process()
-        c = ModelConfig.from_dir(model_dir, dtype=dtype)
-        self.shard, self.device, self.dtype = shard, torch.device(device), c.torch_dtype
-        reader = CheckpointReader(model_dir)
+        self.model_dir, self.config = model_dir, ModelConfig.from_dir(model_dir, dtype=dtype)
+        self.shard, self.device, self.dtype = shard, torch.device(device), self.config.torch_dtype
         self.experts: dict[int, Experts] = {}
+        self.set_experts(expert_ids)
+
+    def set_experts(self, expert_ids: Sequence[int]) -> list[int]:
+        """Hold `expert_ids` from now on (expert rebalancing): the old slice is dropped before the
+        new one is read, so a GPU never holds both. A shard keeps nothing but weights, so this is
+        all a new placement asks of it."""
+        c = self.config
+        self.experts = {}
+        reader = CheckpointReader(self.model_dir)
+        experts = {}
         for layer in c.moe_layers:
             with torch.device("meta"):
                 ex = Experts(c.hidden_size, c.moe_intermediate_size, expert_ids, c.num_experts)
-            materialize(ex, device, self.dtype)
+            materialize(ex, self.device, self.dtype)
             load_experts(ex, reader, f"model.layers.{layer}.mlp.experts.")
-            self.experts[layer] = ex.eval()
+            experts[layer] = ex.eval()
+        self.experts = experts
         self.accessed = list(reader.accessed)
         reader.close()
+        return sorted(expert_ids)
 
     def accessed_tensors(self) -> list[str]:
         return self.accessed

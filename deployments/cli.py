@@ -1,5 +1,5 @@
 """`nextserve` command line: `serve` (the HTTP API on Ray Serve), `generate` (offline batch through
-the engine) and `make-tiny-model`.
+the engine), `rebalance` (expert shards of a running server) and `make-tiny-model`.
 Mistakes a user can make end with exit code 2 and one line naming the flag, never a traceback."""
 
 from __future__ import annotations
@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=None, help="overrides the file's http_options.port")
     srv.add_argument("--host", default=None, help="overrides the file's http_options.host")
     srv.set_defaults(func=_serve)
+
+    reb = sub.add_parser("rebalance", help="ask a serving replica to rebalance its expert shards now")
+    reb.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
+    reb.set_defaults(func=_rebalance)
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint")
     tiny.add_argument("dir")
@@ -146,6 +150,19 @@ def _serve(args: argparse.Namespace) -> int:
         return serve_forever(args.config, args.model, args.port, args.host)
     except ServeUsageError as e:
         raise UsageError(str(e)) from None
+
+
+def _rebalance(args: argparse.Namespace) -> int:
+    """POST /rebalance: the replica Serve routes it to rebalances at its next step (each replica
+    balances its own shards from its own load; the automatic policy covers them all)."""
+    import requests
+
+    try:
+        reply = requests.post(f"{args.url.rstrip('/')}/rebalance", timeout=30)
+    except requests.RequestException as e:
+        raise UsageError(f"--url: cannot reach {args.url} ({type(e).__name__})") from None
+    print(json.dumps(reply.json(), indent=2))
+    return 0 if reply.ok else 1
 
 
 def _sampling_params(args: argparse.Namespace):

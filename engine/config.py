@@ -38,6 +38,9 @@ class _Pool(_Frozen):
     actors: int = Field(1, ge=1, description="number of actors in the pool")
     resources: ActorResources = Field(default_factory=ActorResources, description="resources per actor")
     strategy: PlacementStrategy = Field("PACK", description="placement-group strategy of the pool's bundles")
+    label_selector: dict[str, str] = Field(
+        default_factory=dict, description="node labels every actor of the pool needs, e.g. {pool: experts} "
+                                          "for nodes started with `ray start --labels pool=experts`")
 
 
 class MixerPool(_Pool):
@@ -88,7 +91,22 @@ class ClusterSettings(_Frozen):
                                "that mixers and expert shards overlap (0: never split)")
     buffer_size_bytes: int = Field(1 << 20, ge=1024, description="initial compiled-graph channel buffer; "
                                                                  "channels grow for larger messages")
-    timeout_s: float = Field(120.0, gt=0, description="longest wait for one step or actor start-up")
+    timeout_s: float = Field(120.0, gt=0, description="longest wait for actor start-up (loading weights)")
+    step_timeout_s: float = Field(
+        15.0, gt=0, description="longest wait for one engine step; past it the step's actors are taken "
+                                "for dead and restarted (a dead actor is usually noticed at once)")
+
+
+class RebalanceSettings(_Frozen):
+    period_s: float = Field(0.0, ge=0, description="how often each engine replica looks at its expert load "
+                                                   "and may rebalance (0: never by itself; the `nextserve "
+                                                   "rebalance` command still works)")
+    threshold: float = Field(1.25, ge=1.0, description="rebalance when max / mean expert-shard load over the "
+                                                       "last period exceeds this (1.0: perfectly even)")
+    redundant_experts: int = Field(0, ge=0, description="extra copies of hot experts, spread over the shards "
+                                                        "(each shard then holds about (E + this) / shards)")
+    min_gain: float = Field(0.05, ge=0, lt=1, description="apply a new placement only if it lowers max / "
+                                                          "mean shard load by at least this fraction")
 
 
 class ServeSettings(_Frozen):
@@ -97,6 +115,9 @@ class ServeSettings(_Frozen):
     max_queued_requests: int = Field(64, ge=0, description="requests that may wait for a slot per engine "
                                                            "replica; beyond that: HTTP 429")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and 503 replies")
+    request_timeout_s: float | None = Field(
+        None, gt=0, description="a request unfinished this long after it arrived (waiting included) is "
+                                "aborted: HTTP 504, or an error event in a stream (default: no limit)")
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads in each engine "
                                                               "replica (default: torch's)")
 
@@ -110,6 +131,8 @@ class NextserveConfig(_Frozen):
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     pools: Pools = Field(default_factory=Pools)
     serve: ServeSettings = Field(default_factory=ServeSettings, description="the HTTP API")
+    rebalance: RebalanceSettings = Field(default_factory=RebalanceSettings,
+                                         description="expert load balancing (cluster executor)")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> NextserveConfig:

@@ -13,6 +13,17 @@ from torch import Tensor
 from model.config import ModelConfig
 
 
+class ExecutorStateLostError(RuntimeError):
+    """A step failed because part of the executor died (an actor, a node): the step's logits and
+    every sequence's cached state are gone. `recovered`: the executor rebuilt itself and takes
+    steps again, so the engine can recompute its sequences from their tokens; otherwise the
+    requests must end with an error."""
+
+    def __init__(self, message: str, recovered: bool) -> None:
+        super().__init__(message)
+        self.recovered = recovered
+
+
 @dataclass(frozen=True)
 class StepInput:
     """One step. Sequence b owns `slots[b]`, already has `starts[b]` tokens cached and brings
@@ -50,6 +61,11 @@ class Executor(ABC):
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Free what the executor started (actors, placement groups)."""
+
+    def take_expert_counts(self) -> dict[int, list[int]]:
+        """(token, expert) pairs the gate of each MoE layer routed per expert since the last call
+        ({layer: [num_experts]}); {} where the executor does not see the gate (a metrics input)."""
+        return {}
 
 
 _REGISTRY: dict[str, Callable[..., Executor]] = {}

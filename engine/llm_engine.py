@@ -5,22 +5,31 @@ step returns."""
 from __future__ import annotations
 
 import itertools
+import logging
+import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
 
-from engine.executor import Executor, StepInput
-from engine.sampling import Sampler, SamplingParams
+from engine.detokenizer import IncrementalDetokenizer
+from engine.executor import Executor, ExecutorStateLostError, StepInput
+from engine.sampling import Sampler, SamplingParams, top_logprobs
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+TopLogprobs = tuple[tuple[int, float], ...]  # (token id, logprob), likeliest first
 
 
 @dataclass(frozen=True)
 class RequestOutput:
     """What one step produced for one request: the token it sampled and, once finished, why.
-    A step that only runs part of a prompt produces none; an aborted request produces none."""
+    A step that only runs part of a prompt produces none; an aborted request produces none.
+    `new_text` is the output text that became final this step (engines with a tokenizer); the
+    prompt's logprobs come once, with the first sampled token."""
 
     request_id: str
     new_token_ids: tuple[int, ...]
@@ -29,6 +38,10 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" once finished
     num_prompt_tokens: int
     num_output_tokens: int  # so far, including new_token_ids
+    new_text: str = ""
+    new_top_logprobs: tuple[TopLogprobs, ...] | None = None  # with params.top_logprobs
+    prompt_logprobs: tuple[float | None, ...] | None = None  # with params.prompt_logprobs
+    prompt_top_logprobs: tuple[TopLogprobs, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -59,12 +72,18 @@ class EngineStats:
     last_step_num_seqs: int
 
 
+StepHook = Callable[[EngineStats, float, dict[int, list[int]]], None]
+
+
 class LLMEngine:
     def __init__(self, executor: Executor, tokenizer: Tokenizer | None = None,
                  max_num_seqs: int | None = None, max_num_batched_tokens: int = 2048,
-                 max_model_len: int | None = None, eos_token_ids: Seq[int] | None = None) -> None:
+                 max_model_len: int | None = None, eos_token_ids: Seq[int] | None = None,
+                 max_state_recoveries: int = 3) -> None:
         """`max_num_seqs` defaults to the executor's slots and `max_model_len` to its slot length;
-        neither may exceed them. EOS ids default to the model config's plus the tokenizer's."""
+        neither may exceed them. EOS ids default to the model config's plus the tokenizer's.
+        `max_state_recoveries`: steps in a row that may lose the executor's state (an actor died)
+        and be recomputed before the error reaches the caller."""
         self.executor = executor
         self.tokenizer = tokenizer
         self.config = executor.config
@@ -83,7 +102,11 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.sampler = Sampler()
         self._requests: dict[str, Sequence] = {}  # unfinished requests
+        self.max_state_recoveries = max_state_recoveries
+        self._state_losses = 0  # steps in a row that lost the executor's state
         self._ids = itertools.count()
+        # Called after every step with (stats, step seconds, the gate's per-expert counts).
+        self.step_hooks: list[StepHook] = []
         self._counters = dict(num_steps=0, num_prompt_tokens=0, num_generated_tokens=0, num_finished=0,
                               last_step_num_tokens=0, last_step_num_seqs=0)
 
@@ -102,6 +125,10 @@ class LLMEngine:
             raise ValueError(f"request {request_id!r}: token id {bad!r} is out of range for "
                              f"vocab_size {vocab}")
         seq = Sequence(request_id, ids, params or SamplingParams())
+        if self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.params.stop)
+        elif seq.params.stop:
+            raise ValueError(f"request {request_id!r}: stop strings need a tokenizer; the model has none")
         self.scheduler.add(seq)
         self._requests[request_id] = seq
 
@@ -116,6 +143,9 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self._requests)
+
     @property
     def stats(self) -> EngineStats:
         s = self.scheduler
@@ -124,16 +154,29 @@ class LLMEngine:
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        step = self._step_input(sched)
+        step, sample_rows, prompt_rows = self._step_input(sched)
         sampling = [c.seq for c in sched.chunks if c.samples]
-        logits = self.executor.execute(step)  # [len(sampling), V]
+        try:
+            logits = self.executor.execute(step)  # [len(step.logits_index), V]
+        except ExecutorStateLostError as e:
+            self._recompute_after(e)
+            return []
+        self._state_losses = 0
         for chunk in sched.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
-        outputs = self._sample_and_finish(sampling, logits) if sampling else []
+        if prompt_rows:
+            self._score_prompts(logits, prompt_rows)
+        outputs = self._sample_and_finish(sampling, logits[sample_rows]) if sampling else []
         self._count(sched, len(sampling))
+        if self.step_hooks:  # metrics (monitoring/engine_metrics.py), after the step's bookkeeping
+            counts = self.executor.take_expert_counts()
+            stats, seconds = self.stats, time.perf_counter() - start
+            for hook in self.step_hooks:
+                hook(stats, seconds, counts)
         return outputs
 
     def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -160,18 +203,59 @@ class LLMEngine:
         return [self._completion(s) for s in seqs]
 
     # -- helpers -----------------------------------------------------------------------------
-    def _step_input(self, sched: SchedulerOutput) -> StepInput:
+    def _recompute_after(self, error: ExecutorStateLostError) -> None:
+        """The executor lost every slot's cache: recompute each running sequence from its prompt
+        and the tokens it already produced (a chunked prefill, which samples the same next token
+        under greedy decoding), or re-raise once the executor could not recover or keeps failing."""
+        self._state_losses += 1
+        if not error.recovered or self._state_losses > self.max_state_recoveries:
+            self._state_losses = 0  # the caller ends these requests; later ones start afresh
+            raise error
+        running = list(self.scheduler.running)
+        for seq in running:
+            seq.num_computed_tokens = 0
+        log.warning("executor state lost (%s); recomputing %d running sequences, attempt %d of %d",
+                    error, len(running), self._state_losses, self.max_state_recoveries)
+
+    def _step_input(self, sched: SchedulerOutput,
+                    ) -> tuple[StepInput, list[int], list[tuple[Sequence, int, int]]]:
+        """The step, the logits rows to sample from, and (seq, row, position) of each prompt
+        position whose logits score the prompt's next token (requests with prompt_logprobs)."""
         token_ids: list[int] = []
         logits_index: list[int] = []
+        sample_rows: list[int] = []
+        prompt_rows: list[tuple[Sequence, int, int]] = []
         for c in sched.chunks:
+            offset = len(token_ids)
             token_ids += c.seq.token_slice(c.start, c.start + c.num_tokens)
+            if c.seq.params.prompt_logprobs is not None:
+                # Position j's logits score prompt token j + 1; the last prompt position samples.
+                # A recomputed prompt (after lost state) is not scored twice.
+                first = max(c.start, len(c.seq.prompt_logprobs) - 1)
+                for j in range(first, min(c.start + c.num_tokens, c.seq.num_prompt_tokens - 1)):
+                    prompt_rows.append((c.seq, len(logits_index), j))
+                    logits_index.append(offset + j - c.start)
             if c.samples:
+                sample_rows.append(len(logits_index))
                 logits_index.append(len(token_ids) - 1)
-        return StepInput(token_ids=tuple(token_ids),
+        step = StepInput(token_ids=tuple(token_ids),
                          slots=tuple(c.seq.slot for c in sched.chunks),
                          starts=tuple(c.start for c in sched.chunks),
                          lengths=tuple(c.num_tokens for c in sched.chunks),
                          logits_index=tuple(logits_index))
+        return step, sample_rows, prompt_rows
+
+    def _score_prompts(self, logits: torch.Tensor, prompt_rows: list[tuple[Sequence, int, int]]) -> None:
+        rows = torch.tensor([r for _, r, _ in prompt_rows], dtype=torch.long, device=logits.device)
+        targets = torch.tensor([s.prompt_token_ids[j + 1] for s, _, j in prompt_rows], dtype=torch.long,
+                               device=logits.device)
+        n = max(s.params.prompt_logprobs or 0 for s, _, _ in prompt_rows)
+        chosen, top_ids, top_lp = top_logprobs(logits[rows], targets, max(n, 1))
+        chosen, top_ids, top_lp = chosen.tolist(), top_ids.tolist(), top_lp.tolist()
+        for i, (seq, _, _) in enumerate(prompt_rows):
+            k = seq.params.prompt_logprobs or 0
+            seq.prompt_logprobs.append(chosen[i])
+            seq.prompt_top_logprobs.append(tuple(zip(top_ids[i][:k], top_lp[i][:k], strict=True)))
 
     def _sample_and_finish(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         for seq in seqs:
@@ -179,20 +263,38 @@ class LLMEngine:
                 seq.generator = seq.params.make_generator(logits.device)
         out = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
         token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
+        tops = self._top_logprobs(seqs, logits, out.token_ids)
         outputs = []
-        for seq, tok, lp in zip(seqs, token_ids, logprobs, strict=True):
+        for seq, tok, lp, top in zip(seqs, token_ids, logprobs, tops, strict=True):
+            first = seq.num_output_tokens == 0
             seq.append(tok, lp)
-            reason = self._stop_reason(seq)
+            hit_stop_string = seq.detokenizer is not None and seq.detokenizer.add(tok)
+            reason = "stop" if hit_stop_string else self._stop_reason(seq)
             if reason is not None:
                 self._release(self.scheduler.finish(seq, reason))
                 del self._requests[seq.request_id]
                 self._counters["num_finished"] += 1
+            want_prompt = first and seq.params.prompt_logprobs is not None
             outputs.append(RequestOutput(
                 request_id=seq.request_id, new_token_ids=(tok,),
                 new_logprobs=(lp,) if seq.params.logprobs else None, finished=seq.is_finished,
                 finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
-                num_output_tokens=seq.num_output_tokens))
+                num_output_tokens=seq.num_output_tokens,
+                new_text=seq.detokenizer.take(seq.is_finished) if seq.detokenizer else "",
+                new_top_logprobs=(top,) if top is not None else None,
+                prompt_logprobs=tuple(seq.prompt_logprobs) if want_prompt else None,
+                prompt_top_logprobs=tuple(seq.prompt_top_logprobs) if want_prompt else None))
         return outputs
+
+    def _top_logprobs(self, seqs: list[Sequence], logits: torch.Tensor, token_ids: torch.Tensor,
+                      ) -> list[TopLogprobs | None]:
+        n = max((s.params.top_logprobs for s in seqs if s.params.logprobs), default=0)
+        if n == 0:
+            return [None] * len(seqs)
+        _, top_ids, top_lp = top_logprobs(logits, token_ids, n)
+        top_ids, top_lp = top_ids.tolist(), top_lp.tolist()
+        return [tuple(zip(top_ids[i][:s.params.top_logprobs], top_lp[i][:s.params.top_logprobs], strict=True))
+                if s.params.logprobs else None for i, s in enumerate(seqs)]
 
     def _stop_reason(self, seq: Sequence) -> str | None:
         tok, p = seq.output_token_ids[-1], seq.params

@@ -11,6 +11,8 @@ from torch import Tensor
 from engine.executor import Executor, StepInput, register_executor
 from model.batch import BatchLayout
 from model.decoder import CausalLM
+from model.moe import SparseMoeBlock
+from monitoring.gate_tap import GateTap
 
 # Caches are allocated up front for num_slots × max_model_len tokens; the checkpoints' native
 # context (262k for Qwen3-Next) would not fit, so without an explicit length we cap it here.
@@ -33,6 +35,10 @@ class LocalExecutor(Executor):
         self.max_model_len = max_model_len
         self.device = torch.device(device)
         self.caches = self.model.make_caches(num_slots, max_model_len)
+        # The gate's routing result, read at its boundary for expert-load metrics.
+        gates = {i: layer.mlp.gate for i, layer in enumerate(self.model.model.layers)
+                 if isinstance(layer.mlp, SparseMoeBlock)}
+        self.gate_tap = GateTap(gates, self.config.num_experts)
 
     def execute(self, step: StepInput) -> Tensor:
         if any(not 0 <= s < self.num_slots for s in step.slots):
@@ -44,3 +50,6 @@ class LocalExecutor(Executor):
         hidden = self.model(token_ids, layout, self.caches)  # [T, H]
         index = torch.tensor(step.logits_index, dtype=torch.long, device=self.device)  # [R]
         return self.model.compute_logits(hidden[index])  # [R, V] float32
+
+    def take_expert_counts(self) -> dict[int, list[int]]:
+        return self.gate_tap.take()

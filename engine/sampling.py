@@ -20,6 +20,9 @@ class SamplingParamsError(ValueError):
         self.field = field
 
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -30,10 +33,14 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False  # report the logprob of each chosen token
+    top_logprobs: int = 0  # with logprobs: also the n likeliest tokens of each step
+    prompt_logprobs: int | None = None  # None: off; n >= 0: each prompt token's logprob and top n
+    stop: tuple[str, ...] = ()  # stop strings; the output text ends before the first match
 
     def __post_init__(self) -> None:
         # Lists are welcome from callers; a frozen params object keeps a tuple.
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
         _require(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be >= 1",
                  self.max_tokens)
         _require(_is_number(self.temperature) and self.temperature >= 0, "temperature", "must be >= 0",
@@ -41,9 +48,19 @@ class SamplingParams:
         _require(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
         _require(_is_int(self.top_k) and self.top_k >= -1, "top_k", "must be -1, 0 (off) or >= 1",
                  self.top_k)
+        # torch.Generator takes 64 bits; a larger seed would fail the whole step, not only this request
         _require(self.seed is None or _is_int(self.seed), "seed", "must be an integer", self.seed)
+        _require(self.seed is None or -(2**63) <= self.seed < 2**64, "seed", "must be in [-2**63, 2**64)",
+                 self.seed)
         for t in self.stop_token_ids:
             _require(_is_int(t) and t >= 0, "stop_token_ids", "must hold token ids >= 0", t)
+        for s in self.stop:
+            _require(isinstance(s, str) and s != "", "stop", "must hold non-empty strings", s)
+        _require(_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
+                 f"must be in [0, {MAX_TOP_LOGPROBS}]", self.top_logprobs)
+        _require(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs)
+                                                  and 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS),
+                 "prompt_logprobs", f"must be None or in [0, {MAX_TOP_LOGPROBS}]", self.prompt_logprobs)
 
     @property
     def greedy(self) -> bool:
@@ -123,3 +140,12 @@ def draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     race), and needs one generator call per row whatever the row's neighbours are."""
     q = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-20)
     return (probs / q).argmax()
+
+
+def top_logprobs(logits: Tensor, token_ids: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """For logits [R, V] and the tokens [R] they were scored against: each token's logprob [R],
+    and the n likeliest tokens [R, n] with their logprobs [R, n], all of the raw distribution."""
+    logp = torch.log_softmax(logits.float(), -1)  # [R, V]
+    chosen = logp.gather(1, token_ids[:, None]).squeeze(1)  # [R]
+    top_lp, top_ids = logp.topk(min(n, logp.shape[-1]), dim=-1)  # [R, n]
+    return chosen, top_ids, top_lp

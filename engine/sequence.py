@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from engine.detokenizer import IncrementalDetokenizer
 from engine.sampling import SamplingParams
 
 
@@ -34,6 +35,10 @@ class Sequence:
         self.num_computed_tokens = 0
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None  # made on first draw, on the logits' device
+        self.detokenizer: IncrementalDetokenizer | None = None  # when the engine has a tokenizer
+        # With params.prompt_logprobs: entry j scores prompt token j (None for the first token).
+        self.prompt_logprobs: list[float | None] = [None]
+        self.prompt_top_logprobs: list[tuple[tuple[int, float], ...]] = [()]
         self.arrival_time = time.monotonic()
 
     @property

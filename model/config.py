@@ -78,7 +78,11 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        _check(self.num_hidden_layers > 0, "num_hidden_layers", self.num_hidden_layers)
+        # Sizes first: a zero or negative one would otherwise surface as a torch error deep in loading.
+        for key in ("num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, key)
+            _check(isinstance(value, int) and value > 0, key, value)
         _check(len(self.layer_types) == self.num_hidden_layers, "layer_types",
                f"{len(self.layer_types)} entries for {self.num_hidden_layers} layers")
         for lt in self.layer_types:

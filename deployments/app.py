@@ -1,0 +1,50 @@
+"""The Serve application builder that ray_config.yaml's `import_path` names:
+`serve run ray_config.yaml`, `serve deploy ray_config.yaml` and `nextserve serve` all end here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from deployments.server import EngineFactory, NextserveServer
+from engine.config import NextserveConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL_DIR = REPO_ROOT / "models" / "tiny-qwen3-next"  # the built-in model, made on first start
+# Requests a replica takes on top of its engine's capacity, so that the engine, not Serve's
+# proxy queue, sees the overflow and answers 429 at once.
+ONGOING_MARGIN = 16
+
+
+def build_app(args: dict[str, Any], engine_factory: EngineFactory | None = None,
+              deployment_options: dict[str, Any] | None = None) -> serve.Application:
+    """`args` is the application's `args` (NextserveConfig); checked here, before any replica
+    starts. `deployment_options` are Serve options (autoscaling_config, ray_actor_options, ...)
+    for callers that do not go through a config file's `deployments` list."""
+    config = NextserveConfig.from_args(dict(args))
+    args = {**args, "model": str(resolve_model(config.model))}
+    capacity = config.engine.max_num_seqs + config.serve.max_queued_requests
+    options: dict[str, Any] = dict(max_ongoing_requests=capacity + ONGOING_MARGIN,
+                                   ray_actor_options={"num_cpus": 1})
+    options.update(deployment_options or {})
+    return NextserveServer.options(**options).bind(args, engine_factory)
+
+
+def resolve_model(model: str | None) -> Path:
+    """An absolute checkpoint path (replicas may start elsewhere); a relative one is taken from
+    the current directory, else from the repo root. The built-in tiny model is made if absent."""
+    if model is None:
+        path = TINY_MODEL_DIR
+    else:
+        path = Path(model).expanduser()
+        if not path.is_absolute():
+            path = path.resolve() if path.exists() else REPO_ROOT / path
+    if path.resolve() == TINY_MODEL_DIR and not (path / "config.json").is_file():
+        from model.tiny import make_tiny_model
+
+        print(f"nextserve: making the built-in tiny model in {TINY_MODEL_DIR}", file=sys.stderr)
+        make_tiny_model(TINY_MODEL_DIR, arch="qwen3_next")
+    return path.resolve()

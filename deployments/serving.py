@@ -1,0 +1,168 @@
+"""What the completion and chat routes share: the serving context (engine, tokenizer, limits),
+request → SamplingParams, one choice's accumulated output, server-sent events, API errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from engine.config import NextserveConfig
+from engine.llm_engine import EngineStats, RequestOutput, TopLogprobs
+from engine.sampling import SamplingParams, SamplingParamsError
+from engine.tokenizer import Tokenizer
+
+
+class APIError(Exception):
+    """An error the client caused or must wait out; becomes OpenAI's JSON error form."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.retry_after_s = status, message, param, retry_after_s
+
+
+class Engine(Protocol):
+    """What the routes need of an engine: engine/async_engine.AsyncLLMEngine, or a test's fake."""
+
+    def generate(self, request_id: str, prompt_token_ids: Sequence[int],
+                 params: SamplingParams) -> AsyncIterator[RequestOutput]: ...
+
+    def stats(self) -> EngineStats: ...
+
+
+@dataclass(eq=False)  # hashed by identity, for token_text's cache
+class ServingContext:
+    engine: Engine
+    tokenizer: Tokenizer
+    model_name: str
+    max_model_len: int
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves "
+                                f"`{self.model_name}`.", param="model")
+
+    def check_token_ids(self, ids: Sequence[int], prompt_index: int) -> None:
+        """Token-id prompts must name tokens of the vocabulary; caught here, before anything (the
+        tokenizer's decode included) sees them."""
+        vocab = self.tokenizer.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"prompt {prompt_index}: token id {bad} is out of vocabulary "
+                                f"(0..{vocab - 1})", param="prompt")
+
+    def sampling_params(self, req: Any, prompt_len: int, max_tokens: int | None, **extra: Any,
+                        ) -> SamplingParams:
+        """The request's sampling fields; `max_tokens` None means all the room the context leaves."""
+        room = self.max_model_len - prompt_len
+        if room < 0 or (room == 0 and max_tokens != 0):
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; the "
+                                f"prompt has {prompt_len} tokens.", param="prompt")
+        max_tokens = room if max_tokens is None else max_tokens
+        if prompt_len + max_tokens > self.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; "
+                                f"you requested {prompt_len + max_tokens} tokens ({prompt_len} in the "
+                                f"prompt, {max_tokens} in the completion).", param="max_tokens")
+        try:
+            return SamplingParams(max_tokens=max(max_tokens, 1), temperature=req.temperature, top_p=req.top_p,
+                                  top_k=req.top_k, seed=req.seed, stop=req.stop_strings,
+                                  stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
+                                  **extra)
+        except SamplingParamsError as e:
+            raise APIError(400, str(e), param=e.field) from None
+
+    @lru_cache(maxsize=65536)  # noqa: B019 - one context per replica, lives as long as it
+    def token_text(self, token_id: int) -> str:
+        """One token as text, special tokens included (what logprobs name tokens by)."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def top_dict(self, top: TopLogprobs) -> dict[str, float]:
+        return {self.token_text(t): lp for t, lp in top}
+
+
+def served_model_name(config: NextserveConfig) -> str:
+    return config.serve.served_model_name or Path(config.model or "tiny-qwen3-next").name
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+@dataclass
+class Choice:
+    """One prompt's output so far; `take()` returns what arrived since the last call."""
+
+    index: int
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    prompt_logprobs: tuple[float | None, ...] | None = None
+    prompt_top_logprobs: tuple[TopLogprobs, ...] | None = None
+    finish_reason: str | None = None
+    drop_output: bool = False  # max_tokens=0 with echo: the one sampled token is not shown
+
+    def add(self, out: RequestOutput) -> RequestOutput:
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs, self.prompt_top_logprobs = out.prompt_logprobs, out.prompt_top_logprobs
+        if out.finished:
+            self.finish_reason = "length" if self.drop_output else out.finish_reason
+        if self.drop_output:
+            return RequestOutput(out.request_id, (), None, out.finished, self.finish_reason,
+                                 out.num_prompt_tokens, 0)
+        self.token_ids += out.new_token_ids
+        self.text += out.new_text
+        if out.new_logprobs is not None:
+            self.logprobs += out.new_logprobs
+            self.top_logprobs += out.new_top_logprobs or [()] * len(out.new_logprobs)
+        return out
+
+
+async def run_choices(ctx: ServingContext, request_id: str, choices: list[Choice],
+                      params: list[SamplingParams]) -> AsyncIterator[tuple[Choice, RequestOutput]]:
+    """Run every choice's request at once; (choice, its output) in arrival order. Leaving early
+    cancels all of them, which aborts them in the engine."""
+    if len(choices) == 1:  # the common case: no tasks, no merge queue
+        async for out in ctx.engine.generate(f"{request_id}-0", choices[0].prompt_token_ids, params[0]):
+            yield choices[0], choices[0].add(out)
+        return
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(choice: Choice, p: SamplingParams) -> None:
+        try:
+            async for out in ctx.engine.generate(f"{request_id}-{choice.index}", choice.prompt_token_ids, p):
+                await merged.put((choice, out))
+        except Exception as e:
+            await merged.put(e)
+
+    tasks = [asyncio.create_task(pump(c, p)) for c, p in zip(choices, params, strict=True)]
+    try:
+        done = 0
+        while done < len(choices):
+            item = await merged.get()
+            if isinstance(item, Exception):
+                raise item
+            choice, out = item
+            done += out.finished
+            yield choice, choice.add(out)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def sse(payload: BaseModel | dict) -> str:
+    body = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {body}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"

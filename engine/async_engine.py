@@ -1,0 +1,193 @@
+"""An asyncio face for LLMEngine: a background thread runs step() whenever there is work and
+feeds each request's outputs to its own asyncio queue, so a server can stream many requests from
+one event loop. LLMEngine is not thread-safe; only the engine thread touches it, and callers reach
+it through a command queue. Leaving a `generate` stream early (client gone, task cancelled)
+aborts the request, which frees its slot."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from engine.llm_engine import EngineStats, LLMEngine, RequestOutput
+from engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """Every slot is busy and the waiting queue is full; the caller should retry later."""
+
+    def __init__(self, capacity: int, retry_after_s: float) -> None:
+        super().__init__(f"the server is at capacity ({capacity} requests in flight); retry later")
+        self.retry_after_s = retry_after_s
+
+
+class EngineStepError(RuntimeError):
+    """An engine step failed; the requests in it were ended, the engine lives on."""
+
+
+class RequestTimeoutError(TimeoutError):
+    """A request ran past its time limit; it was aborted and its slot freed."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"the request did not finish within {timeout_s:g}s (serve.request_timeout_s)")
+        self.timeout_s = timeout_s
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine, max_queued_requests: int = 64, retry_after_s: float = 1.0,
+                 request_timeout_s: float | None = None) -> None:
+        """At most max_num_seqs requests run and `max_queued_requests` more wait; beyond that,
+        `generate` raises QueueFullError at once rather than letting latency grow unbounded. A
+        request still unfinished `request_timeout_s` after it arrived (queueing included) is
+        aborted with RequestTimeoutError."""
+        if max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests must be >= 0, got {max_queued_requests}")
+        if request_timeout_s is not None and not request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be > 0 or None, got {request_timeout_s}")
+        self.request_timeout_s = request_timeout_s
+        self.engine = engine
+        self.capacity = engine.scheduler.config.max_num_seqs + max_queued_requests
+        self.retry_after_s = retry_after_s
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._stopped = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="nextserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stats(self) -> EngineStats:
+        # Read across threads without a lock: plain counters and queue lengths, a snapshot.
+        return self.engine.stats
+
+    async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as steps produce them, the last one `finished`. Raises
+        ValueError for a prompt the engine refuses, before yielding anything."""
+        if self._stopped:
+            raise EngineStepError("the engine is shutting down")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if len(self._streams) >= self.capacity:
+            raise QueueFullError(self.capacity, self.retry_after_s)
+        self._loop = asyncio.get_running_loop()
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        added = self._loop.create_future()
+        self._send("add", request_id, list(prompt_token_ids), params, added)
+        finished = False
+        deadline = None if self.request_timeout_s is None else self._loop.time() + self.request_timeout_s
+        try:
+            await self._before(deadline, added)
+            while True:
+                item = await self._before(deadline, stream.get())
+                if isinstance(item, BaseException):
+                    finished = True  # the engine already ended it
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._send("abort", request_id)
+
+    async def _before(self, deadline: float | None, awaitable: Any) -> Any:
+        """`awaitable`'s result, or RequestTimeoutError once the request's deadline has passed."""
+        if deadline is None:
+            return await awaitable
+        try:
+            return await asyncio.wait_for(awaitable, max(0.0, deadline - asyncio.get_running_loop().time()))
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(self.request_timeout_s) from None
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        self._stopped = True
+        self._wakeup.set()
+        self._thread.join(timeout_s)
+        self.engine.executor.shutdown()
+
+    # -- the engine thread -------------------------------------------------------------------
+    def _send(self, *command: Any) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._drain_commands()
+            if not self.engine.has_unfinished():
+                self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # one bad step must not take the replica down
+                log.exception("engine step failed")
+                self._fail_all(EngineStepError(f"engine step failed: {e}"))
+                continue
+            if outputs:
+                self._post(self._deliver, outputs)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                kind, request_id, *rest = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "abort":
+                self.engine.abort_request(request_id)
+                continue
+            prompt, params, added = rest
+            try:
+                self.engine.add_request(request_id, prompt, params)
+            except Exception as e:  # ValueError for bad input; anything else is ours
+                self._post(_settle, added, e)
+            else:
+                self._post(_settle, added, None)
+
+    def _fail_all(self, error: Exception) -> None:
+        ids = self.engine.unfinished_request_ids()
+        for request_id in ids:
+            self.engine.abort_request(request_id)
+        self._post(self._deliver_error, ids, error)
+
+    def _post(self, fn: Any, *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(fn, *args)
+
+    # -- back on the event loop --------------------------------------------------------------
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for o in outputs:
+            stream = self._streams.get(o.request_id)
+            if stream is not None:  # else the caller left and its abort is on the way
+                stream.put_nowait(o)
+
+    def _deliver_error(self, request_ids: list[str], error: Exception) -> None:
+        for request_id in request_ids:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.put_nowait(error)
+
+
+def _settle(future: asyncio.Future, error: Exception | None) -> None:
+    if future.done():  # the caller was cancelled while waiting
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

@@ -1,0 +1,76 @@
+"""The engine's step hook: after each step the engine hands over its stats snapshot (cumulative
+counters, queue lengths, slots), how long the step took and the gate's per-expert counts; this
+turns them into metrics. Structural types only: monitoring imports nothing of engine/."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from monitoring.expert_load import ExpertLoad
+from monitoring.sink import MetricsSink
+
+
+class StatsLike(Protocol):
+    """What the hook reads of engine.llm_engine.EngineStats."""
+
+    num_running: int
+    num_waiting: int
+    num_slots_used: int
+    num_slots: int
+    num_steps: int
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    last_step_num_tokens: int
+
+
+_COUNTERS = (("num_prompt_tokens", "nextserve_prompt_tokens"),
+             ("num_generated_tokens", "nextserve_generation_tokens"),
+             ("num_steps", "nextserve_engine_steps"))
+
+
+class EngineMetrics:
+    def __init__(self, sink: MetricsSink, expert_load: ExpertLoad | None = None,
+                 active_params_ratio: float | None = None) -> None:
+        self.sink, self.expert_load = sink, expert_load
+        self._last: dict[str, int] = {}
+        # The engine thread records, HTTP handlers read the expert load: one lock between them.
+        self.lock = threading.Lock()
+        if active_params_ratio is not None:
+            sink.set("nextserve_moe_active_params_ratio", active_params_ratio)
+
+    def on_step(self, stats: StatsLike, step_seconds: float,
+                expert_counts: Mapping[int, Sequence[int]] | None = None) -> None:
+        s = self.sink
+        for field, name in _COUNTERS:  # the engine keeps totals; the counters take the increase
+            now = getattr(stats, field)
+            s.inc(name, now - self._last.get(field, 0))
+            self._last[field] = now
+        s.set("nextserve_requests_running", stats.num_running)
+        s.set("nextserve_requests_waiting", stats.num_waiting)
+        s.set("nextserve_slots_used", stats.num_slots_used)
+        s.set("nextserve_slots_total", stats.num_slots)
+        s.set("nextserve_step_tokens", stats.last_step_num_tokens)
+        s.observe("nextserve_actor_step_seconds", step_seconds, kind="engine")
+        if expert_counts and self.expert_load is not None:
+            self.record_routing(expert_counts)
+
+    def record_routing(self, expert_counts: Mapping[int, Sequence[int]]) -> None:
+        if self.expert_load is None:
+            return
+        with self.lock:
+            steps = self.expert_load.record(expert_counts)
+        for st in steps:
+            layer = str(st.layer)
+            self.sink.set("nextserve_moe_active_experts_ratio", st.active_ratio, layer=layer)
+            self.sink.set("nextserve_moe_load_imbalance", st.imbalance, layer=layer)
+            for shard, n in enumerate(st.per_shard):
+                self.sink.inc("nextserve_moe_routed_tokens", n, layer=layer, shard=str(shard))
+
+    def expert_load_json(self) -> dict:
+        if self.expert_load is None:
+            return {"num_experts": 0, "num_steps": 0, "shards": [], "layers": [], "counts": [],
+                    "shard_counts": [], "last_step": []}
+        with self.lock:
+            return self.expert_load.to_json()

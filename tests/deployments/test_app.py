@@ -1,0 +1,304 @@
+"""The Serve application over HTTP, driven with the official `openai` client: completions and chat,
+streaming or not, token-id prompts, logprobs and echo, stop strings, concurrency, cancellation,
+errors and a full queue. One app for the module (starting Ray and Serve takes ~20 s); every
+answer is checked against the engine run offline, one request at a time."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+import torch
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from deployments.app import build_app  # noqa: E402
+from engine.executor import StepInput  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.local_executor import LocalExecutor  # noqa: E402
+from engine.sampling import SamplingParams  # noqa: E402
+from engine.tokenizer import Tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "tiny"
+MAX_MODEL_LEN = 256
+MAX_NUM_SEQS = 8
+MAX_QUEUED = 24  # capacity 32: the concurrency test just fits, the queue test overflows it
+TIMEOUT = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from model.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("serve"), arch="qwen3_next")
+
+
+@pytest.fixture(scope="module")
+def base_url(tiny_dir):
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = dict(model=str(tiny_dir), dtype="float32", executor="local",
+                    engine=dict(max_num_seqs=MAX_NUM_SEQS, max_model_len=MAX_MODEL_LEN,
+                                max_num_batched_tokens=256),
+                    serve=dict(served_model_name=MODEL, max_queued_requests=MAX_QUEUED, retry_after_s=2,
+                               torch_threads=1))
+        serve.run(build_app(args), name="nextserve", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", timeout=TIMEOUT, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_dir):
+    """The engine alone, one request at a time: what every answer must equal."""
+    executor = LocalExecutor(tiny_dir, num_slots=1, max_model_len=MAX_MODEL_LEN)
+    tokenizer = Tokenizer(tiny_dir)
+    engine = LLMEngine(executor, tokenizer=tokenizer)
+
+    def run(prompt_ids, **params):
+        (c,) = engine.generate([list(prompt_ids)], SamplingParams(temperature=0, logprobs=True, **params))
+        return c
+    run.executor, run.tokenizer = executor, tokenizer
+    return run
+
+
+def extra(obj, name):
+    return (obj.model_extra or {}).get(name)
+
+
+def stats(base_url) -> dict:
+    return requests.get(f"{base_url}/stats", timeout=10).json()
+
+
+def wait_idle(base_url, timeout_s: float = 15) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        s = stats(base_url)
+        if (s["num_slots_used"] == 0 and s["num_running"] == 0 and s["num_waiting"] == 0) \
+                or time.monotonic() > deadline:
+            return s
+        time.sleep(0.1)
+
+
+def test_models_and_health(base_url, client):
+    assert requests.get(f"{base_url}/health", timeout=10).status_code == 200
+    (card,) = client.models.list().data
+    assert card.id == MODEL and extra(card, "max_model_len") == MAX_MODEL_LEN
+
+
+def test_completion_token_ids(client, offline):
+    prompt = [5, 9, 13, 101, 7]
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
+                                  extra_body={"return_token_ids": True, "ignore_eos": True})
+    want = offline(prompt, max_tokens=8, ignore_eos=True)
+    (choice,) = r.choices
+    assert extra(choice, "token_ids") == list(want.token_ids)
+    assert extra(choice, "prompt_token_ids") == prompt
+    assert choice.text == want.text and choice.finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (5, 8)
+
+
+def test_completion_text_list_and_stream(client, offline):
+    prompts = ["The delta rule", "hello"]
+    r = client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    for p, c in zip(prompts, sorted(r.choices, key=lambda c: c.index), strict=True):
+        assert c.text == offline(offline.tokenizer.encode(p), max_tokens=6, ignore_eos=True).text
+    chunks = list(client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=6, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True,
+                                                                     "return_token_ids": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    ids = [t for c in chunks if c.choices for t in extra(c.choices[0], "token_ids") or ()]
+    assert len(ids) == 6 and chunks[-1].usage.completion_tokens == 6 and not chunks[-1].choices
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_uses_the_checkpoint_template(client, offline, tiny_dir):
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    want_prompt = AutoTokenizer.from_pretrained(tiny_dir).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                       extra_body={"return_token_ids": True})
+    assert extra(r, "prompt_token_ids") == list(want_prompt)
+    want = offline(want_prompt, max_tokens=6)
+    assert extra(r.choices[0], "token_ids") == list(want.token_ids)
+    assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+    assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+
+
+def test_logprobs(client, offline):
+    prompt = [3, 44, 87, 120]
+    want = offline(prompt, max_tokens=5, ignore_eos=True)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=3,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx(list(want.logprobs), abs=1e-4)
+    # Greedy: the chosen token is the likeliest. (Distinct byte tokens may print alike and merge.)
+    assert all(1 <= len(t) <= 4 and max(t.values()) == pytest.approx(v, abs=1e-5)
+               for t, v in zip(lp.top_logprobs, lp.token_logprobs, strict=True))
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                          max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+
+
+def test_echo_scores_the_prompt(client, offline):
+    """What evaluation harnesses send: echo the prompt, score each token, generate nothing."""
+    prompt = [11, 22, 33, 44, 55, 66]
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1,
+                                  temperature=0)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(prompt) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    n = len(prompt)
+    logits = offline.executor.execute(StepInput(tuple(prompt), (0,), (0,), (n,), tuple(range(n - 1))))
+    want = torch.log_softmax(logits, -1).gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1)
+    assert lp.token_logprobs[1:] == pytest.approx(want.tolist(), abs=1e-4)
+    assert r.choices[0].text == offline.tokenizer.decode(prompt, skip_special_tokens=False)
+
+
+def test_stop_string(client):
+    base = client.completions.create(model=MODEL, prompt="stop here", max_tokens=24, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = base[len(base) // 2:len(base) // 2 + 2]
+    assert stop.strip(), f"text too short to pick a stop string from: {base!r}"
+    want = base[:base.index(stop)]
+    for stream in (False, True):
+        r = client.completions.create(model=MODEL, prompt="stop here", max_tokens=24, temperature=0,
+                                      stop=[stop], stream=stream, extra_body={"ignore_eos": True})
+        if stream:
+            chunks = [c for c in r if c.choices]
+            text, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            text, reason = r.choices[0].text, r.choices[0].finish_reason
+        assert (text, reason) == (want, "stop")
+
+
+def test_concurrent_greedy_requests_match_alone(base_url, offline):
+    prompts = [[(7 * i + 3 * j) % 470 + 2 for j in range(1 + (i * 5) % 41)] for i in range(32)]
+    max_tokens = [4 + i % 13 for i in range(32)]
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none", timeout=120, max_retries=0)
+
+    def one(i):
+        r = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=max_tokens[i], temperature=0,
+                                      extra_body={"return_token_ids": True, "ignore_eos": True})
+        return extra(r.choices[0], "token_ids")
+
+    with ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(one, range(32)))
+    for i in range(32):
+        assert got[i] == list(offline(prompts[i], max_tokens=max_tokens[i], ignore_eos=True).token_ids), i
+    assert stats(base_url)["num_slots_used"] == 0
+
+
+def test_cancelled_stream_frees_its_slot(base_url, client):
+    start = wait_idle(base_url)
+    stream = client.completions.create(model=MODEL, prompt="go on", max_tokens=200, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    assert stats(base_url)["num_slots_used"] == start["num_slots_used"] + 1
+    stream.close()
+    end = wait_idle(base_url)
+    assert end["num_slots_used"] == start["num_slots_used"] == 0
+    assert end["num_generated_tokens"] - start["num_generated_tokens"] < 200
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (dict(prompt="hi", max_tokens=-1), 400, "max_tokens"),
+    (dict(prompt="hi", temperature=-0.5), 400, "temperature"),
+    (dict(prompt=[5] * (MAX_MODEL_LEN + 1)), 400, "prompt"),
+    (dict(prompt=[5] * (MAX_MODEL_LEN - 4), max_tokens=10), 400, "max_tokens"),
+    (dict(prompt=[100000]), 400, "prompt"),
+    (dict(prompt="hi", model="gpt-4"), 404, "model"),
+    (dict(prompt="hi", n=2), 400, "n"),
+])
+def test_bad_requests_get_openai_errors(client, body, status, param):
+    body = {"model": MODEL, **body}
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(**body)
+    assert e.value.status_code == status
+    assert e.value.body["param"] == param and e.value.body["message"]
+    if status == 400:
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(**body, stream=True)
+
+
+def test_malformed_json_and_chat_errors(base_url, client):
+    r = requests.post(f"{base_url}/v1/completions", data="{not json", timeout=10,
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = requests.post(f"{base_url}/v1/chat/completions", json={"model": MODEL, "messages": []}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert requests.get(f"{base_url}/health", timeout=10).status_code == 200  # the replica lives on
+
+
+def test_full_queue_gets_429_with_retry_after(base_url):
+    n = MAX_NUM_SEQS + MAX_QUEUED + 8
+    statuses: list[tuple[int, str | None]] = []
+    release = threading.Event()
+    body = {"model": MODEL, "prompt": "wait", "max_tokens": 200, "stream": True, "ignore_eos": True}
+
+    def one():
+        with requests.post(f"{base_url}/v1/completions", json=body, stream=True, timeout=(5, 60)) as r:
+            statuses.append((r.status_code, r.headers.get("Retry-After")))
+            if r.status_code == 200:
+                release.wait(60)  # hold the slot (or queue place) until the overflow has been seen
+            else:
+                assert r.json()["error"]["type"] == "RateLimitError"
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while sum(s == 429 for s, _ in statuses) < n - MAX_NUM_SEQS - MAX_QUEUED and time.monotonic() < deadline:
+        time.sleep(0.05)
+    release.set()
+    for t in threads:
+        t.join(60)
+    refused = [h for s, h in statuses if s == 429]
+    assert len(statuses) == n and {s for s, _ in statuses} <= {200, 429}
+    assert refused and all(h == "2" for h in refused)
+    assert wait_idle(base_url)["num_slots_used"] == 0
+    assert requests.get(f"{base_url}/health", timeout=10).status_code == 200
+
+
+def test_error_body_is_json(base_url):
+    r = requests.post(f"{base_url}/v1/completions", json={"model": MODEL, "prompt": "x", "top_p": 0},
+                      timeout=10)
+    assert r.status_code == 400 and json.loads(r.text)["error"]["param"] == "top_p"
+
+
+def test_rebalance_needs_the_cluster_executor(base_url):
+    r = requests.post(f"{base_url}/rebalance", timeout=10)
+    assert r.status_code == 400 and "cluster executor" in r.json()["error"]["message"]

@@ -1,0 +1,56 @@
+"""Incremental detokenization: the pieces add up to the full decode, half characters are held
+back, and stop strings end the text before them without ever leaking a piece of one."""
+
+import random
+
+import pytest
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from model.tiny import make_tiny_model
+
+    return Tokenizer(make_tiny_model(tmp_path_factory.mktemp("detok"), arch="qwen3_moe"))
+
+
+def stream(tokenizer, ids, stop=()):
+    d = IncrementalDetokenizer(tokenizer, tuple(stop))
+    pieces = []
+    for i, t in enumerate(ids):
+        stopped = d.add(t)
+        pieces.append(d.take(final=stopped or i == len(ids) - 1))
+        if stopped:
+            break
+    return pieces, d.stopped
+
+
+@pytest.mark.parametrize("text", ["The delta rule, step by step.", "héllo 🙂 wörld — ünïcode ✓",
+                                  "line one\nline two\n\n  indented"])
+def test_pieces_add_up_to_the_full_decode(tokenizer, text):
+    ids = tokenizer.encode(text)
+    pieces, _ = stream(tokenizer, ids)
+    assert "".join(pieces) == tokenizer.decode(ids)
+    assert not any("\ufffd" in p for p in pieces)  # no half characters handed out
+
+
+def test_random_tokens_add_up(tokenizer):
+    rng = random.Random(0)
+    for _ in range(20):
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(30)]
+        pieces, _ = stream(tokenizer, ids)
+        assert "".join(pieces) == tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("stop", ["rule", "e, s", "step.", "The", "nowhere"])
+def test_stop_strings(tokenizer, stop):
+    text = "The delta rule, step by step."
+    ids = tokenizer.encode(text)
+    pieces, stopped = stream(tokenizer, ids, [stop, "zzz"])
+    full = tokenizer.decode(ids)
+    assert "".join(pieces) == (full[:full.index(stop)] if stop in full else full)
+    assert stopped == (stop in full)
+    for i in range(1, len(pieces)):  # nothing of the stop string went out early
+        assert stop not in "".join(pieces[:i]) or stop not in full
