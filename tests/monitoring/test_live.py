@@ -2,7 +2,8 @@
 module): the ingress's /metrics and /expert_load, Ray's metrics export, a real Prometheus
 (Debian's) scraping both and answering PromQL with what the engine counted, every PromQL
 expression of the Grafana dashboard and the rules naming only series that exist, and /dashboard
-rendering its heatmap in headless Chromium (Debian's), saved as docs/dashboard.png when NEXTSERVE_UPDATE_SCREENSHOT=1."""
+rendering its heatmap in headless Chromium (Debian's), saved as docs/dashboard.png when
+NEXTSERVE_UPDATE_SCREENSHOT=1."""
 
 from __future__ import annotations
 
