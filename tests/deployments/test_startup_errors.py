@@ -1,0 +1,60 @@
+"""Config and checkpoint errors stop a replica at start-up with a message that names the file, the
+key and the value, not a traceback from deep in torch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from deployments.engine_factory import build_engine
+from engine.config import NextserveConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from model.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("startup"), arch="qwen3_next")
+
+
+def broken(tiny_dir, tmp_path, edit) -> str:
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, d)
+    edit(d)
+    return str(d)
+
+
+def set_config(**fields):
+    def edit(d):
+        c = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**c, **fields}))
+    return edit
+
+
+def corrupt_weights(d):
+    for f in d.glob("*.safetensors"):
+        f.write_bytes(b"not a safetensors file")
+
+
+def drop_weights(d):
+    for f in d.glob("*.safetensors"):
+        f.unlink()
+
+
+@pytest.mark.parametrize("edit,message", [
+    (None, "is not a directory"),
+    (lambda d: (d / "config.json").write_text("{oops"), "config.json: not valid JSON"),
+    (set_config(hidden_size=-3), "invalid hidden_size: -3"),
+    (set_config(vocab_size=0), "invalid vocab_size: 0"),
+    (set_config(architectures=["GPT2LMHeadModel"], model_type="gpt2"), "GPT2LMHeadModel"),
+    (drop_weights, "no *.safetensors files"),
+    (corrupt_weights, "not a readable safetensors file"),
+    (lambda d: (d / "tokenizer.json").unlink(), "has no tokenizer.json"),
+])
+def test_bad_checkpoint_is_clear_at_start(tiny_dir, tmp_path, edit, message):
+    model = str(tmp_path / "missing") if edit is None else broken(tiny_dir, tmp_path, edit)
+    with pytest.raises(ValueError) as e:
+        build_engine(NextserveConfig.from_args({"model": model, "executor": "local"}))
+    assert message in str(e.value)
