@@ -30,7 +30,7 @@ KILL_AFTER = 8  # tokens the first stream has seen when the actor is killed
 
 @pytest.fixture(scope="module")
 def executor(hf_next_dir):
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     ex = ClusterExecutor(hf_next_dir, dtype="float32", num_slots=4, max_model_len=64,
                          config=NextserveConfig.from_args({"cluster": {"step_timeout_s": 10}}))

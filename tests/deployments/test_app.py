@@ -6,7 +6,6 @@ answer is checked against the engine run offline, one request at a time."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,14 +17,13 @@ import requests
 import torch
 
 ray = pytest.importorskip("ray")
-from ray import serve  # noqa: E402
 
-from deployments.app import build_app  # noqa: E402
 from engine.executor import StepInput  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.local_executor import LocalExecutor  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from engine.tokenizer import Tokenizer  # noqa: E402
+from tests.serve_app import running_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny"
@@ -33,12 +31,6 @@ MAX_MODEL_LEN = 256
 MAX_NUM_SEQS = 8
 MAX_QUEUED = 24  # capacity 32: the concurrency test just fits, the queue test overflows it
 TIMEOUT = 60
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,21 +42,13 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_url(tiny_dir):
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = dict(model=str(tiny_dir), dtype="float32", executor="local",
-                    engine=dict(max_num_seqs=MAX_NUM_SEQS, max_model_len=MAX_MODEL_LEN,
-                                max_num_batched_tokens=256),
-                    serve=dict(served_model_name=MODEL, max_queued_requests=MAX_QUEUED, retry_after_s=2,
-                               torch_threads=1))
-        serve.run(build_app(args), name="nextserve", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    args = dict(model=str(tiny_dir), dtype="float32", executor="local",
+                engine=dict(max_num_seqs=MAX_NUM_SEQS, max_model_len=MAX_MODEL_LEN,
+                            max_num_batched_tokens=256),
+                serve=dict(served_model_name=MODEL, max_queued_requests=MAX_QUEUED, retry_after_s=2,
+                           torch_threads=1))
+    with running_app(args, num_cpus=2) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ Starts Ray: run inside a loopback-only network namespace,
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,10 +21,10 @@ import yaml
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from deployments.app import build_app  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.local_executor import LocalExecutor  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
+from tests.serve_app import running_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_TOKENS, NUM_REQUESTS, CONCURRENCY = 160, 40, 8
@@ -41,12 +40,6 @@ autoscaling_config:
   downscale_delay_s: 3
   look_back_period_s: 1
 """)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def running_replicas() -> int:
@@ -75,19 +68,11 @@ def base_url(tiny_dir):
     # Serve pushes autoscaling metrics every 10 s by default; a bounded test burst is shorter.
     os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.25"
     os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.25"
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = dict(model=str(tiny_dir), dtype="float32", executor="local",
-                    engine=dict(max_num_seqs=4, max_model_len=256, max_num_batched_tokens=256),
-                    serve=dict(served_model_name="tiny", max_queued_requests=32, torch_threads=1))
-        serve.run(build_app(args, deployment_options=DEPLOYMENT), name="nextserve", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    args = dict(model=str(tiny_dir), dtype="float32", executor="local",
+                engine=dict(max_num_seqs=4, max_model_len=256, max_num_batched_tokens=256),
+                serve=dict(served_model_name="tiny", max_queued_requests=32, torch_threads=1))
+    with running_app(args, num_cpus=4, deployment_options=DEPLOYMENT) as url:
+        yield url
 
 
 def prompt(i: int) -> list[int]:

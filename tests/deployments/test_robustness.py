@@ -19,10 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 ray = pytest.importorskip("ray")
-from ray import serve  # noqa: E402
 
-from deployments.app import build_app  # noqa: E402
-from tests.deployments.test_app import free_port  # noqa: E402
+from tests.serve_app import running_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny"
@@ -39,21 +37,13 @@ def base_url(tmp_path_factory):
     from model.tiny import make_tiny_model
 
     tiny_dir = make_tiny_model(tmp_path_factory.mktemp("robust"), arch="qwen3_next")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = dict(model=str(tiny_dir), dtype="float32", executor="local",
-                    engine=dict(max_num_seqs=MAX_NUM_SEQS, max_model_len=MAX_MODEL_LEN,
-                                max_num_batched_tokens=128),
-                    serve=dict(served_model_name=MODEL, max_queued_requests=MAX_QUEUED, retry_after_s=1,
-                               torch_threads=1))
-        serve.run(build_app(args), name="nextserve", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    args = dict(model=str(tiny_dir), dtype="float32", executor="local",
+                engine=dict(max_num_seqs=MAX_NUM_SEQS, max_model_len=MAX_MODEL_LEN,
+                            max_num_batched_tokens=128),
+                serve=dict(served_model_name=MODEL, max_queued_requests=MAX_QUEUED, retry_after_s=1,
+                           torch_threads=1))
+    with running_app(args, num_cpus=2) as url:
+        yield url
 
 
 def post(base_url: str, route: str, body: bytes | dict | list, **headers: str) -> requests.Response:

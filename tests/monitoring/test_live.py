@@ -41,7 +41,8 @@ def app(tmp_path_factory):
     model = make_tiny_model(tmp_path_factory.mktemp("mon-model"), arch="qwen3_next")
     metrics_port = tools.free_port()
     # Ray's agents report every second (default 10 s), so a test waits seconds, not minutes.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 1000},
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     try:
