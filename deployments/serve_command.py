@@ -13,9 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from engine.config import NextserveConfig, NextserveConfigError
+from engine.config import NextserveConfig, NextserveConfigError, read_serve_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "ray_config.yaml"
@@ -29,15 +27,9 @@ class ServeUsageError(Exception):
 def load_app_config(path: Path, model: str | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(application entry, its args with --model applied, the file's http_options)."""
     try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ServeUsageError(f"--config: cannot read {path} ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise ServeUsageError(f"--config: {path} is not valid YAML ({e})") from None
-    apps = raw.get("applications") if isinstance(raw, dict) else None
-    if not isinstance(apps, list) or not apps or not isinstance(apps[0], dict):
-        raise ServeUsageError(f"--config: {path}: applications: expected a list of Serve applications")
-    app = apps[0]
+        raw, app = read_serve_config(path)
+    except NextserveConfigError as e:
+        raise ServeUsageError(f"--config: {e}") from None
     args = dict(app.get("args") or {})
     if model is not None:
         args["model"] = model

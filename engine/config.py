@@ -137,16 +137,8 @@ class NextserveConfig(_Frozen):
     @classmethod
     def from_yaml(cls, path: str | Path) -> NextserveConfig:
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except OSError as e:
-            raise NextserveConfigError(f"{path}: cannot read ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise NextserveConfigError(f"{path}: not valid YAML ({e})") from None
-        apps = raw.get("applications") if isinstance(raw, dict) else None
-        if not isinstance(apps, list) or not apps or not isinstance(apps[0], dict):
-            raise NextserveConfigError(f"{path}: applications: expected a list of Serve applications")
-        return cls.from_args(apps[0].get("args") or {}, source=f"{path}: {ARGS_PATH}")
+        _, app = read_serve_config(path)
+        return cls.from_args(app.get("args") or {}, source=f"{path}: {ARGS_PATH}")
 
     @classmethod
     def from_args(cls, args: dict[str, Any], source: str = ARGS_PATH) -> NextserveConfig:
@@ -157,3 +149,18 @@ class NextserveConfig(_Frozen):
             key = ".".join(str(p) for p in first["loc"])
             value = first.get("input")
             raise NextserveConfigError(f"{source}.{key}: {first['msg']} (got {value!r})") from None
+
+
+def read_serve_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A Ray Serve config file (ray_config.yaml): the whole file and its first application entry."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise NextserveConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise NextserveConfigError(f"{path}: not valid YAML ({e})") from None
+    apps = raw.get("applications") if isinstance(raw, dict) else None
+    if not isinstance(apps, list) or not apps or not isinstance(apps[0], dict):
+        raise NextserveConfigError(f"{path}: applications: expected a list of Serve applications")
+    return raw, apps[0]
