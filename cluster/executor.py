@@ -2,13 +2,14 @@
 placed by the `pools` of ray_config.yaml, one engine step run as a compiled graph of their calls.
 Gives the logits of the `local` executor (tests/cluster).
 
-Tensors travel between actors through host memory (numpy, cluster/messages.py), GPU actors
-included: typed NCCL edges (`with_tensor_transport`) between GPU actors are not wired yet."""
+Tensors travel between actors as `cluster.tensor_transport` says (cluster/messages.py): host
+arrays by default, or torch tensors GPU to GPU by NCCL between GPU actors."""
 
 from __future__ import annotations
 
 import itertools
 import logging
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +18,17 @@ import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import Tensor
 
-from cluster.messages import StepMsg, from_wire
+from cluster.messages import StepMsg, StepResult, from_wire
 from cluster.micro_batch import join_logits, split_step
-from cluster.placement import ClusterPlacement, resolve_placement
+from cluster.placement import ClusterPlacement, check_transport, resolve_placement
 from cluster.rebalance import apply_expert_placement
 from cluster.recovery import ACTOR_FAILURES, restart
 from cluster.session import RaySession, connect, reserve
 from cluster.step_graph import CompiledStep, RemoteStep
 from cluster.workers import ExpertWorker, MixerWorker
+from engine.block_manager import blocks_for
 from engine.config import NextserveConfig, Pools
-from engine.executor import Executor, StepInput, register_executor
+from engine.executor import Executor, StepInput, StepTelemetry, register_executor
 from model.config import ModelConfig
 from router.placement import ExpertPlacement
 
@@ -43,17 +45,24 @@ def _device(pool: Any) -> str:
 class ClusterExecutor(Executor):
     def __init__(self, model_dir: str | Path, dtype: str | None = None, num_slots: int = 8,
                  max_model_len: int | None = None, config: NextserveConfig | None = None,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", block_size: int = 16, num_kv_blocks: int | None = None) -> None:
         """`device` is accepted for the executor interface's sake and unused: each actor computes on
-        its pool's GPU when `resources.num_gpus` > 0, else on CPU. Logits come back on CPU."""
+        its pool's GPU when `resources.num_gpus` > 0, else on CPU. Logits come back on CPU.
+        `num_kv_blocks` None: every slot can hold max_model_len tokens (never preempts)."""
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if num_kv_blocks is not None and num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
         self.settings = config or NextserveConfig()
         self.model_dir = str(Path(model_dir).resolve())  # workers may start in another directory
         self.dtype = dtype
         self.config = ModelConfig.from_dir(self.model_dir, dtype=dtype)
         self.num_slots = num_slots
         self.max_model_len = max_model_len or min(self.config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+        self.block_size = block_size
+        self.num_kv_blocks = num_kv_blocks or num_slots * blocks_for(self.max_model_len, block_size)
         cluster = self.settings.cluster
         self.num_lanes = 2 if cluster.micro_batch_tokens > 0 else 1
         self._seq = itertools.count()
@@ -62,9 +71,12 @@ class ClusterExecutor(Executor):
         self.step_runner: CompiledStep | RemoteStep | None = None
         self.lost = False  # an actor died and restarting failed: the next step tries again
         self._expert_counts: dict[int, Any] = {}  # layer -> [E] pairs since the last take
+        # Per step since the last take; bounded, so an engine without metrics hooks never grows it.
+        self._telemetry: deque[StepTelemetry] = deque(maxlen=1024)
         # Set by cluster/recovery.py: restarts so far, the last one's seconds and what it restarted.
         self.num_recoveries, self.last_recovery_s, self.last_recovery_detail = 0, 0.0, ""
         placement = resolve_placement(self.settings.pools, self.config)  # config errors before Ray starts
+        check_transport(self.settings, placement)
         self.session: RaySession = connect(cluster.ray_address, self.settings.pools)
         try:
             self._start(self.settings.pools, placement)
@@ -91,12 +103,14 @@ class ClusterExecutor(Executor):
         pool = getattr(self.pools, spec.pool)
         actor = ray.remote(MixerWorker).options(**self._actor_options(spec.pool, pool, spec.index))
         return actor.remote(self.model_dir, self.dtype, spec, self.num_slots, self.max_model_len,
-                            self.placement.experts, _device(pool))
+                            self.placement.experts, _device(pool), self.block_size, self.num_kv_blocks,
+                            self.settings.cluster.tensor_transport)
 
     def _new_shard(self, s: int) -> Any:
         pool = self.pools.experts
         actor = ray.remote(ExpertWorker).options(**self._actor_options("experts", pool, s))
-        return actor.remote(self.model_dir, self.dtype, s, self.placement.experts.shards[s], _device(pool))
+        return actor.remote(self.model_dir, self.dtype, s, self.placement.experts.shards[s], _device(pool),
+                            self.settings.cluster.tensor_transport)
 
     def _wait_ready(self, names: list[str], actors: list[Any]) -> None:
         timeout = self.settings.cluster.timeout_s
@@ -120,7 +134,7 @@ class ClusterExecutor(Executor):
         c = self.settings.cluster
         if c.compiled_graph:
             return CompiledStep(self.config, self.placement, self.mixers, self.shards, self.num_lanes,
-                                c.step_timeout_s, c.buffer_size_bytes)
+                                c.step_timeout_s, c.buffer_size_bytes, c.tensor_transport)
         return RemoteStep(self.config, self.placement, self.mixers, self.shards, c.step_timeout_s)
 
     def configure_step(self, compiled_graph: bool | None = None,
@@ -147,6 +161,11 @@ class ClusterExecutor(Executor):
     def take_expert_counts(self) -> dict[int, list[int]]:
         counts, self._expert_counts = self._expert_counts, {}
         return {layer: c.tolist() for layer, c in sorted(counts.items())}
+
+    def take_step_telemetry(self) -> list[StepTelemetry]:
+        out = list(self._telemetry)
+        self._telemetry.clear()
+        return out
 
     def set_expert_placement(self, experts: ExpertPlacement) -> float:
         """Move the routed experts to `experts` between steps, keeping every cache (expert
@@ -183,9 +202,11 @@ class ClusterExecutor(Executor):
         except ACTOR_FAILURES as e:  # the engine recomputes its sequences on the restarted actors
             raise restart(self, e) from None
         logits = [None if r is None else from_wire(r.logits, torch.float32) for r in results]
-        for r in results:
-            for layer, c in ({} if r is None else r.counts).items():
+        done = [r for r in results if r is not None]
+        for r in done:
+            for layer, c in r.counts.items():
                 self._expert_counts[layer] = self._expert_counts.get(layer, 0) + c
+        self._telemetry.append(_step_telemetry(done))
         return join_logits(split, logits)
 
     def release(self, slots: list[int]) -> None:
@@ -212,3 +233,15 @@ class ClusterExecutor(Executor):
             for pg in list(self.session.groups.values()):
                 ray.util.remove_placement_group(pg)
             self.session.groups.clear()
+
+
+def _step_telemetry(results: list[StepResult]) -> StepTelemetry:
+    """One step's telemetry from its lanes: an actor's seconds are those of its calls in both."""
+    seconds: dict[str, float] = {}
+    for r in results:
+        for actor, t in r.telemetry.seconds.items():
+            seconds[actor] = seconds.get(actor, 0.0) + t
+    # Actor names are "<pool>-<index>" (cluster/placement.py MixerSpec.name, "experts-<shard>").
+    return StepTelemetry(tuple((actor.rsplit("-", 1)[0], t) for actor, t in sorted(seconds.items())),
+                         sum(r.telemetry.dispatch_bytes for r in results),
+                         sum(r.telemetry.combine_bytes for r in results))

@@ -1,6 +1,12 @@
-"""Messages between the cluster's actors, and their tensors' wire form. Tensors travel as numpy
-arrays: Ray moves those out of band (zero-copy into shared memory) where torch tensors are pickled,
-measured 2-4× slower per hop. bfloat16, which numpy lacks, travels as its int16 bit pattern.
+"""Messages between the cluster's actors, and their tensors' wire form, chosen by
+`cluster.tensor_transport`:
+- host (the default): numpy arrays on the host. Ray moves those out of band (zero-copy into shared
+  memory) where torch tensors are pickled, measured 2-4× slower per hop on CPU. bfloat16, which
+  numpy lacks, travels as its int16 bit pattern.
+- accelerator, shm: the torch tensors themselves, left on the actor's device; the step graph marks
+  its edges with Ray's tensor transport (cluster/step_graph.py), which lifts them out of the
+  message and moves them GPU to GPU (NCCL) or through shared memory.
+The logits the last mixer returns to the driver are always host arrays.
 
 Legend: T tokens of a (micro-)batch, H hidden, k experts per token, n rows sent to one shard."""
 
@@ -14,15 +20,22 @@ from torch import Tensor
 
 from engine.executor import StepInput
 
+Wired = np.ndarray | Tensor
 
-def to_wire(t: Tensor) -> np.ndarray:
-    t = t.detach().cpu().contiguous()
+
+def to_wire(t: Tensor, host: bool = True) -> Wired:
+    t = t.detach().contiguous()
+    if not host:
+        return t
+    t = t.cpu()
     return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
-def from_wire(a: np.ndarray, dtype: torch.dtype) -> Tensor:
+def from_wire(a: Wired, dtype: torch.dtype) -> Tensor:
     """A tensor over `a`'s memory (a read-only view into a channel buffer under compiled graphs):
-    use it within the call, never keep it."""
+    use it within the call, never keep it. `dtype`: the model's, to tell bfloat16 bits from int16."""
+    if isinstance(a, Tensor):
+        return a
     t = torch.from_numpy(a)
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 and t.dtype == torch.int16 else t
 
@@ -37,25 +50,44 @@ class StepMsg:
 
 
 @dataclass(frozen=True)
+class Telemetry:
+    """What a (micro-)batch cost on its way through the graph, gathered as it goes (like the expert
+    counts, since actors under a compiled graph take no side calls): the seconds each actor spent
+    in its calls, by actor name, and the bytes the router moved (dispatch: rows, expert ids and
+    weights to the shards; combine: their partial sums back)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    dispatch_bytes: int = 0
+    combine_bytes: int = 0
+
+    def add(self, actor: str, seconds: float, dispatch_bytes: int = 0, combine_bytes: int = 0) -> Telemetry:
+        return Telemetry({**self.seconds, actor: self.seconds.get(actor, 0.0) + seconds},
+                         self.dispatch_bytes + dispatch_bytes, self.combine_bytes + combine_bytes)
+
+
+@dataclass(frozen=True)
 class Carry:
     """The residual stream after layer l's mixer, on its way to the mixer of layer l+1, which adds
     the shared expert (`shared`) and the routed experts' partial sums (rows[s]: rows of shard s)."""
 
-    h: np.ndarray  # [T, H]
-    shared: np.ndarray | None  # [T, H]; None: no shared expert, or h already holds the whole MLP
-    rows: tuple[np.ndarray, ...]  # [n_s] long per shard; () for a dense-MLP layer
+    h: Wired  # [T, H]
+    shared: Wired | None  # [T, H]; None: no shared expert, or h already holds the whole MLP
+    rows: tuple[Wired, ...]  # [n_s] long per shard; () for a dense-MLP layer
     # The gate's pairs per expert of each MoE layer so far ({layer: [E] int64}), carried to the
     # last mixer, which returns them with the logits: under a compiled graph an actor takes no
     # side calls, so the expert-load counts ride along with the step instead.
     counts: dict[int, np.ndarray] = field(default_factory=dict)
+    telemetry: Telemetry = field(default_factory=Telemetry)
 
 
 @dataclass(frozen=True)
 class StepResult:
-    """What the last mixer returns: logits [R, V] float32 and the step's pairs per expert."""
+    """What the last mixer returns: logits [R, V] float32, the step's pairs per expert and what the
+    step cost per actor."""
 
     logits: np.ndarray
     counts: dict[int, np.ndarray]
+    telemetry: Telemetry = field(default_factory=Telemetry)
 
 
 @dataclass(frozen=True)
@@ -64,7 +96,20 @@ class ShardWork:
     shard's pair) and weights [n, k]."""
 
     layer: int
-    x: np.ndarray
-    ids: np.ndarray
-    weights: np.ndarray
+    x: Wired
+    ids: Wired
+    weights: Wired
+
+    @property
+    def nbytes(self) -> int:
+        return self.x.nbytes + self.ids.nbytes + self.weights.nbytes
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """An expert shard's answer to a ShardWork: the weighted partial sums of its rows [n, H] and
+    the seconds the shard spent computing them."""
+
+    partial: Wired
+    seconds: float
 

@@ -31,8 +31,11 @@ def split_step(step: StepInput, min_tokens: int) -> Split:
     t0 = sum(step.lengths[:b])
     first = [i for i in step.logits_index if i < t0]
     second = [i - t0 for i in step.logits_index if i >= t0]
-    p0 = StepInput(step.token_ids[:t0], step.slots[:b], step.starts[:b], step.lengths[:b], tuple(first))
-    p1 = StepInput(step.token_ids[t0:], step.slots[b:], step.starts[b:], step.lengths[b:], tuple(second))
+    tables = step.block_tables
+    p0 = StepInput(step.token_ids[:t0], step.slots[:b], step.starts[:b], step.lengths[:b], tuple(first),
+                   None if tables is None else tables[:b])
+    p1 = StepInput(step.token_ids[t0:], step.slots[b:], step.starts[b:], step.lengths[b:], tuple(second),
+                   None if tables is None else tables[b:])
     n0 = iter(range(len(first)))
     n1 = iter(range(len(first), len(first) + len(second)))
     order = tuple(next(n0) if i < t0 else next(n1) for i in step.logits_index)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from engine.config import NextserveConfigError, Pools
+from engine.config import NextserveConfig, NextserveConfigError, Pools
 from model.config import ModelConfig
 from router.placement import ExpertPlacement, PlacementError
 
@@ -141,3 +141,18 @@ def check_resources(pools: Pools, placement: ClusterPlacement,
 
 def _fits(node: Mapping[str, float], bundle: Mapping[str, float]) -> bool:
     return all(node.get(k, 0) >= v for k, v in bundle.items())
+
+
+def check_transport(settings: NextserveConfig, placement: ClusterPlacement) -> None:
+    """NCCL moves tensors between GPUs of a compiled graph, one whole GPU per actor."""
+    c = settings.cluster
+    if c.tensor_transport != "accelerator":
+        return
+    if not c.compiled_graph:
+        raise NextserveConfigError("cluster.tensor_transport: accelerator needs cluster.compiled_graph: true")
+    used = {m.pool for m in placement.mixers} | ({"experts"} if placement.experts is not None else set())
+    for name in sorted(used):
+        gpus = getattr(settings.pools, name).resources.num_gpus
+        if gpus < 1:
+            raise NextserveConfigError(f"cluster.tensor_transport: accelerator needs a whole GPU per actor, "
+                                       f"but pools.{name}.resources.num_gpus is {gpus:g}")

@@ -3,11 +3,12 @@
     mixer(layer 0) ─► shards ─► mixer(layer 1) ─► shards ─► … ─► mixer(last layer).finish ─► logits
 
 The same wiring runs two ways. `CompiledStep` binds it once into a Ray Compiled Graph (shared-memory
-channels on one node, NCCL between GPUs; an actor calling itself uses an in-process channel), so a
-step costs one `execute`. `RemoteStep` submits it as plain actor calls per step, ObjectRefs passed
-from actor to actor (never through the driver): the fallback, kept for debugging and for Ray
-set-ups without compiled graphs. Measured (bench/cluster_step.py; tiny Qwen3-Next, 4 layers,
-1 attention + 1 DeltaNet actor, 2 expert shards; 2 shared CPU cores; median ms per step):
+channels on one node; with `cluster.tensor_transport: accelerator`, tensors go GPU to GPU by NCCL;
+an actor calling itself uses an in-process channel), so a step costs one `execute`. `RemoteStep`
+submits it as plain actor calls per step, ObjectRefs passed from actor to actor (never through the
+driver): the fallback, kept for debugging and for Ray set-ups without compiled graphs. Measured
+(bench/cluster_step.py; tiny Qwen3-Next, 4 layers, 1 attention + 1 DeltaNet actor, 2 expert shards;
+2 shared CPU cores; median ms per step):
 
     mode                decode B=1  decode B=8  prefill 4x16  prefill 4x128
     local (1 process)         6.2         7.7          12.8           29.3
@@ -59,8 +60,19 @@ def wire_lanes(call: Call, lanes: Sequence[Any], model: ModelConfig, placement: 
     return [call(last, "finish", 1, msg, carry[lane], *partials[lane]) for lane, msg in enumerate(lanes)]
 
 
-def _bind(actor: Any, method: str, num_returns: int, *args: Any) -> Any:
-    return getattr(actor, method).options(num_returns=num_returns).bind(*args)
+def _binder(tensor_transport: str) -> Call:
+    """Binds calls into the graph. With a tensor transport (cluster/messages.py) every edge
+    between actors, the outputs of `run`, carries its torch tensors by it; `finish` returns host
+    arrays to the driver."""
+
+    def bind(actor: Any, method: str, num_returns: int, *args: Any) -> Any:
+        node = getattr(actor, method).options(num_returns=num_returns).bind(*args)
+        if tensor_transport != "host" and method == "run":
+            for out in (node if num_returns > 1 else (node,)):
+                out.with_tensor_transport(transport=tensor_transport)
+        return node
+
+    return bind
 
 
 def _remote(actor: Any, method: str, num_returns: int, *args: Any) -> Any:
@@ -68,7 +80,8 @@ def _remote(actor: Any, method: str, num_returns: int, *args: Any) -> Any:
 
 
 def _copied(r: StepResult) -> StepResult:
-    return StepResult(np.array(r.logits, copy=True), {k: np.array(v, copy=True) for k, v in r.counts.items()})
+    return StepResult(np.array(r.logits, copy=True), {k: np.array(v, copy=True) for k, v in r.counts.items()},
+                      r.telemetry)
 
 
 class RemoteStep:
@@ -95,14 +108,16 @@ class CompiledStep:
     by the executor when the placement changes. An actor serves one compiled graph at a time."""
 
     def __init__(self, model: ModelConfig, placement: ClusterPlacement, mixers: Sequence[Any],
-                 shards: Sequence[Any], num_lanes: int, timeout_s: float, buffer_size_bytes: int) -> None:
+                 shards: Sequence[Any], num_lanes: int, timeout_s: float, buffer_size_bytes: int,
+                 tensor_transport: str = "host") -> None:
         self.timeout_s = timeout_s
         # Teardown can wait forever on a channel after large messages (seen with 4 MiB arrays):
         # bound it, and the executor kills the actors when it is done with them anyway.
         DAGContext.get_current().teardown_timeout = min(30, int(timeout_s))
         with InputNode() as inp:
             lanes = [inp[i] for i in range(num_lanes)]
-            dag = MultiOutputNode(wire_lanes(_bind, lanes, model, placement, mixers, shards))
+            bind = _binder(tensor_transport)
+            dag = MultiOutputNode(wire_lanes(bind, lanes, model, placement, mixers, shards))
         self.graph = dag.experimental_compile(_buffer_size_bytes=buffer_size_bytes,
                                               _submit_timeout=timeout_s)
         self.num_lanes = num_lanes

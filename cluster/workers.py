@@ -8,14 +8,24 @@ Legend: T tokens of a (micro-)batch, H hidden, S expert shards, R logits rows, V
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cluster.messages import Carry, ShardWork, StepMsg, StepResult, from_wire, to_wire
+from cluster.messages import (
+    Carry,
+    ShardResult,
+    ShardWork,
+    StepMsg,
+    StepResult,
+    Telemetry,
+    Wired,
+    from_wire,
+    to_wire,
+)
 from cluster.placement import MixerSpec
 from model.batch import BatchLayout
 from model.config import ModelConfig
@@ -44,8 +54,11 @@ def _built(module: nn.Module, reader: CheckpointReader, prefix: str, device: str
 
 class MixerWorker:
     def __init__(self, model_dir: str, dtype: str | None, spec: MixerSpec, num_slots: int,
-                 max_model_len: int, experts: ExpertPlacement | None, device: str = "cpu") -> None:
+                 max_model_len: int, experts: ExpertPlacement | None, device: str = "cpu",
+                 block_size: int = 16, num_kv_blocks: int | None = None,
+                 tensor_transport: str = "host") -> None:
         _init_process()
+        self.host_wire = tensor_transport == "host"  # cluster/messages.py: numpy, else torch tensors
         c = self.config = ModelConfig.from_dir(model_dir, dtype=dtype)
         self.spec, self.device, self.dtype = spec, torch.device(device), c.torch_dtype
         reader = CheckpointReader(model_dir)
@@ -68,8 +81,10 @@ class MixerWorker:
             self.lm_head = _built(lm_head, reader, head_prefix, device, self.dtype)
         else:
             self.lm_head = None
-        self.caches = {i: m.make_cache(num_slots, max_model_len, self.dtype, device)
-                       for i, m in self.layers.items()}
+        # Attention layers: the paged KV cache the engine's block tables index (num_kv_blocks None:
+        # every slot at max_model_len); DeltaNet layers: per-slot state.
+        self.caches = {i: m.make_cache(num_slots, max_model_len, self.dtype, device, block_size,
+                                       num_kv_blocks) for i, m in self.layers.items()}
         self.router = Router(experts) if experts is not None else None
         self.accessed = list(reader.accessed)
         reader.close()
@@ -86,20 +101,23 @@ class MixerWorker:
         self.router = Router(experts)
         return self.spec.name
 
-    def run(self, layer: int, msg: StepMsg, carry: Carry | None, *partials: np.ndarray | None):
+    def run(self, layer: int, msg: StepMsg, carry: Carry | None, *partials: ShardResult | None):
         """Finish layer-1's MLP (combine), then layer `layer`'s mixer; for a MoE layer also gate,
         shared expert and dispatch: returns (Carry, one ShardWork per shard), else a Carry."""
         moe = isinstance(self.layers[layer].mlp, SparseMoeBlock)
         if msg.step is None:  # an empty micro-batch lane: pass nothing along
             return (None,) * (1 + self.router.placement.num_shards) if moe else None
-        h = self._resume(msg, carry, partials)
+        start = time.perf_counter()
+        h, telemetry = self._resume(msg, carry, partials)
         counts = {} if carry is None else carry.counts
         m = self.layers[layer]
         with torch.inference_mode():
             layout, _ = self._batch(msg)
             h = m.mix(h, layout, self.caches[layer])  # [T, H]
             if not moe:
-                return Carry(to_wire(m.feed_forward(h)), None, (), counts)
+                out = self._wire(m.feed_forward(h))
+                telemetry = telemetry.add(self.spec.name, time.perf_counter() - start)
+                return Carry(out, None, (), counts, telemetry)
             y = m.post_attention_layernorm(h)
             ids, weights = m.mlp.gate(y)  # [T, k] each
             shared = m.mlp.shared(y)
@@ -107,55 +125,69 @@ class MixerWorker:
             flat = ids.flatten()
             counts = {**counts, layer: torch.bincount(flat[flat >= 0], minlength=self.config.num_experts)
                       .cpu().numpy()}  # [E]
-            carry_out = Carry(to_wire(h), None if shared is None else to_wire(shared),
-                              tuple(to_wire(r) for r in plan.rows), counts)
-            work = [ShardWork(layer, to_wire(y[r]), to_wire(i), to_wire(w))
+            work = [ShardWork(layer, self._wire(y[r]), self._wire(i), self._wire(w))
                     for r, i, w in zip(plan.rows, plan.ids, plan.weights, strict=True)]
+            telemetry = telemetry.add(self.spec.name, time.perf_counter() - start,
+                                      dispatch_bytes=sum(w.nbytes for w in work))
+            carry_out = Carry(self._wire(h), None if shared is None else self._wire(shared),
+                              tuple(self._wire(r) for r in plan.rows), counts, telemetry)
         return (carry_out, *work)
 
-    def finish(self, msg: StepMsg, carry: Carry | None, *partials: np.ndarray | None) -> StepResult | None:
+    def finish(self, msg: StepMsg, carry: Carry | None, *partials: ShardResult | None) -> StepResult | None:
         """Combine the last layer's MLP, final norm, LM head at the step's logits rows: [R, V]
-        float32, with the step's pairs per expert."""
+        float32, with the step's pairs per expert and what the step cost."""
         if msg.step is None:
             return None
-        h = self._resume(msg, carry, partials)
+        start = time.perf_counter()
+        h, telemetry = self._resume(msg, carry, partials)
         with torch.inference_mode():
             index = torch.tensor(msg.step.logits_index, dtype=torch.long, device=self.device)
             logits = to_wire(self.lm_head(self.norm(h)[index]).float())
-        return StepResult(logits, {} if carry is None else carry.counts)
+        return StepResult(logits, {} if carry is None else carry.counts,
+                          telemetry.add(self.spec.name, time.perf_counter() - start))
 
     def _batch(self, msg: StepMsg) -> tuple[BatchLayout, Tensor]:
         """Layout and token ids of a (micro-)batch, built on its first layer here; the two lanes'
         calls alternate, so the last two are kept."""
         if msg.seq not in self._batches:
             s = msg.step
-            layout = BatchLayout.build(list(s.slots), list(s.starts), list(s.lengths), self.device)
+            layout = BatchLayout.build(list(s.slots), list(s.starts), list(s.lengths), self.device,
+                                       s.block_tables)
             tokens = torch.tensor(s.token_ids, dtype=torch.long, device=self.device)
             self._batches = {k: v for k, v in self._batches.items() if k > msg.seq - 2}
             self._batches[msg.seq] = (layout, tokens)
         return self._batches[msg.seq]
 
-    def _resume(self, msg: StepMsg, carry: Carry | None, partials: Sequence[np.ndarray | None]) -> Tensor:
+    def _wire(self, t: Tensor) -> Wired:
+        return to_wire(t, self.host_wire)
+
+    def _resume(self, msg: StepMsg, carry: Carry | None, partials: Sequence[ShardResult],
+                ) -> tuple[Tensor, Telemetry]:
         """The residual stream entering the next layer: embeddings, or the previous layer's carry
-        plus its MLP output (shared expert + the shards' combined partial sums)."""
+        plus its MLP output (shared expert + the shards' combined partial sums); and the telemetry
+        so far, the shards' seconds and the bytes of their answers added."""
         with torch.inference_mode():
             if carry is None:
-                return self.embed(self._batch(msg)[1])
+                return self.embed(self._batch(msg)[1]), Telemetry()
             h = from_wire(carry.h, self.dtype).to(self.device)
             if not carry.rows:
-                return h
-            rows = [torch.from_numpy(r).to(self.device) for r in carry.rows]
-            parts = [from_wire(p, self.dtype).to(self.device) for p in partials]
+                return h, carry.telemetry
+            telemetry = carry.telemetry
+            for s, p in enumerate(partials):
+                telemetry = telemetry.add(f"experts-{s}", p.seconds, combine_bytes=p.partial.nbytes)
+            rows = [from_wire(r, torch.long).to(self.device) for r in carry.rows]
+            parts = [from_wire(p.partial, self.dtype).to(self.device) for p in partials]
             mlp = combine(parts, rows, h.shape[0])
             if carry.shared is not None:
                 mlp = mlp + from_wire(carry.shared, self.dtype).to(self.device)
-            return h + mlp  # the order of model.decoder: h + (routed + shared)
+            return h + mlp, telemetry  # the order of model.decoder: h + (routed + shared)
 
 
 class ExpertWorker:
     def __init__(self, model_dir: str, dtype: str | None, shard: int, expert_ids: Sequence[int],
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", tensor_transport: str = "host") -> None:
         _init_process()
+        self.host_wire = tensor_transport == "host"
         self.model_dir, self.config = model_dir, ModelConfig.from_dir(model_dir, dtype=dtype)
         self.shard, self.device, self.dtype = shard, torch.device(device), self.config.torch_dtype
         self.experts: dict[int, Experts] = {}
@@ -186,12 +218,14 @@ class ExpertWorker:
     def ready(self) -> str:
         return f"experts-{self.shard}"
 
-    def run(self, work: ShardWork | None) -> np.ndarray | None:
+    def run(self, work: ShardWork | None) -> ShardResult | None:
         """Σ_k weight_k · expert_k(x) over this shard's pairs of its rows: [n, H]."""
         if work is None:
             return None
+        start = time.perf_counter()
         with torch.inference_mode():
             x = from_wire(work.x, self.dtype).to(self.device)
-            ids = torch.from_numpy(work.ids).to(self.device)
+            ids = from_wire(work.ids, torch.long).to(self.device)
             weights = from_wire(work.weights, self.dtype).to(self.device)
-            return to_wire(self.experts[work.layer](x, ids, weights))
+            partial = to_wire(self.experts[work.layer](x, ids, weights), self.host_wire)
+        return ShardResult(partial, time.perf_counter() - start)

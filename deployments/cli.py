@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-model-len", type=int, default=None)
     gen.add_argument("--max-num-seqs", type=int, default=16)
     gen.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    gen.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    gen.add_argument("--num-kv-blocks", type=int, default=None,
+                     help="KV-cache blocks per attention layer (default: every sequence at --max-model-len; "
+                          "fewer: sequences are preempted and recomputed when they run out)")
     gen.set_defaults(func=_generate)
 
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API on Ray Serve")
@@ -114,7 +118,8 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         executor = create_executor(args.executor, model_dir=args.model, dtype=args.dtype, device=args.device,
                                    num_slots=min(len(prompts), args.max_num_seqs),
-                                   max_model_len=args.max_model_len, **extra)
+                                   max_model_len=args.max_model_len, block_size=args.block_size,
+                                   num_kv_blocks=args.num_kv_blocks, **extra)
     except (ValueError, OSError) as e:  # unknown executor, unreadable checkpoint
         raise UsageError(str(e)) from None
     for i, ids in enumerate(prompts):
@@ -168,7 +173,7 @@ def _rebalance(args: argparse.Namespace) -> int:
 def _sampling_params(args: argparse.Namespace):
     from engine.sampling import SamplingParams, SamplingParamsError
 
-    for flag in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+    for flag in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")

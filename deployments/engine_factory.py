@@ -27,7 +27,8 @@ def build_engine(config: NextserveConfig) -> tuple[AsyncLLMEngine, Tokenizer, in
         raise NextserveConfigError(f"model: {config.model} has no tokenizer.json, which serving needs")
     limits = config.engine
     kwargs = dict(model_dir=config.model, dtype=config.dtype, num_slots=limits.max_num_seqs,
-                  max_model_len=limits.max_model_len, device=config.device)
+                  max_model_len=limits.max_model_len, device=config.device, block_size=limits.block_size,
+                  num_kv_blocks=limits.num_kv_blocks)
     if config.executor == "cluster":
         import cluster.executor  # noqa: F401 - registers "cluster"; imports Ray, so only on demand
 
@@ -44,7 +45,7 @@ def build_engine(config: NextserveConfig) -> tuple[AsyncLLMEngine, Tokenizer, in
             engine.step_hooks.append(RebalancePolicy(executor, config.rebalance))
         return (AsyncLLMEngine(engine, config.serve.max_queued_requests, config.serve.retry_after_s,
                                config.serve.request_timeout_s),
-                tokenizer, engine.scheduler.config.max_model_len)
+                tokenizer, engine.scheduler.max_seq_len)
     except BaseException:
         executor.shutdown()
         raise

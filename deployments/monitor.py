@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from engine.config import NextserveConfig
 from engine.llm_engine import LLMEngine
+from model.decoder import CausalLM
 from monitoring.engine_metrics import EngineMetrics
 from monitoring.expert_load import ExpertLoad, active_params_ratio, even_shards
 from monitoring.requests import MeteredEngine
@@ -23,6 +26,9 @@ class ReplicaMonitor:
         if isinstance(llm, LLMEngine):
             self.engine_metrics = EngineMetrics(self.sink, _expert_load(llm, config), _active_params(llm))
             llm.step_hooks.append(self.engine_metrics.on_step)
+            metrics, executor = self.engine_metrics, llm.executor
+            # the cluster executor's per-actor step times and router bytes ([] from the local one)
+            llm.step_hooks.append(lambda *_: metrics.record_telemetry(executor.take_step_telemetry()))
         self.engine = MeteredEngine(engine, self.sink)
 
 
@@ -35,11 +41,13 @@ def _expert_load(llm: LLMEngine, config: NextserveConfig) -> ExpertLoad | None:
 
 
 def _active_params(llm: LLMEngine) -> float | None:
-    """From the parameters the executor holds in this process (the local executor's model)."""
-    model = getattr(llm.executor, "model", None)
+    """From the model's parameter shapes: the model built on the meta device (no memory, no
+    weights read), so it is the same for every executor, the cluster's included."""
     c = llm.config
-    if model is None or c.num_experts == 0:
+    if c.num_experts == 0:
         return None
+    with torch.device("meta"):
+        model = CausalLM(c)
     total = sum(p.numel() for p in model.parameters())
     routed = sum(p.numel() for name, p in model.named_parameters() if ".mlp.experts." in name)
     return active_params_ratio(total, routed, c.num_experts_per_tok, c.num_experts)

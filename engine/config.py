@@ -78,6 +78,13 @@ class EngineLimits(_Frozen):
     max_model_len: int | None = Field(None, ge=1,
                                       description="tokens per sequence (default: min(model's, 4096))")
     max_num_batched_tokens: int = Field(2048, ge=1, description="most tokens in one engine step")
+    block_size: int = Field(16, ge=1, description="tokens per KV-cache block (the unit the engine hands "
+                                                  "out to sequences)")
+    num_kv_blocks: int | None = Field(
+        None, ge=1, description="KV-cache blocks per attention layer (default: max_num_seqs × ceil("
+                                "max_model_len / block_size), so no sequence is ever preempted); fewer "
+                                "blocks hold less memory, and sequences are preempted and recomputed "
+                                "when they run out")
 
 
 class ClusterSettings(_Frozen):
@@ -89,6 +96,12 @@ class ClusterSettings(_Frozen):
     micro_batch_tokens: int = Field(
         0, ge=0, description="steps with at least this many tokens are split into two micro-batches so "
                                "that mixers and expert shards overlap (0: never split)")
+    tensor_transport: Literal["host", "accelerator", "shm"] = Field(
+        "host", description="how tensors cross the step graph's edges: host (numpy arrays through "
+                            "Ray's shared memory / object store; CPU actors, and the safe default), "
+                            "accelerator (torch tensors GPU to GPU by NCCL; every pool in use needs "
+                            "num_gpus >= 1 and compiled_graph), shm (torch tensors through shared "
+                            "memory: the accelerator code path on CPU, for testing)")
     buffer_size_bytes: int = Field(1 << 20, ge=1024, description="initial compiled-graph channel buffer; "
                                                                  "channels grow for larger messages")
     timeout_s: float = Field(120.0, gt=0, description="longest wait for actor start-up (loading weights)")

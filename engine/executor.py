@@ -28,13 +28,17 @@ class ExecutorStateLostError(RuntimeError):
 class StepInput:
     """One step. Sequence b owns `slots[b]`, already has `starts[b]` tokens cached and brings
     `lengths[b]` new tokens, packed in order in `token_ids`. `logits_index` lists the packed
-    positions whose next-token logits the caller wants (usually each sequence's last token)."""
+    positions whose next-token logits the caller wants (usually each sequence's last token).
+    `block_tables[b]`: the KV-cache blocks holding sequence b's tokens in order, at least
+    ceil((starts[b] + lengths[b]) / block_size) of them; None: each slot owns a fixed run of
+    blocks, which needs the executor's default num_kv_blocks."""
 
     token_ids: tuple[int, ...]
     slots: tuple[int, ...]
     starts: tuple[int, ...]
     lengths: tuple[int, ...]
     logits_index: tuple[int, ...]
+    block_tables: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         if not (len(self.slots) == len(self.starts) == len(self.lengths)):
@@ -43,14 +47,35 @@ class StepInput:
             raise ValueError(f"lengths sum to {sum(self.lengths)} but {len(self.token_ids)} tokens given")
         if any(not 0 <= i < len(self.token_ids) for i in self.logits_index):
             raise ValueError("logits_index points outside the step's tokens")
+        if self.block_tables is not None:
+            if len(self.block_tables) != len(self.slots):
+                raise ValueError(f"{len(self.block_tables)} block tables for {len(self.slots)} sequences")
+            if any(not t or min(t) < 0 for t in self.block_tables):
+                raise ValueError("every block table needs at least one block id, all >= 0")
+
+
+@dataclass(frozen=True)
+class StepTelemetry:
+    """One step of a distributed executor: per actor, its kind (attention, deltanet, experts) and
+    the seconds its calls took; and the bytes the token router moved to the expert shards
+    (dispatch) and back (combine)."""
+
+    actor_seconds: tuple[tuple[str, float], ...]
+    dispatch_bytes: int
+    combine_bytes: int
 
 
 class Executor(ABC):
-    """Runs steps over `num_slots` sequence slots of at most `max_model_len` tokens each."""
+    """Runs steps over `num_slots` sequence slots of at most `max_model_len` tokens each. Each
+    attention layer's KV cache has `num_kv_blocks` blocks of `block_size` tokens, which the
+    engine hands out to sequences (engine/block_manager.py); None: the executor keeps no paged
+    KV cache, and steps carry no block tables."""
 
     config: ModelConfig
     num_slots: int
     max_model_len: int
+    block_size: int = 16
+    num_kv_blocks: int | None = None
 
     @abstractmethod
     def execute(self, step: StepInput) -> Tensor:
@@ -66,6 +91,11 @@ class Executor(ABC):
         """(token, expert) pairs the gate of each MoE layer routed per expert since the last call
         ({layer: [num_experts]}); {} where the executor does not see the gate (a metrics input)."""
         return {}
+
+    def take_step_telemetry(self) -> list[StepTelemetry]:
+        """What each step since the last call cost inside the executor, oldest first: [] for an
+        executor of one process (a metrics input)."""
+        return []
 
 
 _REGISTRY: dict[str, Callable[..., Executor]] = {}

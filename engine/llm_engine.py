@@ -70,6 +70,9 @@ class EngineStats:
     num_finished: int
     last_step_num_tokens: int
     last_step_num_seqs: int
+    num_preemptions: int  # running sequences preempted for want of KV-cache blocks
+    num_kv_blocks_used: int
+    num_kv_blocks: int  # the KV cache's blocks; 0: unlimited (a model without attention layers)
 
 
 StepHook = Callable[[EngineStats, float, dict[int, list[int]]], None]
@@ -81,7 +84,9 @@ class LLMEngine:
                  max_model_len: int | None = None, eos_token_ids: Seq[int] | None = None,
                  max_state_recoveries: int = 3) -> None:
         """`max_num_seqs` defaults to the executor's slots and `max_model_len` to its slot length;
-        neither may exceed them. EOS ids default to the model config's plus the tokenizer's.
+        neither may exceed them. The KV-cache blocks are the executor's (`block_size`,
+        `num_kv_blocks`): fewer than every slot at max_model_len means sequences may be preempted
+        and recomputed. EOS ids default to the model config's plus the tokenizer's.
         `max_state_recoveries`: steps in a row that may lose the executor's state (an actor died)
         and be recomputed before the error reaches the caller."""
         self.executor = executor
@@ -94,9 +99,14 @@ class LLMEngine:
         if max_model_len > executor.max_model_len:
             raise ValueError(f"max_model_len={max_model_len} exceeds the executor's slot length "
                              f"{executor.max_model_len}")
+        # A model without attention layers caches nothing per token: no block is ever short.
+        has_kv = "full_attention" in self.config.layer_types
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs,
                                                    max_num_batched_tokens=max_num_batched_tokens,
-                                                   max_model_len=max_model_len), executor.num_slots)
+                                                   max_model_len=max_model_len,
+                                                   block_size=executor.block_size,
+                                                   num_kv_blocks=executor.num_kv_blocks if has_kv else None),
+                                   executor.num_slots)
         if eos_token_ids is None:
             eos_token_ids = [*self.config.eos_token_ids, *(tokenizer.eos_token_ids if tokenizer else ())]
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -150,7 +160,9 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         s = self.scheduler
         return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting),
-                           num_slots_used=s.slots.num_used, num_slots=s.slots.num_slots, **self._counters)
+                           num_slots_used=s.slots.num_used, num_slots=s.slots.num_slots,
+                           num_preemptions=s.num_preemptions, num_kv_blocks_used=s.blocks.num_used,
+                           num_kv_blocks=s.blocks.num_blocks or 0, **self._counters)
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -238,11 +250,14 @@ class LLMEngine:
             if c.samples:
                 sample_rows.append(len(logits_index))
                 logits_index.append(len(token_ids) - 1)
+        blocks = self.scheduler.blocks
+        tables = tuple(blocks.table(c.seq) for c in sched.chunks) if blocks.limited else None
         step = StepInput(token_ids=tuple(token_ids),
                          slots=tuple(c.seq.slot for c in sched.chunks),
                          starts=tuple(c.start for c in sched.chunks),
                          lengths=tuple(c.num_tokens for c in sched.chunks),
-                         logits_index=tuple(logits_index))
+                         logits_index=tuple(logits_index),
+                         block_tables=tables)
         return step, sample_rows, prompt_rows
 
     def _score_prompts(self, logits: torch.Tensor, prompt_rows: list[tuple[Sequence, int, int]]) -> None:
@@ -300,7 +315,7 @@ class LLMEngine:
         tok, p = seq.output_token_ids[-1], seq.params
         if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids):
             return "stop"
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.scheduler.config.max_model_len:
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.scheduler.max_seq_len:
             return "length"
         return None
 

@@ -3,18 +3,22 @@
 A plain state machine over two queues. Each step first gives every running sequence in decode
 one token, then continues running prefills, then admits waiting sequences (a free slot each),
 all within the step's token budget; a prompt that does not fit is split over several steps
-(chunked prefill) and shares them with decode."""
+(chunked prefill) and shares them with decode. Every chunk needs KV-cache blocks for its tokens
+(engine/block_manager.py); a running sequence that finds none free preempts the most recently
+admitted one, which gives back its slot and blocks and is recomputed later (vLLM's recompute
+policy: prompt + output prefilled again, the next token sampled from that)."""
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
 
+from engine.block_manager import BlockManager, blocks_for
 from engine.sequence import Sequence, SequenceStatus
 
 
 class PromptTooLongError(ValueError):
-    """A prompt that cannot fit in a sequence slot; refused at admission."""
+    """A prompt that cannot fit in a sequence slot or in the KV cache; refused when added."""
 
 
 @dataclass(frozen=True)
@@ -22,12 +26,17 @@ class SchedulerConfig:
     max_num_seqs: int = 8  # sequences running at once (each holds a cache slot)
     max_num_batched_tokens: int = 2048  # tokens of one step, prefill chunks and decode together
     max_model_len: int = 4096  # prompt + output tokens of one sequence
+    block_size: int = 16  # tokens per KV-cache block
+    num_kv_blocks: int | None = None  # the KV cache's blocks; None: unlimited (never preempts)
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        blocks = self.num_kv_blocks
+        if blocks is not None and (not isinstance(blocks, int) or blocks < 1):
+            raise ValueError(f"num_kv_blocks must be an integer >= 1 or None, got {blocks!r}")
         # Every running sequence must be able to decode in every step, or decodes would starve.
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
@@ -94,18 +103,54 @@ class SchedulerOutput:
         return not self.chunks
 
 
+class _StepPlan:
+    """The chunks of the step being scheduled and the token budget left."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.chunks: list[ScheduledChunk] = []
+
+    def add(self, seq: Sequence, num_tokens: int) -> None:
+        self.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
+        self.budget -= num_tokens
+
+    def drop(self, seq: Sequence) -> None:
+        for chunk in self.chunks:
+            if chunk.seq is seq:
+                self.chunks.remove(chunk)
+                self.budget += chunk.num_tokens
+                return
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, num_slots: int) -> None:
         self.config = config
         self.slots = SlotAllocator(num_slots)
+        self.blocks = BlockManager(config.num_kv_blocks, config.block_size)
         self.waiting: deque[Sequence] = deque()
-        self.running: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()  # in order of admission, the newest last
+        self.num_preemptions = 0
+
+    @property
+    def max_seq_len(self) -> int:
+        """Most tokens (prompt + output) a sequence may reach: max_model_len, or fewer where the
+        whole KV cache holds fewer."""
+        if self.config.num_kv_blocks is None:
+            return self.config.max_model_len
+        return min(self.config.max_model_len, self.config.num_kv_blocks * self.config.block_size)
 
     def add(self, seq: Sequence) -> None:
         limit = self.config.max_model_len
         if seq.num_prompt_tokens > limit:
             raise PromptTooLongError(f"prompt of request {seq.request_id!r} has {seq.num_prompt_tokens} "
                                      f"tokens, more than max_model_len={limit}")
+        if not self.blocks.fits(seq.num_prompt_tokens):
+            c = self.config
+            raise PromptTooLongError(
+                f"prompt of request {seq.request_id!r} has {seq.num_prompt_tokens} tokens, which need "
+                f"{blocks_for(seq.num_prompt_tokens, c.block_size)} KV-cache blocks of {c.block_size} "
+                f"tokens; the whole cache has {c.num_kv_blocks} blocks ({c.num_kv_blocks * c.block_size} "
+                f"tokens, num_kv_blocks)")
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
@@ -113,30 +158,58 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
-        chunks: list[ScheduledChunk] = []
-        # Decode first: one token each, and the config guarantees they all fit.
-        for seq in self.running:
-            if not seq.is_prefilling:
-                chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, 1))
-                budget -= 1
+        plan = _StepPlan(self.config.max_num_batched_tokens)
+        preempted_before = self.num_preemptions
+        # Decode first: one token each; the config guarantees the budget, blocks may preempt.
+        for seq in [s for s in self.running if not s.is_prefilling]:
+            if seq.status is SequenceStatus.RUNNING and self._reserve(seq, 1, plan):
+                plan.add(seq, 1)
         # Then prefills already under way, oldest first.
-        for seq in self.running:
-            if seq.is_prefilling and budget > 0:
-                n = min(seq.num_uncomputed_tokens, budget)
-                chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
-                budget -= n
-        # Then admit waiting sequences while there is budget, a slot and room in the batch.
-        while (self.waiting and budget > 0 and self.slots.num_free > 0
-               and len(self.running) < self.config.max_num_seqs):
-            seq = self.waiting.popleft()
+        for seq in [s for s in self.running if s.is_prefilling]:
+            if seq.status is SequenceStatus.RUNNING and plan.budget > 0:
+                n = min(seq.num_uncomputed_tokens, plan.budget)
+                if self._reserve(seq, n, plan):
+                    plan.add(seq, n)
+        # Then admit waiting sequences, oldest (and preempted) first, while there is budget, a
+        # slot, room in the batch and blocks for the chunk; not in a step that had to preempt.
+        while (self.waiting and plan.budget > 0 and self.slots.num_free > 0
+               and len(self.running) < self.config.max_num_seqs and self.num_preemptions == preempted_before):
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed_tokens, plan.budget)
+            if not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
             seq.slot = self.slots.allocate()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            n = min(seq.num_uncomputed_tokens, budget)
-            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
-            budget -= n
-        return SchedulerOutput(tuple(chunks))
+            self.blocks.allocate(seq, seq.num_computed_tokens + n)
+            plan.add(seq, n)
+        return SchedulerOutput(tuple(plan.chunks))
+
+    def _reserve(self, seq: Sequence, num_tokens: int, plan: _StepPlan) -> bool:
+        """Blocks for `seq` to compute `num_tokens` more tokens, preempting the newest running
+        sequences until they are free; False if `seq` itself had to be preempted."""
+        total = seq.num_computed_tokens + num_tokens
+        while not self.blocks.can_allocate(seq, total):
+            victim = self.running[-1]
+            self._preempt(victim, plan)
+            if victim is seq:
+                return False
+        self.blocks.allocate(seq, total)
+        return True
+
+    def _preempt(self, seq: Sequence, plan: _StepPlan) -> None:
+        """Give back `seq`'s slot and blocks and queue it first for recompute: its prompt and
+        output are prefilled again, and that prefill samples its next token."""
+        plan.drop(seq)
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        self.slots.free(seq.slot)
+        seq.slot = None
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
 
     def finish(self, seq: Sequence, reason: str) -> int | None:
         """End `seq` (it must be waiting or running); returns the slot it gave back, if any."""
@@ -146,6 +219,7 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        self.blocks.free(seq)
         slot, seq.slot = seq.slot, None
         if slot is not None:
             self.slots.free(slot)

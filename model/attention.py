@@ -32,9 +32,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.D, c.rms_norm_eps, zero_centered=c.zero_centered_norm)
         self.rotary = RotaryEmbedding(c.rope)
 
-    def make_cache(self, num_slots: int, max_len: int, dtype: torch.dtype,
-                   device: torch.device | str) -> KVCache:
-        return KVCache(num_slots, max_len, self.Nkv, self.D, dtype, device)
+    def make_cache(self, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str,
+                   block_size: int = 16, num_blocks: int | None = None) -> KVCache:
+        """`num_blocks` None: enough blocks for every slot at `max_len` tokens."""
+        return KVCache(num_slots, max_len, self.Nkv, self.D, dtype, device, block_size, num_blocks)
 
     def forward(self, x: Tensor, layout: BatchLayout, cache: KVCache) -> Tensor:
         """x [T, hidden] -> [T, hidden]; appends this step's keys/values to `cache`."""

@@ -1,11 +1,14 @@
 """BatchLayout: where each sequence's new tokens sit in a packed step, and how to pad them.
 
-Legend: T packed tokens of the step, B sequences, L = longest new-token run in the step.
-A step mixes prefill chunks and decode tokens; each sequence owns one cache slot."""
+Legend: T packed tokens of the step, B sequences, L = longest new-token run in the step,
+P = longest block table. A step mixes prefill chunks and decode tokens; each sequence owns one
+state slot and, where given, a table of the KV-cache blocks that hold its tokens."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,10 +22,17 @@ class BatchLayout:
     positions: Tensor  # [T] long: absolute position of each packed token
     pad_index: Tensor  # [B, L] long: packed index of (sequence, new-token i); 0 where invalid
     valid: Tensor      # [B, L] bool
+    # [B, P] long: KV-cache block ids of each sequence in token order, -1 past its own table;
+    # None: each slot owns a fixed run of blocks (model/cache.py).
+    block_tables: Tensor | None = None
+    # Index tensors derived from the fields above, made once per layout by their user and shared
+    # by every layer of the step (model/cache.py: the checked block tables); a cache, not state.
+    derived: dict[Hashable, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, slots: list[int], starts: list[int], lengths: list[int],
-              device: torch.device | str = "cpu") -> BatchLayout:
+              device: torch.device | str = "cpu",
+              block_tables: Sequence[Sequence[int]] | None = None) -> BatchLayout:
         if not (len(slots) == len(starts) == len(lengths)) or not slots:
             raise ValueError("BatchLayout needs one (slot, start, length) per sequence, at least one")
         if min(lengths) < 1:
@@ -37,6 +47,7 @@ class BatchLayout:
         valid = i[None, :] < lengths_t[:, None]  # [B, L]
         pad_index = torch.where(valid, offsets[:, None] + i[None, :], 0)
         positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
+        tables = None if block_tables is None else _padded_tables(block_tables, len(slots)).to(device)
         return cls(
             slots=torch.tensor(slots, dtype=torch.long, device=device),
             starts=starts_t.to(device),
@@ -44,6 +55,7 @@ class BatchLayout:
             positions=positions.to(device),
             pad_index=pad_index.to(device),
             valid=valid.to(device),
+            block_tables=tables,
         )
 
     @property
@@ -75,4 +87,17 @@ class BatchLayout:
 
     def to(self, device: torch.device | str) -> BatchLayout:
         return BatchLayout(*(t.to(device) for t in (self.slots, self.starts, self.lengths,
-                                                   self.positions, self.pad_index, self.valid)))
+                                                   self.positions, self.pad_index, self.valid)),
+                           block_tables=None if self.block_tables is None else self.block_tables.to(device))
+
+
+def _padded_tables(tables: Sequence[Sequence[int]], num_seqs: int) -> Tensor:
+    """[B, P] long, each table padded with -1 (which no real block id is)."""
+    if len(tables) != num_seqs:
+        raise ValueError(f"{len(tables)} block tables for {num_seqs} sequences")
+    if any(not t for t in tables):
+        raise ValueError("every sequence's block table needs at least one block")
+    if any(b < 0 for t in tables for b in t):
+        raise ValueError(f"block ids must be >= 0, got {[list(t) for t in tables]}")
+    width = max(len(t) for t in tables)
+    return torch.tensor([[*t, *([-1] * (width - len(t)))] for t in tables], dtype=torch.long)

@@ -1,8 +1,10 @@
-"""Per-slot caches: the KV cache of a full-attention layer and the conv/recurrent state of a
-Gated DeltaNet layer. A slot belongs to one sequence at a time; a sequence whose start is 0
-ignores whatever an earlier owner left in its slot, so freeing a slot needs no clearing.
+"""The caches of the token mixers: the paged KV cache of a full-attention layer and the per-slot
+conv/recurrent state of a Gated DeltaNet layer. A sequence whose start is 0 ignores whatever an
+earlier owner left in its blocks or slot, so freeing them needs no clearing.
 
-Legend: S slots, M max tokens per slot, N heads, D head dim, C conv channels, K conv kernel."""
+Legend: S slots, M max tokens per slot, NB blocks, BS tokens per block, P blocks in a table,
+B sequences, T packed tokens, Lk longest cached+new run, N heads, D head dim, C conv channels,
+K conv kernel."""
 
 from __future__ import annotations
 
@@ -13,32 +15,91 @@ from model.batch import BatchLayout
 
 
 class KVCache:
-    """Keys (after k_norm and RoPE) and values of one attention layer, [S, M, Nkv, D] each."""
+    """Keys (after k_norm and RoPE) and values of one attention layer, [NB, BS, Nkv, D] each.
+    Token p of a sequence lives in row p % BS of block table[p // BS], its table given by the
+    layout (the engine's block manager). A layout without tables uses the default ones, slot s
+    owning the ceil(M / BS) blocks from s · ceil(M / BS) on: the contiguous cache of S × M tokens
+    that `num_blocks` None allocates."""
 
     def __init__(self, num_slots: int, max_len: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
-        shape = (num_slots, max_len, num_kv_heads, head_dim)
+                 dtype: torch.dtype, device: torch.device | str = "cpu", block_size: int = 16,
+                 num_blocks: int | None = None) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.num_slots, self.max_len, self.block_size = num_slots, max_len, block_size
+        self.blocks_per_slot = -(-max_len // block_size)
+        if num_blocks is None:
+            num_blocks = num_slots * self.blocks_per_slot
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     @property
-    def max_len(self) -> int:
-        return self.k.shape[1]
+    def num_blocks(self) -> int:
+        return self.k.shape[0]
 
     def write(self, layout: BatchLayout, k: Tensor, v: Tensor) -> None:
         """Store the step's new keys/values, k and v [T, Nkv, D], at their positions."""
-        end = int((layout.starts + layout.lengths).max())
-        if end > self.max_len:
-            raise ValueError(f"sequence of {end} tokens exceeds the cache length {self.max_len}")
-        slot_of_token = layout.slots.repeat_interleave(layout.lengths)  # [T]
-        self.k[slot_of_token, layout.positions] = k.to(self.k.dtype)
-        self.v[slot_of_token, layout.positions] = v.to(self.v.dtype)
+        write_at, _ = self._index(layout)  # [T]
+        self.k.view(-1, *self.k.shape[2:])[write_at] = k.to(self.k.dtype)
+        self.v.view(-1, *self.v.shape[2:])[write_at] = v.to(self.v.dtype)
 
     def read(self, layout: BatchLayout) -> tuple[Tensor, Tensor]:
         """Keys and values of every sequence up to its last new token: [B, Lk, Nkv, D] each,
         Lk = the longest sequence; positions past a sequence's end are stale and must be masked."""
-        end = int((layout.starts + layout.lengths).max())
-        return self.k[layout.slots, :end], self.v[layout.slots, :end]
+        _, read_at = self._index(layout)  # [B, Lk]
+        return self.k.view(-1, *self.k.shape[2:])[read_at], self.v.view(-1, *self.v.shape[2:])[read_at]
+
+    def _index(self, layout: BatchLayout) -> tuple[Tensor, Tensor]:
+        """Rows of the flattened [NB·BS, Nkv, D] cache: where each new token goes ([T]) and where
+        each sequence's tokens up to the step's longest end Lk are ([B, Lk]). Checked, for a bad
+        table would write into another sequence's blocks; made once per step, not per layer: every
+        cache of the same shape finds them with the layout."""
+        key = ("kv_index", self.num_slots, self.max_len, self.block_size, self.num_blocks)
+        if key not in layout.derived:
+            table, end = self._checked_table(layout)  # [B, P]
+            bs = self.block_size
+            seq_of_token = torch.arange(layout.num_seqs, device=table.device).repeat_interleave(
+                layout.lengths)  # [T]
+            pos = layout.positions
+            write_at = table[seq_of_token, pos // bs] * bs + pos % bs  # [T]
+            p = torch.arange(end, device=table.device)  # [Lk]
+            read_at = table[:, p // bs] * bs + p % bs  # [B, Lk]
+            layout.derived[key] = (write_at, read_at)
+        return layout.derived[key]
+
+    def _checked_table(self, layout: BatchLayout) -> tuple[Tensor, int]:
+        """Entries past a sequence's own end point at block 0; attention masks what they read."""
+        ends = layout.starts + layout.lengths  # [B]
+        end = int(ends.max())
+        width = -(-end // self.block_size)  # P
+        if layout.block_tables is None:
+            if self.num_blocks < self.num_slots * self.blocks_per_slot:
+                raise ValueError(f"a layout without block tables needs the default per-slot tables "
+                                 f"({self.num_slots} slots × {self.blocks_per_slot} blocks), but this "
+                                 f"cache has only {self.num_blocks} blocks")
+            if end > self.max_len:
+                raise ValueError(f"sequence of {end} tokens exceeds the cache length {self.max_len}")
+            if bool(((layout.slots < 0) | (layout.slots >= self.num_slots)).any()):
+                raise ValueError(f"slots {layout.slots.tolist()} outside 0..{self.num_slots - 1}")
+            return layout.slots[:, None] * self.blocks_per_slot + torch.arange(width, device=ends.device), end
+        tables = layout.block_tables
+        if tables.shape[1] < width:
+            raise ValueError(f"a sequence of {end} tokens runs past its block table of {tables.shape[1]} "
+                             f"blocks of {self.block_size} tokens")
+        table = tables[:, :width]
+        needed = torch.arange(width, device=ends.device)[None, :] < (-(-ends // self.block_size))[:, None]
+        if bool((needed & ((table < 0) | (table >= self.num_blocks))).any()):  # one sync when all is well
+            missing = needed & (table < 0)
+            if bool(missing.any()):
+                b = int(missing.any(1).nonzero()[0])
+                raise ValueError(f"sequence {b} of the step has {int(ends[b])} tokens, more than its block "
+                                 f"table of {int((tables[b] >= 0).sum())} blocks of {self.block_size} holds")
+            bad = table[needed & (table >= self.num_blocks)].tolist()
+            raise ValueError(f"block ids {bad} outside the cache's 0..{self.num_blocks - 1}")
+        return table.clamp(min=0), end
 
 
 class DeltaNetState:

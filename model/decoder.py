@@ -46,10 +46,12 @@ class DecoderLayer(nn.Module):
     def mixer(self) -> Attention | GatedDeltaNet:
         return self.self_attn if self.kind == "full_attention" else self.linear_attn
 
-    def make_cache(self, num_slots: int, max_len: int, dtype: torch.dtype,
-                   device: torch.device | str) -> Cache:
+    def make_cache(self, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str,
+                   block_size: int = 16, num_blocks: int | None = None) -> Cache:
+        """A paged KV cache (`num_blocks` None: room for every slot at `max_len`) for attention,
+        a per-slot state for DeltaNet."""
         if isinstance(self.mixer, Attention):
-            return self.mixer.make_cache(num_slots, max_len, dtype, device)
+            return self.mixer.make_cache(num_slots, max_len, dtype, device, block_size, num_blocks)
         return self.mixer.make_state(num_slots, dtype, device)
 
     def mix(self, h: Tensor, layout: BatchLayout, cache: Cache) -> Tensor:
@@ -91,9 +93,11 @@ class CausalLM(nn.Module):
             lm.lm_head.weight = lm.model.embed_tokens.weight
         return lm.eval()
 
-    def make_caches(self, num_slots: int, max_len: int) -> list[Cache]:
+    def make_caches(self, num_slots: int, max_len: int, block_size: int = 16,
+                    num_blocks: int | None = None) -> list[Cache]:
         p = self.lm_head.weight
-        return [layer.make_cache(num_slots, max_len, p.dtype, p.device) for layer in self.model.layers]
+        return [layer.make_cache(num_slots, max_len, p.dtype, p.device, block_size, num_blocks)
+                for layer in self.model.layers]
 
     @torch.inference_mode()
     def forward(self, token_ids: Tensor, layout: BatchLayout, caches: Sequence[Cache]) -> Tensor:

@@ -62,8 +62,11 @@ METRICS: tuple[MetricDef, ...] = (
     _m("requests_waiting", "gauge", "Requests queued for a slot."),
     _m("slots_used", "gauge", "Sequence slots (KV cache / DeltaNet state) in use."),
     _m("slots_total", "gauge", "Sequence slots the executor has."),
-    _m("preemptions", "counter", "Running requests preempted to free a slot (the scheduler never "
-                                 "preempts today: slots are reserved at admission)."),
+    _m("preemptions", "counter", "Running requests preempted for want of KV-cache blocks: they give "
+                                 "back their slot and blocks and are recomputed (prefilled again) later."),
+    _m("kv_blocks_used", "gauge", "KV-cache blocks held by running requests (per attention layer)."),
+    _m("kv_blocks_total", "gauge", "KV-cache blocks the executor has per attention layer (0: the model "
+                                   "has no attention layers, so blocks are not counted)."),
     _m("step_tokens", "gauge", "Tokens in the last engine step (prefill chunks + decodes)."),
     _m("time_to_first_token_seconds", "histogram", "From a request's arrival to its first output token.",
        buckets=LATENCY_BUCKETS),

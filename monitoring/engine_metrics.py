@@ -5,7 +5,7 @@ turns them into metrics. Structural types only: monitoring imports nothing of en
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 from monitoring.expert_load import ExpertLoad
@@ -23,11 +23,23 @@ class StatsLike(Protocol):
     num_prompt_tokens: int
     num_generated_tokens: int
     last_step_num_tokens: int
+    num_preemptions: int
+    num_kv_blocks_used: int
+    num_kv_blocks: int
+
+
+class TelemetryLike(Protocol):
+    """What record_telemetry reads of engine.executor.StepTelemetry."""
+
+    actor_seconds: tuple[tuple[str, float], ...]
+    dispatch_bytes: int
+    combine_bytes: int
 
 
 _COUNTERS = (("num_prompt_tokens", "nextserve_prompt_tokens"),
              ("num_generated_tokens", "nextserve_generation_tokens"),
-             ("num_steps", "nextserve_engine_steps"))
+             ("num_steps", "nextserve_engine_steps"),
+             ("num_preemptions", "nextserve_preemptions"))
 
 
 class EngineMetrics:
@@ -51,6 +63,8 @@ class EngineMetrics:
         s.set("nextserve_requests_waiting", stats.num_waiting)
         s.set("nextserve_slots_used", stats.num_slots_used)
         s.set("nextserve_slots_total", stats.num_slots)
+        s.set("nextserve_kv_blocks_used", stats.num_kv_blocks_used)
+        s.set("nextserve_kv_blocks_total", stats.num_kv_blocks)
         s.set("nextserve_step_tokens", stats.last_step_num_tokens)
         s.observe("nextserve_actor_step_seconds", step_seconds, kind="engine")
         if expert_counts and self.expert_load is not None:
@@ -67,6 +81,15 @@ class EngineMetrics:
             self.sink.set("nextserve_moe_load_imbalance", st.imbalance, layer=layer)
             for shard, n in enumerate(st.per_shard):
                 self.sink.inc("nextserve_moe_routed_tokens", n, layer=layer, shard=str(shard))
+
+    def record_telemetry(self, steps: Iterable[TelemetryLike]) -> None:
+        """A distributed executor's steps (engine.executor.StepTelemetry): one observation per actor
+        per step under its kind, and the router's bytes."""
+        for t in steps:
+            for kind, seconds in t.actor_seconds:
+                self.sink.observe("nextserve_actor_step_seconds", seconds, kind=kind)
+            self.sink.inc("nextserve_router_bytes", t.dispatch_bytes, direction="dispatch")
+            self.sink.inc("nextserve_router_bytes", t.combine_bytes, direction="combine")
 
     def expert_load_json(self) -> dict:
         if self.expert_load is None:

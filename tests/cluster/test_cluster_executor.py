@@ -97,6 +97,44 @@ def test_qwen3_moe_compiled_one_lane(moe_cluster, hf_moe_dir):
     assert_same_logits(moe_cluster, local(hf_moe_dir), seed=1)
 
 
+def test_step_telemetry_per_actor_and_router_bytes(next_cluster):
+    """Every actor reports the time of its calls for the step; the router's bytes are exactly the
+    rows it sent (hidden state, k expert ids and weights each) and the partial sums it got back."""
+    c = next_cluster.config
+    next_cluster.take_step_telemetry()
+    prefill = steps()[0]  # 17 tokens: two micro-batch lanes
+    next_cluster.execute(prefill)
+    (t,) = next_cluster.take_step_telemetry()
+    names = next_cluster.actor_names()
+    assert len(t.actor_seconds) == len(names)  # one entry per actor, both lanes added up
+    assert sorted(kind for kind, _ in t.actor_seconds) == sorted(n.rsplit("-", 1)[0] for n in names)
+    assert all(0 < s < 60 for _, s in t.actor_seconds)
+    # combine: rows × H float32; dispatch: the same rows × (H float32 + k int64 ids + k float32 weights)
+    rows, rem = divmod(t.combine_bytes, c.hidden_size * 4)
+    assert rem == 0 and t.dispatch_bytes == rows * (c.hidden_size * 4 + c.num_experts_per_tok * 12)
+    T, moe_layers = len(prefill.token_ids), len(c.moe_layers)
+    # each token goes to at least one and at most min(k, shards) shards per MoE layer
+    assert T * moe_layers <= rows <= T * moe_layers * min(c.num_experts_per_tok, 3)
+    next_cluster.execute(steps()[1])
+    next_cluster.execute(steps()[2])
+    assert len(next_cluster.take_step_telemetry()) == 2 and next_cluster.take_step_telemetry() == []
+
+
+def test_torch_tensor_transport(hf_next_dir):
+    """`tensor_transport: shm`: torch tensors in the messages, every actor-to-actor edge typed with
+    Ray's tensor transport; the code path of NCCL between GPUs, with shared memory for NCCL."""
+    ex = make(hf_next_dir, cluster={"tensor_transport": "shm", "micro_batch_tokens": 8},
+              pools={"experts": {"actors": 2}})
+    try:
+        assert_same_logits(ex, local(hf_next_dir), seed=3)
+        (t,) = ex.take_step_telemetry()[-1:]
+        assert t.combine_bytes > 0 and t.dispatch_bytes > t.combine_bytes
+        ex.configure_step(compiled_graph=False)  # plain calls pass the tensors by the object store
+        assert_same_logits(ex, local(hf_next_dir), seed=4)
+    finally:
+        ex.shutdown()
+
+
 def test_plain_remote_calls_fallback(moe_cluster, hf_moe_dir):
     moe_cluster.configure_step(compiled_graph=False, micro_batch_tokens=8)
     try:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cluster.micro_batch import join_logits, split_step
-from cluster.placement import check_resources, resolve_placement
+from cluster.placement import check_resources, check_transport, resolve_placement
 from engine.config import NextserveConfig, NextserveConfigError
 from engine.executor import StepInput
 from model.config import ModelConfig
@@ -95,6 +95,41 @@ def test_config_errors_name_the_key_and_value(tmp_path, args, message):
     path.write_text(yaml.safe_dump({"applications": [{"name": "x", "import_path": "a:b", "args": args}]}))
     with pytest.raises(NextserveConfigError, match=message):
         NextserveConfig.from_yaml(path)
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"cluster": {"tensor_transport": "nccl"}}, "cluster.tensor_transport: Input should be 'host', "),
+    ({"cluster": {"tensor_transport": "accelerator"}}, "pools.attention.resources.num_gpus is 0"),
+    ({"cluster": {"tensor_transport": "accelerator", "compiled_graph": False}},
+     "needs cluster.compiled_graph"),
+    ({"cluster": {"tensor_transport": "accelerator"}, "pools": {
+        "attention": {"resources": {"num_gpus": 1}}, "deltanet": {"resources": {"num_gpus": 1}},
+        "experts": {"resources": {"num_gpus": 0.5}}}}, "pools.experts.resources.num_gpus is 0.5"),
+])
+def test_tensor_transport_errors_name_the_key(args, message):
+    with pytest.raises(NextserveConfigError, match=message.replace(".", r"\.")):
+        config = NextserveConfig.from_args(args)
+        check_transport(config, resolve_placement(config.pools, NEXT))
+
+
+def test_accelerator_transport_with_a_gpu_per_actor_is_accepted():
+    gpu = {"resources": {"num_gpus": 1}}
+    config = NextserveConfig.from_args({"cluster": {"tensor_transport": "accelerator"},
+                                        "pools": {"attention": gpu, "experts": gpu}})
+    check_transport(config, resolve_placement(config.pools, MOE))  # the deltanet pool is unused here
+
+
+def test_the_80b_example_config_places_qwen3_next_80b_on_gpus():
+    config = NextserveConfig.from_yaml(ROOT / "examples" / "ray_config.qwen3-next-80b.yaml")
+    shape = {**TINY_NEXT, "num_hidden_layers": 48, "num_experts": 512, "num_experts_per_tok": 10,
+             "mlp_only_layers": [], "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 12}
+    model = ModelConfig.from_hf({**shape, "architectures": ["Qwen3NextForCausalLM"]})
+    p = resolve_placement(config.pools, model)
+    assert [m.name for m in p.mixers] == ["attention-0", "deltanet-0"] and p.num_shards == 6
+    assert p.mixers[0].layers == tuple(range(3, 48, 4))
+    check_transport(config, p)  # accelerator: a whole GPU per actor
+    gpu_node = {"CPU": 64.0, "GPU": 8.0, "memory": 1e12}
+    check_resources(config.pools, p, [gpu_node, gpu_node])
 
 
 def test_config_is_frozen():

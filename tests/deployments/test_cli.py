@@ -35,6 +35,8 @@ def run_cli(argv, capsys) -> tuple[int, str]:
     (["--prompt-token-ids", "1", "--top-p", "2"], ["--top-p", "2"]),
     (["--prompt-token-ids", "1", "--max-tokens", "many"], ["--max-tokens", "'many'"]),
     (["--prompt-token-ids", "1", "--max-model-len", "0"], ["--max-model-len", "0"]),
+    (["--prompt-token-ids", "1", "--num-kv-blocks", "0"], ["--num-kv-blocks", "0"]),
+    (["--prompt-token-ids", "1", "--block-size", "0"], ["--block-size", "0"]),
     (["--prompt-token-ids", "1", "--prompt", "hi"], ["--prompt", "--prompt-token-ids", "not allowed"]),
     ([], ["--prompt", "--prompt-token-ids", "required"]),
     (["--prompt", "hi"], ["--prompt", "tokenizer.json"]),
@@ -87,6 +89,22 @@ def test_generate_json_end_to_end(tiny_dir, capsys):
         assert set(g) == {"token_ids", "logprobs"}
         assert g["token_ids"] == list(want.token_ids)
         assert g["logprobs"] == pytest.approx(list(want.logprobs), abs=5e-4)  # see test_local_executor
+
+
+def test_generate_with_a_small_kv_cache(tiny_dir, capsys):
+    """--num-kv-blocks smaller than the prompts need together: the same tokens (sequences are
+    preempted and recomputed); a prompt larger than the whole cache is a usage error."""
+    argv = ["generate", "--model", str(tiny_dir), "--max-tokens", "6", "--temperature", "0", "--json",
+            "--prompt-token-ids", "5,9,13,2,77,31,8", "--prompt-token-ids", "3,3,3,250,17"]
+    assert main(argv) == 0
+    want = [json.loads(line) for line in capsys.readouterr().out.strip().split("\n")]
+    assert main([*argv, "--block-size", "4", "--num-kv-blocks", "4"]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.strip().split("\n")]
+    assert [g["token_ids"] for g in got] == [w["token_ids"] for w in want]
+    for g, w in zip(got, want, strict=True):  # recomputed in other batches: float32 noise only
+        assert g["logprobs"] == pytest.approx(w["logprobs"], abs=5e-4)
+    code, err = run_cli([*argv, "--block-size", "2", "--num-kv-blocks", "3"], capsys)
+    assert code == 2 and "--prompt-token-ids" in err and "KV-cache blocks" in err and err.count("\n") == 1
 
 
 def test_generate_text_prompts(tiny_dir, capsys):

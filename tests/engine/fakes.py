@@ -1,5 +1,5 @@
-"""A fake executor for engine tests: it keeps the tokens each slot has been fed, checks that the
-engine feeds them in order, and returns logits that depend on a sequence's whole history, so any
+"""Fake executors for engine tests: they keep the tokens each slot has been fed, check that the
+engine feeds them in order, and return logits that depend on a sequence's whole history, so any
 mix-up of slots, positions or chunks changes the generated tokens."""
 
 from __future__ import annotations
@@ -78,3 +78,35 @@ class FakeExecutor(Executor):
 
     def release(self, slots: list[int]) -> None:
         self.released += slots
+
+
+class PagedFakeExecutor(FakeExecutor):
+    """Keeps each sequence's tokens in a pool of `num_kv_blocks` blocks, placed and found through
+    the step's block tables only: a wrong, shared or stale table feeds the logits wrong history."""
+
+    def __init__(self, num_kv_blocks: int, block_size: int = 4, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_kv_blocks, self.block_size = num_kv_blocks, block_size
+        self.pool: list[int | None] = [None] * (num_kv_blocks * block_size)
+        self.max_blocks_used = 0
+
+    def _at(self, table: tuple[int, ...], position: int) -> int:
+        return table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def execute(self, step: StepInput) -> torch.Tensor:
+        self.steps.append(step)
+        assert step.block_tables is not None
+        ids = [b for t in step.block_tables for b in t]
+        assert len(ids) == len(set(ids)) and all(0 <= b < self.num_kv_blocks for b in ids)  # no sharing
+        self.max_blocks_used = max(self.max_blocks_used, len(ids))
+        history = []  # per packed token: the sequence's tokens up to and including it
+        offset = 0
+        for table, start, n in zip(step.block_tables, step.starts, step.lengths, strict=True):
+            assert len(table) * self.block_size >= start + n
+            for i in range(n):
+                self.pool[self._at(table, start + i)] = step.token_ids[offset + i]
+            for i in range(n):
+                history.append([self.pool[self._at(table, p)] for p in range(start + i + 1)])
+            offset += n
+        rows = [fake_logits(history[i], self.config.vocab_size) for i in step.logits_index]
+        return torch.stack(rows) if rows else torch.empty(0, self.config.vocab_size)

@@ -3,6 +3,7 @@ stream early frees the slot, a full queue is refused at once, a failed step ends
 requests."""
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -53,7 +54,7 @@ def test_leaving_a_stream_aborts_and_frees_the_slot():
     async def main():
         gen = engine.generate("a", [1, 2, 3], params)
         async for o in gen:
-            if o.num_output_tokens == 2:
+            if o.num_output_tokens >= 2:  # a slow reader may get several tokens at once
                 break
         await gen.aclose()
         await wait_for(lambda: engine.stats().num_slots_used == 0 and not engine.engine.has_unfinished())
@@ -62,6 +63,33 @@ def test_leaving_a_stream_aborts_and_frees_the_slot():
     try:
         assert asyncio.run(main()) == 0
         assert engine.stats().num_generated_tokens < 50
+    finally:
+        engine.shutdown()
+
+
+def test_a_slow_reader_gets_the_waiting_outputs_merged():
+    engine = make(num_slots=1)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=True, top_logprobs=2)
+
+    async def main():
+        outs = []
+        async for o in engine.generate("slow", [3, 4], params):
+            outs.append(o)
+            ahead = o.num_output_tokens + 5  # the engine runs ahead of this reader
+            await wait_for(lambda n=ahead: not engine.engine.has_unfinished()
+                           or engine.stats().num_generated_tokens >= n)
+        return outs
+
+    try:
+        outs = asyncio.run(main())
+        tokens = [t for o in outs for t in o.new_token_ids]
+        assert tokens == reference_greedy([3, 4], 30, eos=None)
+        assert len(outs) < len(tokens) and max(len(o.new_token_ids) for o in outs) >= 5
+        for o in outs:  # each merged output is whole: a logprob and top-2 per token
+            assert len(o.new_logprobs) == len(o.new_top_logprobs) == len(o.new_token_ids)
+        counts = [len(o.new_token_ids) for o in outs]
+        assert [o.num_output_tokens for o in outs] == list(itertools.accumulate(counts))
+        assert outs[-1].finished and outs[-1].finish_reason == "length"
     finally:
         engine.shutdown()
 

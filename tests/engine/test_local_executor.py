@@ -81,3 +81,53 @@ def test_logits_of_a_packed_step(tiny_dir):
     assert packed.dtype == torch.float32 and packed.shape == (len(a) + len(b), ex.config.vocab_size)
     alone = ex.execute(StepInput(tuple(b), (1,), (0,), (len(b),), tuple(range(len(b)))))
     torch.testing.assert_close(packed[len(a):], alone, rtol=0, atol=logprob_atol(tiny_dir))
+
+
+
+def test_logits_with_shuffled_block_tables_equal_the_default_tables(tiny_dir):
+    """The same steps (chunked prefill, mixed decode) through random non-contiguous block tables of
+    a smaller pool give the logits of the default slot-contiguous tables."""
+    from dataclasses import replace
+
+    from engine.executor import StepInput
+
+    default = create_executor("local", model_dir=tiny_dir, dtype="float32", num_slots=3, max_model_len=32,
+                              block_size=4)
+    paged = create_executor("local", model_dir=tiny_dir, dtype="float32", num_slots=3, max_model_len=32,
+                            block_size=4, num_kv_blocks=13)
+    assert default.num_kv_blocks == 24 and paged.num_kv_blocks == 13
+    ids = torch.randperm(13, generator=torch.Generator().manual_seed(0)).tolist()
+    tables = (ids[0:4], ids[4:8], ids[8:12])  # by slot: 16 tokens each, in scattered blocks
+    g = torch.Generator().manual_seed(1)
+
+    def toks(n: int) -> tuple[int, ...]:
+        return tuple(torch.randint(0, default.config.vocab_size, (n,), generator=g).tolist())
+
+    def with_tables(step: StepInput, by_slot) -> StepInput:
+        return replace(step, block_tables=tuple(tuple(by_slot[s][:-(-(start + n) // 4)]) for s, start, n
+                                                in zip(step.slots, step.starts, step.lengths, strict=True)))
+
+    steps = [StepInput(toks(14), (0, 1, 2), (0, 0, 0), (6, 3, 5), tuple(range(14))),
+             StepInput(toks(9), (0, 1, 2), (6, 3, 5), (1, 7, 1), (0, 7, 8)),
+             StepInput(toks(3), (2, 0, 1), (6, 7, 10), (1, 1, 1), (0, 1, 2)),
+             StepInput(toks(7), (1, 2), (11, 7), (5, 2), (4, 6))]
+    for step in steps:
+        torch.testing.assert_close(paged.execute(with_tables(step, tables)), default.execute(step),
+                                   rtol=0, atol=1e-6)
+    # The tables are what the cache follows: slot 0 decoding over slot 1's blocks reads slot 1's keys.
+    decode = StepInput(toks(1), (0,), (7,), (1,), (0,))
+    wrong = with_tables(decode, {0: tables[1]})
+    assert not torch.allclose(paged.execute(wrong), default.execute(decode), rtol=0, atol=1e-4)
+
+
+def test_preemption_under_a_small_kv_pool_keeps_the_greedy_tokens(tiny_dir):
+    """Four prompts that end with 18 blocks of 4 tokens between them, in a pool of 9: sequences
+    are preempted and recomputed (DeltaNet state included) and still produce the greedy tokens of
+    an engine with room for all."""
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    small = LLMEngine(create_executor("local", model_dir=tiny_dir, num_slots=4, max_model_len=64,
+                                      block_size=4, num_kv_blocks=9), max_num_batched_tokens=8)
+    got = small.generate(PROMPTS, params)
+    assert small.stats.num_preemptions > 0
+    full = engine(tiny_dir).generate(PROMPTS, params)
+    assert [r.token_ids for r in got] == [r.token_ids for r in full]

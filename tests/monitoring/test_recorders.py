@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.executor import StepTelemetry
 from monitoring.definitions import METRICS, series_names
 from monitoring.engine_metrics import EngineMetrics
 from monitoring.expert_load import ExpertLoad
@@ -30,6 +31,9 @@ class Stats:
     num_finished: int = 0
     last_step_num_tokens: int = 0
     last_step_num_seqs: int = 0
+    num_preemptions: int = 0
+    num_kv_blocks_used: int = 0
+    num_kv_blocks: int = 0
 
 
 def sink() -> MetricsSink:
@@ -75,6 +79,19 @@ def test_engine_hook_takes_increases_and_gauges():
     assert s.value("nextserve_moe_routed_tokens", layer="2", shard="1") == 4
     assert s.histogram("nextserve_actor_step_seconds", kind="engine")[-1] == (float("inf"), 2)
     assert hook.expert_load_json()["counts"] == [[4, 2, 0, 0], [1, 1, 1, 3]]
+
+
+def test_cluster_telemetry_per_actor_kind_and_router_bytes():
+    s = sink()
+    actors = (("attention", 0.002), ("deltanet", 0.003), ("experts", 0.0004), ("experts", 0.02))
+    steps = [StepTelemetry(actors, dispatch_bytes=1000, combine_bytes=600),
+             StepTelemetry((("attention", 0.004),), dispatch_bytes=0, combine_bytes=0)]
+    EngineMetrics(s).record_telemetry(steps)
+    assert s.histogram("nextserve_actor_step_seconds", kind="attention")[-1] == (float("inf"), 2)
+    experts = dict(s.histogram("nextserve_actor_step_seconds", kind="experts"))
+    assert experts[0.0005] == 1 and experts[0.025] == 2  # cumulative buckets: one per shard
+    assert s.value("nextserve_router_bytes", direction="dispatch") == 1000
+    assert s.value("nextserve_router_bytes", direction="combine") == 600
 
 
 def test_labels_are_checked():
