@@ -7,14 +7,16 @@ channels on one node; with `cluster.tensor_transport: accelerator`, tensors go G
 an actor calling itself uses an in-process channel), so a step costs one `execute`. `RemoteStep`
 submits it as plain actor calls per step, ObjectRefs passed from actor to actor (never through the
 driver): the fallback, kept for debugging and for Ray set-ups without compiled graphs. Measured
-(bench/cluster_step.py; tiny Qwen3-Next, 4 layers, 1 attention + 1 DeltaNet actor, 2 expert shards;
-2 shared CPU cores; median ms per step):
+(bench/cluster_step.py, one run; tiny Qwen3-Next, 4 layers, 1 attention + 1 DeltaNet actor, 2 expert
+shards; 2 shared CPU cores; median ms per decode step; the 2-lane modes split steps of >= 16 tokens;
+README "Cluster executor" has a wider model):
 
-    mode                decode B=1  decode B=8  prefill 4x16  prefill 4x128
-    local (1 process)         6.2         7.7          12.8           29.3
-    compiled, 1 lane         21.8        24.1          33.2           52.6
-    compiled, 2 lanes        36.8        29.7          62.8          117.4
-    plain remote             38.4        36.0          47.8          114.2
+    mode                decode B=1  decode B=8  decode B=32  decode B=128
+    local (1 process)         6.7         8.0         10.9          18.2
+    compiled, 1 lane         24.4        27.7         29.5          43.2
+    compiled, 2 lanes        29.7        39.8         62.2          76.2
+    plain remote             50.3        42.7         47.1          59.2
+    plain remote, 2 mb       39.8        38.8         65.8          80.3
 
 With two lanes the step's sequences are split in two micro-batches; lanes are wired layer by layer
 so each actor alternates between them: while shards compute lane 0's experts of layer l, the

@@ -51,11 +51,13 @@ ARCHS = {"qwen3_next": ("Qwen3NextForCausalLM", TINY_NEXT), "qwen3_moe": ("Qwen3
 
 
 def make_tiny_model(path: str | Path, arch: str = "qwen3_next", seed: int = 0, dtype: str = "float32",
-                    max_shard_bytes: int | None = None) -> Path:
+                    max_shard_bytes: int | None = None, overrides: dict[str, Any] | None = None) -> Path:
     """Write the checkpoint to `path` (replacing an earlier one there) and return `path`. The same
-    (arch, seed, dtype, max_shard_bytes) gives byte-identical files; the shard size never changes
-    the values. Everything is written to a temporary directory first and moved in with config.json
-    last, so an interrupted write never leaves a directory that looks complete."""
+    (arch, seed, dtype, max_shard_bytes, overrides) gives byte-identical files; the shard size never
+    changes the values. `overrides` replaces hub config.json keys the arch already has (sizes, head
+    counts, layers, ...: e.g. a wider model for benchmarks); the tensors follow the new config.
+    Everything is written to a temporary directory first and moved in with config.json last, so an
+    interrupted write never leaves a directory that looks complete."""
     if arch not in ARCHS:
         raise ValueError(f"arch {arch!r} is not one of {sorted(ARCHS)}")
     if dtype not in DTYPES:
@@ -66,6 +68,13 @@ def make_tiny_model(path: str | Path, arch: str = "qwen3_next", seed: int = 0, d
     ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
     vocab_size = 64 * math.ceil(tokenizer.get_vocab_size() / 64)  # padded rows, like Qwen's 151936
     config = hub_config(arch, vocab_size=vocab_size, ids=ids, dtype=dtype)
+    if overrides:
+        # architectures, model_type and torch_dtype follow `arch` and `dtype`; vocab_size the tokenizer
+        fixed = {"architectures", "model_type", "torch_dtype", "vocab_size"}
+        bad = sorted(set(overrides) - (set(config) - fixed))
+        if bad:
+            raise ValueError(f"overrides {bad}: not {arch} config keys that can be overridden")
+        config.update(overrides)
     tensors = random_tensors(tensor_shapes(config), config, seed, DTYPES[dtype])
 
     path = Path(path)

@@ -139,3 +139,22 @@ def test_rejects_bad_arguments(tmp_path):
         make_tiny_model(tmp_path, arch="llama")
     with pytest.raises(ValueError, match="dtype"):
         make_tiny_model(tmp_path, dtype="int8")
+
+
+def test_overrides_resize_the_model_and_are_checked(tmp_path):
+    plain = make_tiny_model(tmp_path / "plain", arch="qwen3_next")
+    same = make_tiny_model(tmp_path / "same", arch="qwen3_next", overrides={})
+    assert (plain / "model.safetensors").read_bytes() == (same / "model.safetensors").read_bytes()
+    wide = make_tiny_model(tmp_path / "wide", arch="qwen3_next", overrides=dict(
+        hidden_size=96, num_experts=6, num_experts_per_tok=3, moe_intermediate_size=24,
+        num_hidden_layers=2, full_attention_interval=2))
+    config = ModelConfig.from_dir(wide)
+    assert (config.hidden_size, config.num_experts, config.num_experts_per_tok) == (96, 6, 3)
+    assert config.layer_types == ("linear_attention", "full_attention")
+    reader = CheckpointReader(wide)
+    assert reader.get("model.layers.1.mlp.experts.5.gate_proj.weight").shape == (24, 96)
+    assert "model.layers.2.input_layernorm.weight" not in reader.names()
+    with pytest.raises(ValueError, match="shared_expert_intermediate_size"):  # Qwen3 MoE has none
+        make_tiny_model(tmp_path / "moe", arch="qwen3_moe", overrides={"shared_expert_intermediate_size": 8})
+    with pytest.raises(ValueError, match="model_type"):
+        make_tiny_model(tmp_path / "moe", arch="qwen3_moe", overrides={"model_type": "qwen3_next"})
