@@ -117,10 +117,11 @@ class DeltaNetState:
         """Conv [B, C, K-1] and recurrent [B, Hv, Dk, Dv] state of each sequence; zeros for a
         sequence that starts now."""
         fresh = (layout.starts == 0)
-        conv = self.conv[layout.slots]
+        conv = self.conv[layout.slots]  # gathered: copies of this step's own
         rec = self.recurrent[layout.slots]
-        conv = conv.masked_fill(fresh[:, None, None], 0)
-        rec = rec.masked_fill(fresh[:, None, None, None], 0)
+        if bool(fresh.any()):  # a decode step has none: no pass over the states
+            conv.masked_fill_(fresh[:, None, None], 0)
+            rec.masked_fill_(fresh[:, None, None, None], 0)
         return conv, rec
 
     def write(self, layout: BatchLayout, conv: Tensor, recurrent: Tensor) -> None:

@@ -21,14 +21,17 @@ def recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta:
     q, k, v = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, *]
     g, beta = g.float().transpose(1, 2), beta.float().transpose(1, 2)  # [B, H, T]
     q = q * q.shape[-1] ** -0.5
+    B, H, K, V = state.shape
+    # Decode is bound by passes over S (B·H·K·V floats): one copy, then every update in place,
+    # and the products as batched [1, K] @ [K, V] matmuls that read S where it lies.
     S = state.float().clone()
     out = torch.empty_like(v)
     for t in range(q.shape[2]):
-        S = S * g[:, :, t].exp()[..., None, None]
-        k_t = k[:, :, t]
-        delta = beta[:, :, t, None] * (v[:, :, t] - torch.einsum("bhkv,bhk->bhv", S, k_t))
-        S = S + k_t[..., :, None] * delta[..., None, :]
-        out[:, :, t] = torch.einsum("bhkv,bhk->bhv", S, q[:, :, t])
+        S.mul_(g[:, :, t].exp()[..., None, None])
+        k_t = k[:, :, t, None, :]  # [B, H, 1, K]
+        delta = beta[:, :, t, None] * (v[:, :, t] - (k_t @ S).squeeze(-2))  # [B, H, V]
+        S.view(B * H, K, V).baddbmm_(k_t.reshape(B * H, K, 1), delta.reshape(B * H, 1, V))
+        out[:, :, t] = (q[:, :, t, None, :] @ S).squeeze(-2)
     return out.transpose(1, 2).to(out_dtype), S
 
 

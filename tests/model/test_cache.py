@@ -1,6 +1,7 @@
 """The paged KV cache: keys/values written through shuffled, non-contiguous block tables read back
 exactly as a contiguous per-sequence buffer holds them, step after step (prefill chunks and
-decodes mixed); a bad table is an error, never a write into another sequence's blocks."""
+decodes mixed); a bad table is an error, never a write into another sequence's blocks. And the
+DeltaNet state read: fresh sequences start from zeros, the store itself is never touched."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from model.batch import BatchLayout
-from model.cache import KVCache
+from model.cache import DeltaNetState, KVCache
 
 NKV, D = 2, 3
 # (start, new tokens) per sequence and step: chunked prefills, decodes and a one-token prompt.
@@ -116,3 +117,17 @@ def test_caches_of_different_shapes_share_a_layout():
     for c in caches:
         keys, _ = c.read(layout)
         assert torch.equal(keys[0, :6], kv[:6]) and torch.equal(keys[1, :3], kv[6:])
+
+
+def test_deltanet_state_read_zeroes_only_fresh_sequences_and_never_the_store():
+    state = DeltaNetState(3, conv_dim=4, conv_kernel=3, num_v_heads=2, k_head_dim=3, v_head_dim=2,
+                          dtype=torch.float32)
+    state.conv.normal_()
+    state.recurrent.normal_()
+    stored = state.conv.clone(), state.recurrent.clone()
+    conv, rec = state.read(BatchLayout.build([2, 0], [0, 5], [3, 1]))  # slot 2 starts now
+    assert not conv[0].any() and not rec[0].any()
+    assert torch.equal(conv[1], stored[0][0]) and torch.equal(rec[1], stored[1][0])
+    conv, rec = state.read(BatchLayout.build([1, 2], [4, 9], [1, 1]))  # decode: no fresh sequence
+    assert torch.equal(conv, stored[0][[1, 2]]) and torch.equal(rec, stored[1][[1, 2]])
+    assert torch.equal(state.conv, stored[0]) and torch.equal(state.recurrent, stored[1])

@@ -32,6 +32,15 @@ def test_chunked_equals_recurrent(T):
     torch.testing.assert_close(s, s_ref, atol=ATOL, rtol=0)
 
 
+def test_the_caller_state_is_left_alone():
+    """The recurrence updates its own copy of the state in place, never the caller's tensor."""
+    args = inputs(3, 4, seed=7)
+    before = args[-1].clone()
+    recurrent_gated_delta_rule(*args)
+    chunk_gated_delta_rule(*args)
+    assert torch.equal(args[-1], before)
+
+
 @pytest.mark.parametrize("chunk_size", [16, 64])
 def test_state_carries_across_calls(chunk_size):
     q, k, v, g, b, s0 = inputs(1, 130, seed=1)
