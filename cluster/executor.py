@@ -70,6 +70,9 @@ class ClusterExecutor(Executor):
         self.shards: list[Any] = []
         self.step_runner: CompiledStep | RemoteStep | None = None
         self.lost = False  # an actor died and restarting failed: the next step tries again
+        # The compiled graph was torn down while idle (`idle`); the next step compiles it again.
+        self.parked = False
+        self.idle_after_s = (cluster.idle_release_s or None) if cluster.compiled_graph else None
         self._expert_counts: dict[int, Any] = {}  # layer -> [E] pairs since the last take
         # Per step since the last take; bounded, so an engine without metrics hooks never grows it.
         self._telemetry: deque[StepTelemetry] = deque(maxlen=1024)
@@ -133,9 +136,13 @@ class ClusterExecutor(Executor):
     def _build_step(self) -> CompiledStep | RemoteStep:
         c = self.settings.cluster
         if c.compiled_graph:
-            return CompiledStep(self.config, self.placement, self.mixers, self.shards, self.num_lanes,
-                                c.step_timeout_s, c.buffer_size_bytes, c.tensor_transport)
-        return RemoteStep(self.config, self.placement, self.mixers, self.shards, c.step_timeout_s)
+            runner: CompiledStep | RemoteStep = CompiledStep(
+                self.config, self.placement, self.mixers, self.shards, self.num_lanes, c.step_timeout_s,
+                c.buffer_size_bytes, c.tensor_transport)
+        else:
+            runner = RemoteStep(self.config, self.placement, self.mixers, self.shards, c.step_timeout_s)
+        self.parked = False  # whoever builds the step takes it out of the idle state
+        return runner
 
     def configure_step(self, compiled_graph: bool | None = None,
                        micro_batch_tokens: int | None = None) -> None:
@@ -192,6 +199,11 @@ class ClusterExecutor(Executor):
             raise ValueError(f"a sequence of the step runs past max_model_len={self.max_model_len}")
         if self.lost:
             raise restart(self, RuntimeError("the last restart failed"))
+        if self.parked:
+            try:
+                self.step_runner = self._build_step()
+            except Exception as e:  # e.g. an actor died while the graph was down: restart what is dead
+                raise restart(self, e) from None
         if self.step_runner is None:
             raise RuntimeError("the cluster executor was shut down")
         split = split_step(step, self.settings.cluster.micro_batch_tokens)
@@ -208,6 +220,15 @@ class ClusterExecutor(Executor):
                 self._expert_counts[layer] = self._expert_counts.get(layer, 0) + c
         self._telemetry.append(_step_telemetry(done))
         return join_logits(split, logits)
+
+    def idle(self) -> None:
+        """Tear the compiled graph down while no request comes: its actors poll their channels
+        (Ray 2.60 spins in `ReadAcquire`), about half a core each (README, cluster benchmark).
+        They stay alive with their caches; the next step compiles the graph again (~1 s here)."""
+        if isinstance(self.step_runner, CompiledStep):
+            self.step_runner.teardown()
+            self.step_runner, self.parked = None, True
+            log.info("cluster executor idle: compiled graph torn down until the next step")
 
     def release(self, slots: list[int]) -> None:
         # Nothing to do: a sequence starting at 0 ignores what its slot's last owner left behind

@@ -139,7 +139,10 @@ class AsyncLLMEngine:
         while not self._stopped:
             self._drain_commands()
             if not self.engine.has_unfinished():
-                self._wakeup.wait()
+                executor = self.engine.executor
+                if not self._wakeup.wait(executor.idle_after_s) and not self._stopped:
+                    self._idle(executor)
+                    self._wakeup.wait()
                 self._wakeup.clear()
                 continue
             try:
@@ -150,6 +153,12 @@ class AsyncLLMEngine:
                 continue
             if outputs:
                 self._post(self._deliver, outputs)
+
+    def _idle(self, executor: Any) -> None:
+        try:
+            executor.idle()
+        except Exception:  # the next step finds out what is wrong and says so
+            log.exception("executor idle hook failed")
 
     def _drain_commands(self) -> None:
         while True:

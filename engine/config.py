@@ -104,6 +104,10 @@ class ClusterSettings(_Frozen):
                             "memory: the accelerator code path on CPU, for testing)")
     buffer_size_bytes: int = Field(1 << 20, ge=1024, description="initial compiled-graph channel buffer; "
                                                                  "channels grow for larger messages")
+    idle_release_s: float = Field(
+        30.0, ge=0, description="after this many seconds without a request the compiled graph is torn "
+                                "down (its actors poll their channels, ~half a core each, while it "
+                                "stands) and compiled again by the next step (0: keep it)")
     timeout_s: float = Field(120.0, gt=0, description="longest wait for actor start-up (loading weights)")
     step_timeout_s: float = Field(
         15.0, gt=0, description="longest wait for one engine step; past it the step's actors are taken "

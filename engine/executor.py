@@ -92,6 +92,13 @@ class Executor(ABC):
         ({layer: [num_experts]}); {} where the executor does not see the gate (a metrics input)."""
         return {}
 
+    # Seconds without work after which the engine calls `idle()`; None: never.
+    idle_after_s: float | None = None
+
+    def idle(self) -> None:  # noqa: B027 - optional hook
+        """The engine has had no work for `idle_after_s`: release what costs while waiting (the
+        next `execute` takes it back)."""
+
     def take_step_telemetry(self) -> list[StepTelemetry]:
         """What each step since the last call cost inside the executor, oldest first: [] for an
         executor of one process (a metrics input)."""

@@ -135,6 +135,20 @@ def test_torch_tensor_transport(hf_next_dir):
         ex.shutdown()
 
 
+def test_idle_tears_the_graph_down_and_the_next_step_compiles_it(moe_cluster, hf_moe_dir):
+    assert moe_cluster.idle_after_s == 30.0  # cluster.idle_release_s
+    ref = local(hf_moe_dir)
+    life = steps(seed=5)
+    for i, step in enumerate(life):
+        if i == 3:  # mid-way, sequences cached: the pause must keep every cache
+            moe_cluster.idle()
+            assert moe_cluster.parked and moe_cluster.step_runner is None
+            moe_cluster.idle()  # idle again: nothing to do
+        got, want = moe_cluster.execute(step), ref.execute(step)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    assert not moe_cluster.parked and moe_cluster.step_runner is not None
+
+
 def test_plain_remote_calls_fallback(moe_cluster, hf_moe_dir):
     moe_cluster.configure_step(compiled_graph=False, micro_batch_tokens=8)
     try:

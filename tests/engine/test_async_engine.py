@@ -94,6 +94,31 @@ def test_a_slow_reader_gets_the_waiting_outputs_merged():
         engine.shutdown()
 
 
+class IdleCountingExecutor(FakeExecutor):
+    idle_after_s = 0.05
+    idled = 0
+
+    def idle(self):
+        self.idled += 1
+
+
+def test_the_executor_hears_once_per_idle_spell():
+    ex = IdleCountingExecutor(num_slots=2)
+    engine = make(executor=ex)
+
+    async def main():
+        await wait_for(lambda: ex.idled == 1)  # idle from the start
+        got = await collect(engine, "a", [5, 6])
+        await wait_for(lambda: ex.idled == 2)  # idle again after the request
+        await asyncio.sleep(0.3)  # and told once per spell, not every idle_after_s
+        return got, ex.idled
+
+    try:
+        assert asyncio.run(main()) == (reference_greedy([5, 6], 5, eos=None), 2)
+    finally:
+        engine.shutdown()
+
+
 def test_full_queue_is_refused_at_once():
     engine = make(num_slots=1, queued=1)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
