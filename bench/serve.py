@@ -173,6 +173,38 @@ def make_vllm_compatible_model(path: Path) -> Path:
         tiny.ARCHS = saved
 
 
+def engine_counters(url: str) -> dict[str, float]:
+    """The replica's engine totals from its `GET /metrics`: steps, their summed seconds, sampled
+    tokens; differences around a load say what the engine did while the clients waited."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out = {"steps": 0.0, "step_seconds": 0.0, "tokens": 0.0}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.labels.get("kind") == "engine" and smp.name == "nextserve_actor_step_seconds_count":
+                out["steps"] += smp.value
+            elif smp.labels.get("kind") == "engine" and smp.name == "nextserve_actor_step_seconds_sum":
+                out["step_seconds"] += smp.value
+            elif smp.name == "nextserve_generation_tokens_total":
+                out["tokens"] += smp.value
+    return out
+
+
+def engine_line(label: str, concurrency: int, before: dict[str, float], after: dict[str, float],
+                wall_s: float) -> str:
+    steps = after["steps"] - before["steps"]
+    busy = after["step_seconds"] - before["step_seconds"]
+    tokens = after["tokens"] - before["tokens"]
+    per_step_ms, per_step_tokens = 1e3 * busy / max(steps, 1), tokens / max(steps, 1)
+    return (f"  {label}, concurrency {concurrency}: {steps:.0f} engine steps, mean {per_step_ms:.1f} ms per "
+            f"step, {per_step_tokens:.1f} tokens per step, engine busy {100 * busy / wall_s:.0f}% of the "
+            f"load's {wall_s:.1f} s")
+
+
 def start_nextserve(model_dir: Path, max_num_seqs: int, max_model_len: int, dtype: str) -> str:
     import ray
     from ray import serve
@@ -238,9 +270,14 @@ def main() -> None:
         for label, server_url, served in servers:
             warm = prompts[:c]
             asyncio.run(run_load(server_url, served, warm, a.output_len, c, float("inf"), a.seed, "warm-up"))
+            ours = label == "nextserve"
+            before, start = engine_counters(server_url) if ours else None, time.perf_counter()
             reports.append(asyncio.run(run_load(server_url, served, prompts, a.output_len, c, a.rate, a.seed,
                                                 label)))
             print(reports[-1].row(), flush=True)
+            if ours:  # where a token's time goes: in the engine's steps, or around them
+                print(engine_line(label, c, before, engine_counters(server_url), time.perf_counter() - start),
+                      flush=True)
         if not a.no_hf:
             reports.append(hf_generate(model_dir, prompts, a.output_len, c, a.dtype))
         print(reports[-1].row(), flush=True)
