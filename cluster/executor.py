@@ -28,7 +28,7 @@ from cluster.step_graph import CompiledStep, RemoteStep
 from cluster.workers import ExpertWorker, MixerWorker
 from engine.block_manager import blocks_for
 from engine.config import NextserveConfig, Pools
-from engine.executor import Executor, StepInput, StepTelemetry, register_executor
+from engine.executor import Executor, StepInput, StepTelemetry, check_cache_sizes, register_executor
 from model.config import ModelConfig
 from router.placement import ExpertPlacement
 
@@ -49,12 +49,7 @@ class ClusterExecutor(Executor):
         """`device` is accepted for the executor interface's sake and unused: each actor computes on
         its pool's GPU when `resources.num_gpus` > 0, else on CPU. Logits come back on CPU.
         `num_kv_blocks` None: every slot can hold max_model_len tokens (never preempts)."""
-        if num_slots < 1:
-            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        if num_kv_blocks is not None and num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
+        check_cache_sizes(num_slots, block_size, num_kv_blocks)
         self.settings = config or NextserveConfig()
         self.model_dir = str(Path(model_dir).resolve())  # workers may start in another directory
         self.dtype = dtype

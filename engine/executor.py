@@ -105,6 +105,16 @@ class Executor(ABC):
         return []
 
 
+def check_cache_sizes(num_slots: int, block_size: int, num_kv_blocks: int | None) -> None:
+    """An executor's cache arguments, checked before anything is allocated."""
+    if num_slots < 1:
+        raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if num_kv_blocks is not None and num_kv_blocks < 1:
+        raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
+
+
 _REGISTRY: dict[str, Callable[..., Executor]] = {}
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from engine.block_manager import blocks_for
-from engine.executor import Executor, StepInput, register_executor
+from engine.executor import Executor, StepInput, check_cache_sizes, register_executor
 from model.batch import BatchLayout
 from model.decoder import CausalLM
 from model.moe import SparseMoeBlock
@@ -28,12 +28,7 @@ class LocalExecutor(Executor):
                  block_size: int = 16, num_kv_blocks: int | None = None) -> None:
         """`num_kv_blocks` None: every slot can hold max_model_len tokens (the engine never
         preempts)."""
-        if num_slots < 1:
-            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        if num_kv_blocks is not None and num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
+        check_cache_sizes(num_slots, block_size, num_kv_blocks)
         self.model = CausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
         self.config = self.model.config
         if max_model_len is None:

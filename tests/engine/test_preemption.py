@@ -10,8 +10,9 @@ import pytest
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 from engine.scheduler import PromptTooLongError, Scheduler, SchedulerConfig
-from engine.sequence import Sequence, SequenceStatus
+from engine.sequence import SequenceStatus
 from tests.engine.fakes import FakeExecutor, PagedFakeExecutor, reference_greedy
+from tests.engine.test_scheduler import run_chunks, seq
 
 PROMPTS = [[3, 4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14, 15], [16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26]]
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=True, prompt_logprobs=2)
@@ -75,19 +76,6 @@ def test_unconstrained_executor_sends_no_tables_when_it_keeps_no_paged_cache():
 
 
 # -- the scheduler alone ---------------------------------------------------------------------------
-def seq(rid: str, n: int) -> Sequence:
-    return Sequence(rid, list(range(2, 2 + n)), SamplingParams(temperature=0))
-
-
-def run_chunks(out) -> list[tuple[str, int, int]]:
-    rows = [(c.seq.request_id, c.start, c.num_tokens) for c in out.chunks]
-    for c in out.chunks:
-        c.seq.num_computed_tokens += c.num_tokens
-        if c.samples:
-            c.seq.append(7, -1.0)
-    return rows
-
-
 def scheduler(num_kv_blocks: int, budget: int = 64, slots: int = 3) -> Scheduler:
     return Scheduler(SchedulerConfig(max_num_seqs=slots, max_num_batched_tokens=budget, max_model_len=64,
                                      block_size=4, num_kv_blocks=num_kv_blocks), num_slots=slots)
