@@ -26,14 +26,12 @@ from cluster.recovery import ACTOR_FAILURES, restart
 from cluster.session import RaySession, connect, reserve
 from cluster.step_graph import CompiledStep, RemoteStep
 from cluster.workers import ExpertWorker, MixerWorker
-from engine.block_manager import blocks_for
 from engine.config import NextserveConfig, Pools
-from engine.executor import Executor, StepInput, StepTelemetry, check_cache_sizes, register_executor
+from engine.executor import Executor, StepInput, StepTelemetry
 from model.config import ModelConfig
 from router.placement import ExpertPlacement
 
 log = logging.getLogger(__name__)
-DEFAULT_MAX_MODEL_LEN = 4096  # as the local executor: caches are allocated up front
 
 
 def _device(pool: Any) -> str:
@@ -41,7 +39,6 @@ def _device(pool: Any) -> str:
     return "cuda" if pool.resources.num_gpus > 0 else "cpu"
 
 
-@register_executor("cluster")
 class ClusterExecutor(Executor):
     def __init__(self, model_dir: str | Path, dtype: str | None = None, num_slots: int = 8,
                  max_model_len: int | None = None, config: NextserveConfig | None = None,
@@ -49,15 +46,11 @@ class ClusterExecutor(Executor):
         """`device` is accepted for the executor interface's sake and unused: each actor computes on
         its pool's GPU when `resources.num_gpus` > 0, else on CPU. Logits come back on CPU.
         `num_kv_blocks` None: every slot can hold max_model_len tokens (never preempts)."""
-        check_cache_sizes(num_slots, block_size, num_kv_blocks)
-        self.settings = config or NextserveConfig()
         self.model_dir = str(Path(model_dir).resolve())  # workers may start in another directory
+        super().__init__(ModelConfig.from_dir(self.model_dir, dtype=dtype), num_slots, max_model_len,
+                         block_size, num_kv_blocks)
+        self.settings = config or NextserveConfig()
         self.dtype = dtype
-        self.config = ModelConfig.from_dir(self.model_dir, dtype=dtype)
-        self.num_slots = num_slots
-        self.max_model_len = max_model_len or min(self.config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
-        self.block_size = block_size
-        self.num_kv_blocks = num_kv_blocks or num_slots * blocks_for(self.max_model_len, block_size)
         cluster = self.settings.cluster
         self.num_lanes = 2 if cluster.micro_batch_tokens > 0 else 1
         self._seq = itertools.count()
@@ -188,10 +181,7 @@ class ClusterExecutor(Executor):
 
     # -- steps -------------------------------------------------------------------------------
     def execute(self, step: StepInput) -> Tensor:
-        if any(not 0 <= s < self.num_slots for s in step.slots):
-            raise ValueError(f"slots {step.slots} outside 0..{self.num_slots - 1}")
-        if any(s + n > self.max_model_len for s, n in zip(step.starts, step.lengths, strict=True)):
-            raise ValueError(f"a sequence of the step runs past max_model_len={self.max_model_len}")
+        self.check_step(step)
         if self.lost:
             raise restart(self, RuntimeError("the last restart failed"))
         if self.parked:

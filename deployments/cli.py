@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt and line")
-    gen.add_argument("--executor", default="local", help="local (this process) or cluster (Ray actors)")
+    gen.add_argument("--executor", choices=["local", "cluster"], default="local",
+                     help="local (this process) or cluster (Ray actors)")
     gen.add_argument("--config", help="with --executor cluster: the ray_config.yaml whose placement to use "
                                       f"(default: {DEFAULT_CONFIG})")
     gen.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's")
@@ -99,49 +100,53 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from engine.executor import create_executor
-    from engine.llm_engine import LLMEngine
+    from deployments.engine_factory import build_llm_engine
 
     params = _sampling_params(args)
     tokenizer, prompts, flag = _prompts(args)  # before loading any weights: they take a while
-    extra = {}
-    if args.executor == "cluster":
-        import cluster.executor  # noqa: F401 - registers "cluster"; it imports Ray, so only on demand
-        from engine.config import NextserveConfig, NextserveConfigError
-
-        try:
-            extra["config"] = NextserveConfig.from_yaml(args.config or DEFAULT_CONFIG)
-        except NextserveConfigError as e:
-            raise UsageError(f"--config: {e}") from None
-    elif args.config is not None:
-        raise UsageError("--config: only the cluster executor reads a placement (add --executor cluster)")
+    config = _engine_config(args, num_seqs=min(len(prompts), args.max_num_seqs))
     try:
-        executor = create_executor(args.executor, model_dir=args.model, dtype=args.dtype, device=args.device,
-                                   num_slots=min(len(prompts), args.max_num_seqs),
-                                   max_model_len=args.max_model_len, block_size=args.block_size,
-                                   num_kv_blocks=args.num_kv_blocks, **extra)
-    except (ValueError, OSError) as e:  # unknown executor, unreadable checkpoint
+        engine = build_llm_engine(config, tokenizer)
+    except (ValueError, OSError) as e:  # an unreadable checkpoint, a placement that cannot be made
         raise UsageError(str(e)) from None
-    for i, ids in enumerate(prompts):
-        if len(ids) > executor.max_model_len:
-            executor.shutdown()
-            raise UsageError(f"{flag}: prompt {i + 1} has {len(ids)} tokens, more than --max-model-len "
-                             f"{executor.max_model_len}")
     try:
-        # Every slot must be able to decode in each step, so the budget is at least the slot count.
-        budget = max(args.max_num_batched_tokens, executor.num_slots)
-        engine = LLMEngine(executor, tokenizer=tokenizer, max_num_batched_tokens=budget)
+        for i, ids in enumerate(prompts):
+            if len(ids) > engine.executor.max_model_len:
+                raise UsageError(f"{flag}: prompt {i + 1} has {len(ids)} tokens, more than --max-model-len "
+                                 f"{engine.executor.max_model_len}")
         results = engine.generate(prompts, params)
     except ValueError as e:  # the engine refused a prompt
         raise UsageError(f"{flag}: {e}") from None
     finally:
-        executor.shutdown()
+        engine.executor.shutdown()
     for r in results:
         if args.json:
             print(json.dumps({"token_ids": list(r.token_ids), "logprobs": list(r.logprobs or ())}))
         else:
             print(r.text if r.text is not None else " ".join(map(str, r.token_ids)))
     return 0
+
+
+def _engine_config(args: argparse.Namespace, num_seqs: int):
+    """The flags as a NextserveConfig (with --executor cluster: over the --config file's args, whose
+    pools, placement and cluster settings the cluster executor reads)."""
+    from engine.config import NextserveConfig, NextserveConfigError
+
+    if args.executor == "cluster":
+        try:
+            base = NextserveConfig.from_yaml(args.config or DEFAULT_CONFIG)
+        except NextserveConfigError as e:
+            raise UsageError(f"--config: {e}") from None
+    elif args.config is not None:
+        raise UsageError("--config: only the cluster executor reads a placement (add --executor cluster)")
+    else:
+        base = NextserveConfig()
+    engine = base.engine.model_copy(update=dict(
+        max_num_seqs=num_seqs, max_model_len=args.max_model_len, block_size=args.block_size,
+        max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=args.num_kv_blocks))
+    # model_copy does not validate: _sampling_params has checked these flags already.
+    return base.model_copy(update=dict(model=args.model, dtype=args.dtype, executor=args.executor,
+                                       device=args.device, engine=engine))
 
 
 def _serve(args: argparse.Namespace) -> int:

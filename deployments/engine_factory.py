@@ -1,5 +1,7 @@
-"""Build one replica's engine from NextserveConfig: executor (local or cluster), LLMEngine, and
-the asyncio wrapper that the HTTP routes stream from."""
+"""The one place that builds an engine from NextserveConfig: the executor (local or cluster,
+imported only when chosen: the cluster one brings Ray), the LLMEngine around it with the expert
+rebalancing policy, and for serving the asyncio wrapper that the HTTP routes stream from. The
+CLI's `generate` and the Serve app both build through here."""
 
 from __future__ import annotations
 
@@ -7,12 +9,48 @@ from pathlib import Path
 
 from engine.async_engine import AsyncLLMEngine
 from engine.config import NextserveConfig, NextserveConfigError
-from engine.executor import create_executor
+from engine.executor import Executor
 from engine.llm_engine import LLMEngine
 from engine.tokenizer import Tokenizer
 
 
+def build_executor(config: NextserveConfig) -> Executor:
+    """The executor `config.executor` names, with the engine's cache sizes."""
+    if config.model is None:
+        raise NextserveConfigError("model: no checkpoint directory given")
+    limits = config.engine
+    sizes = dict(model_dir=config.model, dtype=config.dtype, num_slots=limits.max_num_seqs,
+                 max_model_len=limits.max_model_len, block_size=limits.block_size,
+                 num_kv_blocks=limits.num_kv_blocks)
+    if config.executor == "cluster":
+        from cluster.executor import ClusterExecutor
+
+        return ClusterExecutor(config=config, **sizes)
+    from engine.local_executor import LocalExecutor
+
+    return LocalExecutor(device=config.device, **sizes)
+
+
+def build_llm_engine(config: NextserveConfig, tokenizer: Tokenizer | None) -> LLMEngine:
+    """Executor and engine; the executor is shut down again if the engine cannot be built."""
+    executor = build_executor(config)
+    try:
+        # Every slot must be able to decode in each step, so the budget is at least the slot count.
+        budget = max(config.engine.max_num_batched_tokens, executor.num_slots)
+        engine = LLMEngine(executor, tokenizer=tokenizer, max_num_batched_tokens=budget)
+        if config.executor == "cluster" and executor.config.num_experts > 0:
+            from cluster.rebalance import RebalancePolicy
+
+            # A step hook: it rebalances in the engine thread, between two steps.
+            engine.step_hooks.append(RebalancePolicy(executor, config.rebalance))
+        return engine
+    except BaseException:
+        executor.shutdown()
+        raise
+
+
 def build_engine(config: NextserveConfig) -> tuple[AsyncLLMEngine, Tokenizer, int]:
+    """A serving replica's engine: (async engine, tokenizer, the context length it serves)."""
     if config.model is None:
         raise NextserveConfigError("model: no checkpoint directory given")
     if not Path(config.model).is_dir():
@@ -25,27 +63,11 @@ def build_engine(config: NextserveConfig) -> tuple[AsyncLLMEngine, Tokenizer, in
     tokenizer = Tokenizer.from_dir(config.model)
     if tokenizer is None:  # an HTTP API takes text; token-id-only checkpoints suit `generate`
         raise NextserveConfigError(f"model: {config.model} has no tokenizer.json, which serving needs")
-    limits = config.engine
-    kwargs = dict(model_dir=config.model, dtype=config.dtype, num_slots=limits.max_num_seqs,
-                  max_model_len=limits.max_model_len, device=config.device, block_size=limits.block_size,
-                  num_kv_blocks=limits.num_kv_blocks)
-    if config.executor == "cluster":
-        import cluster.executor  # noqa: F401 - registers "cluster"; imports Ray, so only on demand
-
-        kwargs["config"] = config
-    executor = create_executor(config.executor, **kwargs)
+    engine = build_llm_engine(config, tokenizer)
     try:
-        # Every slot must be able to decode in each step, so the budget is at least the slot count.
-        engine = LLMEngine(executor, tokenizer=tokenizer,
-                           max_num_batched_tokens=max(limits.max_num_batched_tokens, executor.num_slots))
-        if config.executor == "cluster" and executor.config.num_experts > 0:
-            from cluster.rebalance import RebalancePolicy
-
-            # A step hook: it rebalances in the engine thread, between two steps.
-            engine.step_hooks.append(RebalancePolicy(executor, config.rebalance))
         return (AsyncLLMEngine(engine, config.serve.max_queued_requests, config.serve.retry_after_s,
                                config.serve.request_timeout_s),
                 tokenizer, engine.scheduler.max_seq_len)
     except BaseException:
-        executor.shutdown()
+        engine.executor.shutdown()
         raise

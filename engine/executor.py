@@ -5,12 +5,17 @@ tokens over cache slots) and return logits. `local` runs the whole model in this
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor
 
+from engine.block_manager import blocks_for
 from model.config import ModelConfig
+
+# Caches are allocated up front for num_slots × max_model_len tokens unless num_kv_blocks says
+# otherwise; a checkpoint's native context (262k for Qwen3-Next) would not fit, so without an
+# explicit length the slot length is capped here.
+DEFAULT_MAX_MODEL_LEN = 4096
 
 
 class ExecutorStateLostError(RuntimeError):
@@ -76,6 +81,30 @@ class Executor(ABC):
     max_model_len: int
     block_size: int = 16
     num_kv_blocks: int | None = None
+    # Seconds without work after which the engine calls `idle()`; None: never.
+    idle_after_s: float | None = None
+
+    def __init__(self, config: ModelConfig, num_slots: int, max_model_len: int | None, block_size: int,
+                 num_kv_blocks: int | None) -> None:
+        """The cache sizes every executor shares, checked before anything is allocated.
+        `max_model_len` None: min(the model's context, DEFAULT_MAX_MODEL_LEN); `num_kv_blocks`
+        None: every slot can hold max_model_len tokens, so the engine never preempts."""
+        for name, value in (("num_slots", num_slots), ("max_model_len", max_model_len),
+                            ("block_size", block_size), ("num_kv_blocks", num_kv_blocks)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.config = config
+        self.num_slots = num_slots
+        self.max_model_len = max_model_len or min(config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+        self.block_size = block_size
+        self.num_kv_blocks = num_kv_blocks or num_slots * blocks_for(self.max_model_len, block_size)
+
+    def check_step(self, step: StepInput) -> None:
+        """Refuse a step that names a slot or a position this executor does not have."""
+        if any(not 0 <= s < self.num_slots for s in step.slots):
+            raise ValueError(f"slots {step.slots} outside 0..{self.num_slots - 1}")
+        if any(s + n > self.max_model_len for s, n in zip(step.starts, step.lengths, strict=True)):
+            raise ValueError(f"a sequence of the step runs past max_model_len={self.max_model_len}")
 
     @abstractmethod
     def execute(self, step: StepInput) -> Tensor:
@@ -87,13 +116,14 @@ class Executor(ABC):
     def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Free what the executor started (actors, placement groups)."""
 
+    def healthy(self) -> bool:
+        """Whether the executor can take a step now (a server's health check reads it)."""
+        return True
+
     def take_expert_counts(self) -> dict[int, list[int]]:
         """(token, expert) pairs the gate of each MoE layer routed per expert since the last call
         ({layer: [num_experts]}); {} where the executor does not see the gate (a metrics input)."""
         return {}
-
-    # Seconds without work after which the engine calls `idle()`; None: never.
-    idle_after_s: float | None = None
 
     def idle(self) -> None:  # noqa: B027 - optional hook
         """The engine has had no work for `idle_after_s`: release what costs while waiting (the
@@ -103,33 +133,3 @@ class Executor(ABC):
         """What each step since the last call cost inside the executor, oldest first: [] for an
         executor of one process (a metrics input)."""
         return []
-
-
-def check_cache_sizes(num_slots: int, block_size: int, num_kv_blocks: int | None) -> None:
-    """An executor's cache arguments, checked before anything is allocated."""
-    if num_slots < 1:
-        raise ValueError(f"num_slots must be >= 1, got {num_slots}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    if num_kv_blocks is not None and num_kv_blocks < 1:
-        raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
-
-
-_REGISTRY: dict[str, Callable[..., Executor]] = {}
-
-
-def register_executor(name: str) -> Callable[[Callable[..., Executor]], Callable[..., Executor]]:
-    def deco(factory: Callable[..., Executor]) -> Callable[..., Executor]:
-        _REGISTRY[name] = factory
-        return factory
-    return deco
-
-
-def create_executor(name: str, **kwargs) -> Executor:
-    # Executors register on import: `local` here, `cluster` when cluster.executor is imported
-    # (engine must not import cluster/).
-    if name not in _REGISTRY:
-        import engine.local_executor  # noqa: F401
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown executor {name!r}; registered: {sorted(_REGISTRY)}")
-    return _REGISTRY[name](**kwargs)

@@ -61,7 +61,7 @@ def test_unknown_subcommand_and_executor(config_only_dir, capsys):
     assert code == 2 and "frobnicate" in err
     code, err = run_cli(["generate", "--model", str(config_only_dir), "--prompt-token-ids", "1",
                          "--executor", "warp"], capsys)
-    assert code == 2 and "unknown executor 'warp'" in err and err.count("\n") == 1
+    assert code == 2 and "--executor: invalid choice: 'warp'" in err and err.count("\n") == 1
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,8 @@ def tiny_dir(tmp_path_factory):
 
 
 def test_generate_json_end_to_end(tiny_dir, capsys):
-    from engine.executor import create_executor
     from engine.llm_engine import LLMEngine
+    from engine.local_executor import LocalExecutor
     from engine.sampling import SamplingParams
 
     prompts = [[5, 9, 13], [101], [3, 3, 3, 250, 17]]
@@ -82,7 +82,7 @@ def test_generate_json_end_to_end(tiny_dir, capsys):
     assert code == 0
     lines = capsys.readouterr().out.strip().split("\n")
     got = [json.loads(line) for line in lines]
-    ex = create_executor("local", model_dir=tiny_dir, num_slots=1, max_model_len=64)
+    ex = LocalExecutor(model_dir=tiny_dir, num_slots=1, max_model_len=64)
     params = SamplingParams(temperature=0, max_tokens=4, logprobs=True)
     for p, g in zip(prompts, got, strict=True):
         (want,) = LLMEngine(ex).generate([p], params)

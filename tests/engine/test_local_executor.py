@@ -5,8 +5,8 @@ transformers' own generate()."""
 import pytest
 import torch
 
-from engine.executor import create_executor
 from engine.llm_engine import LLMEngine
+from engine.local_executor import LocalExecutor
 from engine.sampling import SamplingParams
 from model.config import ModelConfig
 
@@ -24,7 +24,7 @@ def tiny_dir(request, tmp_path_factory):
 
 
 def engine(model_dir, num_slots: int = 4, **kwargs) -> LLMEngine:
-    executor = create_executor("local", model_dir=model_dir, num_slots=num_slots, max_model_len=64)
+    executor = LocalExecutor(model_dir=model_dir, num_slots=num_slots, max_model_len=64)
     return LLMEngine(executor, **kwargs)
 
 
@@ -75,7 +75,7 @@ def test_logits_of_a_packed_step(tiny_dir):
     from engine.executor import StepInput
 
     a, b = PROMPTS[0], PROMPTS[3]
-    ex = create_executor("local", model_dir=tiny_dir, num_slots=2, max_model_len=32)
+    ex = LocalExecutor(model_dir=tiny_dir, num_slots=2, max_model_len=32)
     packed = ex.execute(StepInput(tuple(a + b), (1, 0), (0, 0), (len(a), len(b)),
                                   tuple(range(len(a) + len(b)))))
     assert packed.dtype == torch.float32 and packed.shape == (len(a) + len(b), ex.config.vocab_size)
@@ -91,9 +91,9 @@ def test_logits_with_shuffled_block_tables_equal_the_default_tables(tiny_dir):
 
     from engine.executor import StepInput
 
-    default = create_executor("local", model_dir=tiny_dir, dtype="float32", num_slots=3, max_model_len=32,
+    default = LocalExecutor(model_dir=tiny_dir, dtype="float32", num_slots=3, max_model_len=32,
                               block_size=4)
-    paged = create_executor("local", model_dir=tiny_dir, dtype="float32", num_slots=3, max_model_len=32,
+    paged = LocalExecutor(model_dir=tiny_dir, dtype="float32", num_slots=3, max_model_len=32,
                             block_size=4, num_kv_blocks=13)
     assert default.num_kv_blocks == 24 and paged.num_kv_blocks == 13
     ids = torch.randperm(13, generator=torch.Generator().manual_seed(0)).tolist()
@@ -125,7 +125,7 @@ def test_preemption_under_a_small_kv_pool_keeps_the_greedy_tokens(tiny_dir):
     are preempted and recomputed (DeltaNet state included) and still produce the greedy tokens of
     an engine with room for all."""
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    small = LLMEngine(create_executor("local", model_dir=tiny_dir, num_slots=4, max_model_len=64,
+    small = LLMEngine(LocalExecutor(model_dir=tiny_dir, num_slots=4, max_model_len=64,
                                       block_size=4, num_kv_blocks=9), max_num_batched_tokens=8)
     got = small.generate(PROMPTS, params)
     assert small.stats.num_preemptions > 0
