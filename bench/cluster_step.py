@@ -215,7 +215,7 @@ def bench_model(model_dir: str, batches: Sequence[int], modes: Sequence[str], re
     modes (local and in-process need none)."""
     from cluster.executor import ClusterExecutor
     from cluster.placement import resolve_placement
-    from engine.config import NextserveConfig
+    from deployments.config import NextserveConfig
     from engine.local_executor import LocalExecutor
     from model.config import ModelConfig
 

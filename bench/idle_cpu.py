@@ -16,7 +16,7 @@ from pathlib import Path
 import ray
 
 from cluster.executor import ClusterExecutor
-from engine.config import NextserveConfig
+from deployments.config import NextserveConfig
 from engine.executor import StepInput
 from model.tiny import make_tiny_model
 

@@ -18,6 +18,7 @@ import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import Tensor
 
+from cluster.config import ClusterConfig, Pools
 from cluster.messages import StepMsg, StepResult, from_wire
 from cluster.micro_batch import join_logits, split_step
 from cluster.placement import ClusterPlacement, check_transport, resolve_placement
@@ -26,7 +27,6 @@ from cluster.recovery import ACTOR_FAILURES, restart
 from cluster.session import RaySession, connect, reserve
 from cluster.step_graph import CompiledStep, RemoteStep
 from cluster.workers import ExpertWorker, MixerWorker
-from engine.config import NextserveConfig, Pools
 from engine.executor import Executor, StepInput, StepTelemetry
 from model.config import ModelConfig
 from router.placement import ExpertPlacement
@@ -41,7 +41,7 @@ def _device(pool: Any) -> str:
 
 class ClusterExecutor(Executor):
     def __init__(self, model_dir: str | Path, dtype: str | None = None, num_slots: int = 8,
-                 max_model_len: int | None = None, config: NextserveConfig | None = None,
+                 max_model_len: int | None = None, config: ClusterConfig | None = None,
                  device: str = "cpu", block_size: int = 16, num_kv_blocks: int | None = None) -> None:
         """`device` is accepted for the executor interface's sake and unused: each actor computes on
         its pool's GPU when `resources.num_gpus` > 0, else on CPU. Logits come back on CPU.
@@ -49,7 +49,7 @@ class ClusterExecutor(Executor):
         self.model_dir = str(Path(model_dir).resolve())  # workers may start in another directory
         super().__init__(ModelConfig.from_dir(self.model_dir, dtype=dtype), num_slots, max_model_len,
                          block_size, num_kv_blocks)
-        self.settings = config or NextserveConfig()
+        self.settings = config or ClusterConfig()
         self.dtype = dtype
         cluster = self.settings.cluster
         self.num_lanes = 2 if cluster.micro_batch_tokens > 0 else 1

@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from engine.config import NextserveConfig, NextserveConfigError, Pools
+from cluster.config import ClusterConfig, Pools
+from engine.config import NextserveConfigError
 from model.config import ModelConfig
 from router.placement import ExpertPlacement, PlacementError
 
@@ -143,7 +144,7 @@ def _fits(node: Mapping[str, float], bundle: Mapping[str, float]) -> bool:
     return all(node.get(k, 0) >= v for k, v in bundle.items())
 
 
-def check_transport(settings: NextserveConfig, placement: ClusterPlacement) -> None:
+def check_transport(settings: ClusterConfig, placement: ClusterPlacement) -> None:
     """NCCL moves tensors between GPUs of a compiled graph, one whole GPU per actor."""
     c = settings.cluster
     if c.tensor_transport != "accelerator":

@@ -24,7 +24,7 @@ import numpy as np
 import ray
 import torch
 
-from engine.config import RebalanceSettings
+from cluster.config import RebalanceSettings
 from router.eplb import balance, imbalance
 from router.placement import ExpertPlacement, PlacementError
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
+from cluster.config import Pools
 from cluster.placement import ClusterPlacement, check_resources
-from engine.config import NextserveConfigError, Pools
+from engine.config import NextserveConfigError
 
 log = logging.getLogger(__name__)
 REPO_ROOT = str(Path(__file__).resolve().parents[1])

@@ -9,8 +9,8 @@ from typing import Any
 
 from ray import serve
 
+from deployments.config import NextserveConfig
 from deployments.server import EngineFactory, NextserveServer
-from engine.config import NextserveConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL_DIR = REPO_ROOT / "models" / "tiny-qwen3-next"  # the built-in model, made on first start

@@ -102,9 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from deployments.engine_factory import build_llm_engine
 
+    limits = _engine_limits(args)  # every flag checked before the checkpoint is read
     params = _sampling_params(args)
     tokenizer, prompts, flag = _prompts(args)  # before loading any weights: they take a while
-    config = _engine_config(args, num_seqs=min(len(prompts), args.max_num_seqs))
+    limits = limits.model_copy(update={"max_num_seqs": min(len(prompts), limits.max_num_seqs)})
+    config = _engine_config(args, limits)
     try:
         engine = build_llm_engine(config, tokenizer)
     except (ValueError, OSError) as e:  # an unreadable checkpoint, a placement that cannot be made
@@ -127,10 +129,27 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engine_config(args: argparse.Namespace, num_seqs: int):
+def _engine_limits(args: argparse.Namespace):
+    """The engine's flags, checked by the same settings class as ray_config.yaml's `engine`."""
+    from pydantic import ValidationError
+
+    from engine.config import EngineLimits
+
+    try:
+        return EngineLimits(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                            max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                            num_kv_blocks=args.num_kv_blocks)
+    except ValidationError as e:
+        first = e.errors()[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-")
+        raise UsageError(f"{flag}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+def _engine_config(args: argparse.Namespace, limits):
     """The flags as a NextserveConfig (with --executor cluster: over the --config file's args, whose
     pools, placement and cluster settings the cluster executor reads)."""
-    from engine.config import NextserveConfig, NextserveConfigError
+    from deployments.config import NextserveConfig
+    from engine.config import NextserveConfigError
 
     if args.executor == "cluster":
         try:
@@ -141,12 +160,8 @@ def _engine_config(args: argparse.Namespace, num_seqs: int):
         raise UsageError("--config: only the cluster executor reads a placement (add --executor cluster)")
     else:
         base = NextserveConfig()
-    engine = base.engine.model_copy(update=dict(
-        max_num_seqs=num_seqs, max_model_len=args.max_model_len, block_size=args.block_size,
-        max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=args.num_kv_blocks))
-    # model_copy does not validate: _sampling_params has checked these flags already.
     return base.model_copy(update=dict(model=args.model, dtype=args.dtype, executor=args.executor,
-                                       device=args.device, engine=engine))
+                                       device=args.device, engine=limits))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -178,10 +193,6 @@ def _rebalance(args: argparse.Namespace) -> int:
 def _sampling_params(args: argparse.Namespace):
     from engine.sampling import SamplingParams, SamplingParamsError
 
-    for flag in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     try:
         return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, logprobs=True)

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from deployments.config import NextserveConfig
 from engine.async_engine import AsyncLLMEngine
-from engine.config import NextserveConfig, NextserveConfigError
+from engine.config import NextserveConfigError
 from engine.executor import Executor
 from engine.llm_engine import LLMEngine
 from engine.tokenizer import Tokenizer

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from engine.config import NextserveConfig
+from deployments.config import NextserveConfig
 from engine.llm_engine import LLMEngine
 from model.decoder import CausalLM
 from monitoring.engine_metrics import EngineMetrics

@@ -13,7 +13,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from engine.config import NextserveConfig, NextserveConfigError, read_serve_config
+from deployments.config import NextserveConfig, read_serve_config
+from engine.config import NextserveConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "ray_config.yaml"

@@ -25,11 +25,11 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from deployments import chat_completions, completions
+from deployments.config import NextserveConfig
 from deployments.monitor import ReplicaMonitor
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, error_body
 from deployments.serving import SSE_DONE, APIError, Engine, ServingContext, served_model_name, sse
 from engine.async_engine import EngineStepError, QueueFullError, RequestTimeoutError
-from engine.config import NextserveConfig
 from engine.tokenizer import Tokenizer
 from monitoring import http as monitoring_http
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from engine.config import NextserveConfig
+from deployments.config import NextserveConfig
 from engine.llm_engine import EngineStats, RequestOutput, TopLogprobs
 from engine.sampling import SamplingParams, SamplingParamsError
 from engine.tokenizer import Tokenizer

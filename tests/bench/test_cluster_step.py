@@ -22,7 +22,7 @@ from bench.cluster_step import (
     step_table,
 )
 from cluster.placement import resolve_placement
-from engine.config import NextserveConfig
+from deployments.config import NextserveConfig
 from engine.local_executor import LocalExecutor
 from model.config import ModelConfig
 from model.tiny import make_tiny_model

@@ -16,7 +16,7 @@ import torch
 ray = pytest.importorskip("ray")
 
 from cluster.executor import ClusterExecutor  # noqa: E402
-from engine.config import NextserveConfig  # noqa: E402
+from deployments.config import NextserveConfig  # noqa: E402
 from engine.executor import StepInput  # noqa: E402
 from engine.local_executor import LocalExecutor  # noqa: E402
 

@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from cluster.executor import ClusterExecutor  # noqa: E402
-from engine.config import NextserveConfig  # noqa: E402
+from deployments.config import NextserveConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 

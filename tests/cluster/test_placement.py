@@ -11,7 +11,8 @@ import torch
 
 from cluster.micro_batch import join_logits, split_step
 from cluster.placement import check_resources, check_transport, resolve_placement
-from engine.config import NextserveConfig, NextserveConfigError
+from deployments.config import NextserveConfig
+from engine.config import NextserveConfigError
 from engine.executor import StepInput
 from model.config import ModelConfig
 from tests.hf_models import TINY_MOE, TINY_NEXT

@@ -17,8 +17,8 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from cluster.executor import ClusterExecutor  # noqa: E402
+from deployments.config import NextserveConfig  # noqa: E402
 from engine.async_engine import AsyncLLMEngine  # noqa: E402
-from engine.config import NextserveConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 

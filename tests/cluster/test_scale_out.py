@@ -17,9 +17,10 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.placement_group import placement_group_table  # noqa: E402
 
+from cluster.config import RebalanceSettings  # noqa: E402
 from cluster.executor import ClusterExecutor  # noqa: E402
 from cluster.rebalance import RebalancePolicy  # noqa: E402
-from engine.config import NextserveConfig, RebalanceSettings  # noqa: E402
+from deployments.config import NextserveConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.local_executor import LocalExecutor  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from deployments.config import NextserveConfig
 from deployments.engine_factory import build_engine
-from engine.config import NextserveConfig, NextserveConfigError
+from engine.config import NextserveConfigError
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
+from deployments.config import NextserveConfig
 from deployments.engine_factory import build_engine
-from engine.config import NextserveConfig
 
 
 @pytest.fixture(scope="module")

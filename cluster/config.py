@@ -1,0 +1,111 @@
+"""The cluster executor's settings: actor pools and their placement (`pools`), the step graph and
+failure handling (`cluster`), expert rebalancing (`rebalance`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from engine.config import Settings
+
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
+class ActorResources(Settings):
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor (Ray logical CPUs)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a GPU")
+    resources: dict[str, float] = Field(default_factory=dict,
+                                        description="custom Ray resources per actor, e.g. {node_kind_a: 1}")
+
+    def as_bundle(self) -> dict[str, float]:
+        """The placement-group bundle of one actor."""
+        bundle = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
+        return {k: v for k, v in bundle.items() if v > 0}
+
+
+class _Pool(Settings):
+    actors: int = Field(1, ge=1, description="number of actors in the pool")
+    resources: ActorResources = Field(default_factory=ActorResources, description="resources per actor")
+    strategy: PlacementStrategy = Field("PACK", description="placement-group strategy of the pool's bundles")
+    label_selector: dict[str, str] = Field(
+        default_factory=dict, description="node labels every actor of the pool needs, e.g. {pool: experts} "
+                                          "for nodes started with `ray start --labels pool=experts`")
+
+
+class MixerPool(_Pool):
+    layers: list[list[int]] | None = Field(
+        None, description="layers[a]: the decoder layers actor a holds (default: contiguous even split "
+                          "of this pool's layer kind); unused when the model has no layer of the kind")
+
+    @model_validator(mode="after")
+    def _one_list_per_actor(self) -> MixerPool:
+        if self.layers is not None and len(self.layers) != self.actors:
+            raise ValueError(f"layers: {len(self.layers)} lists for actors={self.actors}")
+        return self
+
+
+class ExpertPool(_Pool):
+    experts: list[list[int]] | None = Field(
+        None, description="experts[a]: routed experts shard a holds in every MoE layer (default: even "
+                          "split); an expert listed on several shards is a redundant copy")
+
+    @model_validator(mode="after")
+    def _one_list_per_actor(self) -> ExpertPool:
+        if self.experts is not None and len(self.experts) != self.actors:
+            raise ValueError(f"experts: {len(self.experts)} lists for actors={self.actors}")
+        return self
+
+
+class Pools(Settings):
+    attention: MixerPool = Field(default_factory=MixerPool, description="full-attention actors")
+    deltanet: MixerPool = Field(default_factory=MixerPool, description="Gated DeltaNet actors")
+    experts: ExpertPool = Field(default_factory=lambda: ExpertPool(actors=2), description="expert shards")
+
+
+class ClusterSettings(Settings):
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster started and "
+                          "stopped by nextserve)")
+    compiled_graph: bool = Field(True, description="run the step as a Ray Compiled Graph (false: one "
+                                                   "remote call per hop, the slower fallback)")
+    micro_batch_tokens: int = Field(
+        0, ge=0, description="steps with at least this many tokens are split into two micro-batches so "
+                               "that mixers and expert shards overlap (0: never split)")
+    tensor_transport: Literal["host", "accelerator", "shm"] = Field(
+        "host", description="how tensors cross the step graph's edges: host (numpy arrays through "
+                            "Ray's shared memory / object store; CPU actors, and the safe default), "
+                            "accelerator (torch tensors GPU to GPU by NCCL; every pool in use needs "
+                            "num_gpus >= 1 and compiled_graph), shm (torch tensors through shared "
+                            "memory: the accelerator code path on CPU, for testing)")
+    buffer_size_bytes: int = Field(1 << 20, ge=1024, description="initial compiled-graph channel buffer; "
+                                                                 "channels grow for larger messages")
+    idle_release_s: float = Field(
+        30.0, ge=0, description="after this many seconds without a request the compiled graph is torn "
+                                "down (its actors poll their channels, ~half a core each, while it "
+                                "stands) and compiled again by the next step (0: keep it)")
+    timeout_s: float = Field(120.0, gt=0, description="longest wait for actor start-up (loading weights)")
+    step_timeout_s: float = Field(
+        15.0, gt=0, description="longest wait for one engine step; past it the step's actors are taken "
+                                "for dead and restarted (a dead actor is usually noticed at once)")
+
+
+class RebalanceSettings(Settings):
+    period_s: float = Field(0.0, ge=0, description="how often each engine replica looks at its expert load "
+                                                   "and may rebalance (0: never by itself; the `nextserve "
+                                                   "rebalance` command still works)")
+    threshold: float = Field(1.25, ge=1.0, description="rebalance when max / mean expert-shard load over the "
+                                                       "last period exceeds this (1.0: perfectly even)")
+    redundant_experts: int = Field(0, ge=0, description="extra copies of hot experts, spread over the shards "
+                                                        "(each shard then holds about (E + this) / shards)")
+    min_gain: float = Field(0.05, ge=0, lt=1, description="apply a new placement only if it lowers max / "
+                                                          "mean shard load by at least this fraction")
+
+
+class ClusterConfig(Settings):
+    """What the cluster executor reads (the top-level config adds the engine's and the server's)."""
+
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    pools: Pools = Field(default_factory=Pools)
+    rebalance: RebalanceSettings = Field(default_factory=RebalanceSettings,
+                                         description="expert load balancing (cluster executor)")

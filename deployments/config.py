@@ -1,0 +1,71 @@
+"""NextserveConfig: the one typed view of nextserve's settings in ray_config.yaml, and the file's
+reader. The file is a Ray Serve config; nextserve's own settings are the first application's
+`args`: the cluster executor's (cluster/config.py), the engine's (engine/config.py) and the
+server's (`serve`, here). Checked when read, frozen afterwards; every error names the key path
+and the value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from cluster.config import ClusterConfig
+from engine.config import EngineLimits, NextserveConfigError, Settings
+
+ARGS_PATH = "applications[0].args"
+
+
+class ServeSettings(Settings):
+    served_model_name: str | None = Field(None, description="the name clients pass as `model` "
+                                                            "(default: the checkpoint directory's name)")
+    max_queued_requests: int = Field(64, ge=0, description="requests that may wait for a slot per engine "
+                                                           "replica; beyond that: HTTP 429")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and 503 replies")
+    request_timeout_s: float | None = Field(
+        None, gt=0, description="a request unfinished this long after it arrived (waiting included) is "
+                                "aborted: HTTP 504, or an error event in a stream (default: no limit)")
+    torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads in each engine "
+                                                              "replica (default: torch's)")
+
+
+class NextserveConfig(ClusterConfig):
+    model: str | None = Field(None, description="Hugging Face checkpoint directory")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="default: checkpoint's")
+    executor: Literal["local", "cluster"] = Field("local", description="where the model runs")
+    device: str = Field("cpu", description="torch device of the local executor and of CPU-only actors")
+    engine: EngineLimits = Field(default_factory=EngineLimits)
+    serve: ServeSettings = Field(default_factory=ServeSettings, description="the HTTP API")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> NextserveConfig:
+        path = Path(path)
+        _, app = read_serve_config(path)
+        return cls.from_args(app.get("args") or {}, source=f"{path}: {ARGS_PATH}")
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any], source: str = ARGS_PATH) -> NextserveConfig:
+        try:
+            return cls.model_validate(args)
+        except ValidationError as e:
+            first = e.errors()[0]
+            key = ".".join(str(p) for p in first["loc"])
+            value = first.get("input")
+            raise NextserveConfigError(f"{source}.{key}: {first['msg']} (got {value!r})") from None
+
+
+def read_serve_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A Ray Serve config file (ray_config.yaml): the whole file and its first application entry."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise NextserveConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise NextserveConfigError(f"{path}: not valid YAML ({e})") from None
+    apps = raw.get("applications") if isinstance(raw, dict) else None
+    if not isinstance(apps, list) or not apps or not isinstance(apps[0], dict):
+        raise NextserveConfigError(f"{path}: applications: expected a list of Serve applications")
+    return raw, apps[0]
