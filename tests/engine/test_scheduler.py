@@ -64,22 +64,23 @@ def test_max_num_seqs_and_slots_limit_admission():
     assert [r[0] for r in run_chunks(s2.schedule())] == ["x"]
 
 
-def test_finish_and_abort_free_slots():
+def test_finish_frees_slots():
     s = Scheduler(SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=100), num_slots=3)
     a, b, c = seq("a", 2), seq("b", 2), seq("c", 2)
     for q in (a, b, c):
         s.add(q)
     run_chunks(s.schedule())
     assert s.slots.num_free == 0
-    slot = a.slot
-    assert s.finish(a, "length") == slot and a.slot is None and a.finish_reason == "length"
-    assert s.abort("b") is b and b.finish_reason == "abort" and b.is_finished
-    assert s.abort("b") is None and s.abort("nope") is None
+    s.finish(a, "length")
+    assert a.slot is None and a.finish_reason == "length" and s.slots.num_free == 1
+    s.finish(b, "abort")
+    assert b.finish_reason == "abort" and b.is_finished
     s.finish(c, "stop")
     assert s.slots.num_free == 3 and not s.has_unfinished()
     w = seq("w", 2)
     s.add(w)
-    assert s.abort("w") is w and not s.waiting  # a waiting request holds no slot
+    s.finish(w, "abort")
+    assert not s.waiting and s.slots.num_free == 3  # a waiting request holds no slot
 
 
 def test_prompt_longer_than_max_model_len_is_refused():
