@@ -254,7 +254,10 @@ class LLMEngine:
         """The executor raised: the step's sequences' caches are unreliable. A sequence that failed
         a step of its own fails alone; the sequences of a shared step are each recomputed alone
         (Scheduler.isolate), which finds the culprit. Every isolated sequence either fails or gets
-        past the failed step, so this cannot loop."""
+        past the failed step, so this cannot loop. An executor that says it is unhealthy failed
+        for its own reasons, not a request's: the error goes to the caller, as lost state does."""
+        if not getattr(self.executor, "healthy", lambda: True)():
+            raise error
         seqs = [c.seq for c in sched.chunks]
         if len(seqs) == 1 and self.scheduler.is_isolated(seqs[0]):
             seq = seqs[0]

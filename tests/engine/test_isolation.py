@@ -1,6 +1,7 @@
-"""No request can fail another: a request whose data breaks the executor's step or the sampler
-fails alone with its error, and the requests beside it produce exactly the outputs of a run
-without it, through LLMEngine and AsyncLLMEngine. Over the fake executor."""
+"""No request can fail another: a request whose data breaks the executor's step, the sampler or
+the processing of its output fails alone with its error, and the requests beside it produce
+exactly the outputs of a run without it, through LLMEngine and AsyncLLMEngine. Over the fake
+executor, and once over the real Qwen3-Next, whose DeltaNet state a failed step leaves corrupt."""
 
 from __future__ import annotations
 
@@ -202,3 +203,35 @@ def test_over_the_local_executor_the_corrupted_deltanet_state_is_recomputed(tmp_
     assert [r.token_ids for r in got[:1] + got[2:]] == [r.token_ids for r in undisturbed]
     assert got[1].finish_reason == "error" and "fault in the last layer" in got[1].error
     assert sum(fed_poison) == 2  # the shared step, then the bad request's own
+
+
+def test_an_unhealthy_executor_fails_the_step_not_a_request():
+    class DownExecutor(FakeExecutor):
+        def healthy(self) -> bool:
+            return False
+
+        def execute(self, step):
+            raise RuntimeError("the executor is down")
+
+    engine = LLMEngine(DownExecutor())
+    engine.add_request("a", GOOD[0], GREEDY)
+    with pytest.raises(RuntimeError, match="the executor is down"):  # the server ends every request
+        engine.step()
+    assert not engine.scheduler.isolated
+
+
+def test_a_request_whose_output_cannot_be_processed_fails_alone():
+    class BrokenDetokenizer:
+        def add(self, token_id: int) -> bool:
+            raise ValueError(f"cannot decode {token_id}")
+
+    undisturbed = outputs_by_request(LLMEngine(FakeExecutor()), {"g": (GOOD[0], GREEDY)})
+    engine = LLMEngine(FakeExecutor())
+    engine.add_request("bad", GOOD[1], GREEDY)
+    engine._requests["bad"].detokenizer = BrokenDetokenizer()
+    got = outputs_by_request(engine, {"g": (GOOD[0], GREEDY)})
+    assert got["g"] == undisturbed["g"]
+    (failed,) = got["bad"]
+    assert failed.finish_reason == "error"
+    assert failed.error.startswith("processing the output failed: ValueError: cannot decode")
+    assert engine.stats.num_slots_used == 0
