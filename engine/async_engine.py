@@ -4,7 +4,10 @@ one event loop. LLMEngine is not thread-safe; only the engine thread touches it,
 it through a command queue. Leaving a `generate` stream early (client gone, task cancelled)
 aborts the request, which frees its slot. A reader that falls behind the engine gets the outputs
 waiting for it merged into one (each streamed event then carries several tokens), so under load
-the per-event cost of the HTTP path is paid once per read, not once per token."""
+the per-event cost of the HTTP path is paid once per read, not once per token. A request that
+fails alone ends with RequestFailedError; a step that fails as a whole ends its requests with
+EngineStepError; if the engine thread itself dies, every request, in flight or new, gets
+EngineDeadError and `healthy()` turns False."""
 
 from __future__ import annotations
 
@@ -34,6 +37,19 @@ class EngineStepError(RuntimeError):
     """An engine step failed; the requests in it were ended, the engine lives on."""
 
 
+class EngineDeadError(EngineStepError):
+    """The engine thread has stopped: no request can run on this engine again."""
+
+
+class RequestFailedError(RuntimeError):
+    """This request alone failed (its data broke a model step or its sampling); the engine and
+    the other requests go on."""
+
+    def __init__(self, request_id: str, message: str) -> None:
+        super().__init__(f"request {request_id} failed: {message}")
+        self.request_id = request_id
+
+
 class RequestTimeoutError(TimeoutError):
     """A request ran past its time limit; it was aborted and its slot freed."""
 
@@ -61,6 +77,7 @@ class AsyncLLMEngine:
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stopped = False
+        self._death: str | None = None  # why the engine thread died, once it has
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="nextserve-engine", daemon=True)
         self._thread.start()
@@ -72,6 +89,17 @@ class AsyncLLMEngine:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    def healthy(self) -> bool:
+        """Whether requests can run: the engine thread lives, is not stopping, and the executor
+        says it is healthy."""
+        if self._stopped or self._death is not None or not self._thread.is_alive():
+            return False
+        try:
+            return bool(getattr(self.engine.executor, "healthy", lambda: True)())
+        except Exception:
+            log.exception("executor health check failed")
+            return False
+
     def stats(self) -> EngineStats:
         # Read across threads without a lock: plain counters and queue lengths, a snapshot.
         return self.engine.stats
@@ -79,7 +107,10 @@ class AsyncLLMEngine:
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as steps produce them, the last one `finished`. Raises
-        ValueError for a prompt the engine refuses, before yielding anything."""
+        ValueError for a prompt the engine refuses, before yielding anything; EngineDeadError
+        once the engine thread has died; RequestFailedError if this request fails alone."""
+        if self._death is not None:
+            raise EngineDeadError(self._death)
         if self._stopped:
             raise EngineStepError("the engine is shutting down")
         if request_id in self._streams:
@@ -89,12 +120,15 @@ class AsyncLLMEngine:
         self._loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
-        added = self._loop.create_future()
-        self._send("add", request_id, list(prompt_token_ids), params, added)
+        self._send("add", request_id, list(prompt_token_ids), params)
         finished = False
         deadline = None if self.request_timeout_s is None else self._loop.time() + self.request_timeout_s
         try:
-            await self._before(deadline, added)
+            # The first item says whether the engine took the request: None, or the error.
+            refused = await self._before(deadline, stream.get())
+            if refused is not None:
+                finished = True
+                raise refused
             while True:
                 item = await self._before(deadline, stream.get())
                 while isinstance(item, RequestOutput) and not item.finished and not stream.empty():
@@ -136,6 +170,14 @@ class AsyncLLMEngine:
         self._wakeup.set()
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # whatever ends the thread must reach every caller
+            log.critical("the engine thread died", exc_info=e)
+            self._death = f"the engine stopped: {type(e).__name__}: {e}"
+            self._post(self._end_all_streams)
+
+    def _serve(self) -> None:
         while not self._stopped:
             self._drain_commands()
             if not self.engine.has_unfinished():
@@ -169,13 +211,13 @@ class AsyncLLMEngine:
             if kind == "abort":
                 self.engine.abort_request(request_id)
                 continue
-            prompt, params, added = rest
+            prompt, params = rest
             try:
                 self.engine.add_request(request_id, prompt, params)
             except Exception as e:  # ValueError for bad input; anything else is ours
-                self._post(_settle, added, e)
+                self._post(self._answer_add, request_id, e)
             else:
-                self._post(_settle, added, None)
+                self._post(self._answer_add, request_id, None)
 
     def _fail_all(self, error: Exception) -> None:
         ids = self.engine.unfinished_request_ids()
@@ -192,7 +234,11 @@ class AsyncLLMEngine:
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for o in outputs:
             stream = self._streams.get(o.request_id)
-            if stream is not None:  # else the caller left and its abort is on the way
+            if stream is None:  # the caller left and its abort is on the way
+                continue
+            if o.error is not None:  # after the outputs before it, like any error
+                stream.put_nowait(RequestFailedError(o.request_id, o.error))
+            else:
                 stream.put_nowait(o)
 
     def _deliver_error(self, request_ids: list[str], error: Exception) -> None:
@@ -200,6 +246,17 @@ class AsyncLLMEngine:
             stream = self._streams.get(request_id)
             if stream is not None:
                 stream.put_nowait(error)
+
+    def _answer_add(self, request_id: str, error: Exception | None) -> None:
+        """The stream's first item: None once the engine took the request, else why not."""
+        stream = self._streams.get(request_id)
+        if stream is not None:  # else the caller was cancelled while waiting
+            stream.put_nowait(error)
+
+    def _end_all_streams(self) -> None:
+        """The engine thread is dead: every stream, whatever it waits for, ends with the error."""
+        for stream in self._streams.values():
+            stream.put_nowait(EngineDeadError(self._death or "the engine stopped"))
 
 
 def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
@@ -215,11 +272,3 @@ def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
                    prompt_top_logprobs=a.prompt_top_logprobs if a.prompt_top_logprobs is not None
                    else b.prompt_top_logprobs)
 
-
-def _settle(future: asyncio.Future, error: Exception | None) -> None:
-    if future.done():  # the caller was cancelled while waiting
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)

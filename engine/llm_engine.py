@@ -1,6 +1,6 @@
-"""The engine loop: requests in, `step()` = schedule → execute → sample → postprocess, outputs
-out. Synchronous and single-threaded; a server drives it from one task and streams what each
-step returns."""
+"""The engine loop: requests in, `step()` = schedule → execute → sample → process, outputs out.
+Synchronous and single-threaded; a server drives it from one task and streams what each step
+returns. A request whose data breaks a step fails alone; the others go on unchanged."""
 
 from __future__ import annotations
 
@@ -15,33 +15,15 @@ import torch
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.executor import Executor, ExecutorStateLostError, StepInput
-from engine.sampling import Sampler, SamplingParams, top_logprobs
+from engine.output_processor import OutputProcessor, PromptRow, RequestOutput, Sampled, TopLogprobs
+from engine.sampling import Sampler, SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
 from engine.tokenizer import Tokenizer
 
+# RequestOutput and TopLogprobs are defined with the output processor and imported from here.
+__all__ = ["Completion", "EngineStats", "LLMEngine", "RequestOutput", "StepHook", "TopLogprobs"]
 log = logging.getLogger(__name__)
-TopLogprobs = tuple[tuple[int, float], ...]  # (token id, logprob), likeliest first
-
-
-@dataclass(frozen=True)
-class RequestOutput:
-    """What one step produced for one request: the token it sampled and, once finished, why.
-    A step that only runs part of a prompt produces none; an aborted request produces none.
-    `new_text` is the output text that became final this step (engines with a tokenizer); the
-    prompt's logprobs come once, with the first sampled token."""
-
-    request_id: str
-    new_token_ids: tuple[int, ...]
-    new_logprobs: tuple[float, ...] | None  # None unless the request asked for logprobs
-    finished: bool
-    finish_reason: str | None  # "stop" | "length" once finished
-    num_prompt_tokens: int
-    num_output_tokens: int  # so far, including new_token_ids
-    new_text: str = ""
-    new_top_logprobs: tuple[TopLogprobs, ...] | None = None  # with params.top_logprobs
-    prompt_logprobs: tuple[float | None, ...] | None = None  # with params.prompt_logprobs
-    prompt_top_logprobs: tuple[TopLogprobs, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -52,8 +34,9 @@ class Completion:
     prompt_token_ids: tuple[int, ...]
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...] | None
-    finish_reason: str
+    finish_reason: str  # "stop" | "length" | "abort" | "error"
     text: str | None  # decoded output when the engine has a tokenizer
+    error: str | None = None  # why the request failed (finish_reason "error")
 
 
 @dataclass(frozen=True)
@@ -111,6 +94,7 @@ class LLMEngine:
             eos_token_ids = [*self.config.eos_token_ids, *(tokenizer.eos_token_ids if tokenizer else ())]
         self.eos_token_ids = frozenset(eos_token_ids)
         self.sampler = Sampler()
+        self.processor = OutputProcessor(self.eos_token_ids, self.scheduler.max_seq_len)
         self._requests: dict[str, Sequence] = {}  # unfinished requests
         self.max_state_recoveries = max_state_recoveries
         self._state_losses = 0  # steps in a row that lost the executor's state
@@ -147,7 +131,7 @@ class LLMEngine:
         seq = self._requests.pop(request_id, None)
         if seq is None:
             return False
-        self._release(self.scheduler.finish(seq, "abort"))
+        self.scheduler.finish(seq, "abort")
         return True
 
     def has_unfinished(self) -> bool:
@@ -171,19 +155,25 @@ class LLMEngine:
         if sched.is_empty:
             return []
         step, sample_rows, prompt_rows = self._step_input(sched)
-        sampling = [c.seq for c in sched.chunks if c.samples]
         try:
             logits = self.executor.execute(step)  # [len(step.logits_index), V]
         except ExecutorStateLostError as e:
             self._recompute_after(e)
             return []
+        except Exception as e:
+            return self._execute_failed(sched, e)
         self._state_losses = 0
         for chunk in sched.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
         if prompt_rows:
-            self._score_prompts(logits, prompt_rows)
-        outputs = self._sample_and_finish(sampling, logits[sample_rows]) if sampling else []
-        self._count(sched, len(sampling))
+            self.processor.score_prompts(logits, prompt_rows)
+        sampling = [c.seq for c in sched.chunks if c.samples]
+        outputs = []
+        if sampling:
+            logits = logits[sample_rows]  # [len(sampling), V]
+            outputs = self.processor.process(sampling, logits, self._sample(sampling, logits))
+            self._finish(outputs)
+        self._count(sched, outputs)
         if self.step_hooks:  # metrics (monitoring/engine_metrics.py), after the step's bookkeeping
             counts = self.executor.take_expert_counts()
             stats, seconds = self.stats, time.perf_counter() - start
@@ -230,13 +220,13 @@ class LLMEngine:
                     error, len(running), self._state_losses, self.max_state_recoveries)
 
     def _step_input(self, sched: SchedulerOutput,
-                    ) -> tuple[StepInput, list[int], list[tuple[Sequence, int, int]]]:
+                    ) -> tuple[StepInput, list[int], list[PromptRow]]:
         """The step, the logits rows to sample from, and (seq, row, position) of each prompt
         position whose logits score the prompt's next token (requests with prompt_logprobs)."""
         token_ids: list[int] = []
         logits_index: list[int] = []
         sample_rows: list[int] = []
-        prompt_rows: list[tuple[Sequence, int, int]] = []
+        prompt_rows: list[PromptRow] = []
         for c in sched.chunks:
             offset = len(token_ids)
             token_ids += c.seq.token_slice(c.start, c.start + c.num_tokens)
@@ -260,75 +250,75 @@ class LLMEngine:
                          block_tables=tables)
         return step, sample_rows, prompt_rows
 
-    def _score_prompts(self, logits: torch.Tensor, prompt_rows: list[tuple[Sequence, int, int]]) -> None:
-        rows = torch.tensor([r for _, r, _ in prompt_rows], dtype=torch.long, device=logits.device)
-        targets = torch.tensor([s.prompt_token_ids[j + 1] for s, _, j in prompt_rows], dtype=torch.long,
-                               device=logits.device)
-        n = max(s.params.prompt_logprobs or 0 for s, _, _ in prompt_rows)
-        chosen, top_ids, top_lp = top_logprobs(logits[rows], targets, max(n, 1))
-        chosen, top_ids, top_lp = chosen.tolist(), top_ids.tolist(), top_lp.tolist()
-        for i, (seq, _, _) in enumerate(prompt_rows):
-            k = seq.params.prompt_logprobs or 0
-            seq.prompt_logprobs.append(chosen[i])
-            seq.prompt_top_logprobs.append(tuple(zip(top_ids[i][:k], top_lp[i][:k], strict=True)))
+    def _execute_failed(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
+        """The executor raised: the step's sequences' caches are unreliable. A sequence that failed
+        a step of its own fails alone; the sequences of a shared step are each recomputed alone
+        (Scheduler.isolate), which finds the culprit. Every isolated sequence either fails or gets
+        past the failed step, so this cannot loop. An executor that says it is unhealthy failed
+        for its own reasons, not a request's: the error goes to the caller, as lost state does."""
+        if not getattr(self.executor, "healthy", lambda: True)():
+            raise error
+        seqs = [c.seq for c in sched.chunks]
+        if len(seqs) == 1 and self.scheduler.is_isolated(seqs[0]):
+            seq = seqs[0]
+            log.error("request %s failed the model step on its own: %s", seq.request_id, error,
+                      exc_info=error)
+            output = self.processor.failed(seq, f"the model step failed: {type(error).__name__}: {error}")
+            self._finish([output])
+            return [output]
+        log.warning("a step of %d sequences failed (%s: %s); recomputing each alone", len(seqs),
+                    type(error).__name__, error, exc_info=error)
+        self.scheduler.isolate(sched.chunks)
+        return []
 
-    def _sample_and_finish(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
-        for seq in seqs:
-            if seq.generator is None and not seq.params.greedy:
-                seq.generator = seq.params.make_generator(logits.device)
-        out = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
-        tops = self._top_logprobs(seqs, logits, out.token_ids)
-        outputs = []
-        for seq, tok, lp, top in zip(seqs, token_ids, logprobs, tops, strict=True):
-            first = seq.num_output_tokens == 0
-            seq.append(tok, lp)
-            hit_stop_string = seq.detokenizer is not None and seq.detokenizer.add(tok)
-            reason = "stop" if hit_stop_string else self._stop_reason(seq)
-            if reason is not None:
-                self._release(self.scheduler.finish(seq, reason))
-                del self._requests[seq.request_id]
-                self._counters["num_finished"] += 1
-            want_prompt = first and seq.params.prompt_logprobs is not None
-            outputs.append(RequestOutput(
-                request_id=seq.request_id, new_token_ids=(tok,),
-                new_logprobs=(lp,) if seq.params.logprobs else None, finished=seq.is_finished,
-                finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
-                num_output_tokens=seq.num_output_tokens,
-                new_text=seq.detokenizer.take(seq.is_finished) if seq.detokenizer else "",
-                new_top_logprobs=(top,) if top is not None else None,
-                prompt_logprobs=tuple(seq.prompt_logprobs) if want_prompt else None,
-                prompt_top_logprobs=tuple(seq.prompt_top_logprobs) if want_prompt else None))
-        return outputs
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Sampled]:
+        """Each row's (token, logprob). If the batched sampler raises, rows are sampled one by one
+        and only those that raise fail; seeded generators restart from where the step found them."""
+        generators: list[torch.Generator | None] = []
+        states: list[torch.Tensor] = []
+        try:
+            for seq in seqs:
+                generators.append(g := self._generator(seq, logits.device))
+                if g is not None:
+                    states.append(g.get_state())
+            out = self.sampler(logits, [s.params for s in seqs], generators)
+            return list(zip(out.token_ids.tolist(), out.logprobs.tolist(), strict=True))
+        except Exception:
+            log.exception("sampling %d rows failed; sampling them one by one", len(seqs))
+        for g, state in zip([g for g in generators if g is not None], states, strict=False):
+            g.set_state(state)
+        sampled: list[Sampled] = []
+        for i, seq in enumerate(seqs):
+            try:
+                out = self.sampler(logits[i:i + 1], [seq.params], [self._generator(seq, logits.device)])
+                sampled.append((int(out.token_ids[0]), float(out.logprobs[0])))
+            except Exception as e:
+                log.warning("request %s: sampling failed: %s: %s", seq.request_id, type(e).__name__, e)
+                sampled.append(e)
+        return sampled
 
-    def _top_logprobs(self, seqs: list[Sequence], logits: torch.Tensor, token_ids: torch.Tensor,
-                      ) -> list[TopLogprobs | None]:
-        n = max((s.params.top_logprobs for s in seqs if s.params.logprobs), default=0)
-        if n == 0:
-            return [None] * len(seqs)
-        _, top_ids, top_lp = top_logprobs(logits, token_ids, n)
-        top_ids, top_lp = top_ids.tolist(), top_lp.tolist()
-        return [tuple(zip(top_ids[i][:s.params.top_logprobs], top_lp[i][:s.params.top_logprobs], strict=True))
-                if s.params.logprobs else None for i, s in enumerate(seqs)]
+    @staticmethod
+    def _generator(seq: Sequence, device: torch.device) -> torch.Generator | None:
+        if seq.generator is None and not seq.params.greedy:
+            seq.generator = seq.params.make_generator(device)
+        return seq.generator
 
-    def _stop_reason(self, seq: Sequence) -> str | None:
-        tok, p = seq.output_token_ids[-1], seq.params
-        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids):
-            return "stop"
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.scheduler.max_seq_len:
-            return "length"
-        return None
+    def _finish(self, outputs: list[RequestOutput]) -> None:
+        """Give back the slots of the requests that `outputs` finish."""
+        for o in outputs:
+            if o.finished:
+                seq = self._requests.pop(o.request_id)
+                self.scheduler.finish(seq, o.finish_reason)
+                seq.error = o.error
+                if o.error is None:
+                    self._counters["num_finished"] += 1
 
-    def _release(self, slot: int | None) -> None:
-        if slot is not None:
-            self.executor.release([slot])
-
-    def _count(self, sched: SchedulerOutput, num_sampled: int) -> None:
+    def _count(self, sched: SchedulerOutput, outputs: list[RequestOutput]) -> None:
         c = self._counters
         c["num_steps"] += 1
         c["num_prompt_tokens"] += sum(min(ch.num_tokens, max(0, ch.seq.num_prompt_tokens - ch.start))
                                       for ch in sched.chunks)
-        c["num_generated_tokens"] += num_sampled
+        c["num_generated_tokens"] += sum(len(o.new_token_ids) for o in outputs)
         c["last_step_num_tokens"] = sched.num_tokens
         c["last_step_num_seqs"] = len(sched.chunks)
 
@@ -337,4 +327,4 @@ class LLMEngine:
         return Completion(request_id=seq.request_id, prompt_token_ids=tuple(seq.prompt_token_ids),
                           token_ids=tuple(seq.output_token_ids),
                           logprobs=tuple(seq.output_logprobs) if seq.params.logprobs else None,
-                          finish_reason=seq.finish_reason or "abort", text=text)
+                          finish_reason=seq.finish_reason or "abort", text=text, error=seq.error)

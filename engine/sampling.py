@@ -21,6 +21,7 @@ class SamplingParamsError(ValueError):
 
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+MAX_FLOAT32 = torch.finfo(torch.float32).max
 
 
 @dataclass(frozen=True)
@@ -43,17 +44,23 @@ class SamplingParams:
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
         _require(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be >= 1",
                  self.max_tokens)
+        # Every value that reaches a tensor is bounded here, so no request can overflow a batched
+        # tensor op and fail its neighbours' step: temperature and top_p become float32, top_k is
+        # cut to the vocabulary by the sampler (larger means "all"), the seed seeds a
+        # torch.Generator, which takes 64 bits, and token ids must fit int64.
         _require(_is_number(self.temperature) and self.temperature >= 0, "temperature", "must be >= 0",
                  self.temperature)
+        _require(self.temperature <= MAX_FLOAT32, "temperature",
+                 f"must be at most {MAX_FLOAT32:.4g} (float32)", self.temperature)
         _require(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
         _require(_is_int(self.top_k) and self.top_k >= -1, "top_k", "must be -1, 0 (off) or >= 1",
                  self.top_k)
-        # torch.Generator takes 64 bits; a larger seed would fail the whole step, not only this request
         _require(self.seed is None or _is_int(self.seed), "seed", "must be an integer", self.seed)
         _require(self.seed is None or -(2**63) <= self.seed < 2**64, "seed", "must be in [-2**63, 2**64)",
                  self.seed)
         for t in self.stop_token_ids:
             _require(_is_int(t) and t >= 0, "stop_token_ids", "must hold token ids >= 0", t)
+            _require(t < 2**63, "stop_token_ids", "must hold token ids < 2**63", t)
         for s in self.stop:
             _require(isinstance(s, str) and s != "", "stop", "must hold non-empty strings", s)
         _require(_is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
@@ -119,7 +126,7 @@ def filtered_probs(logits: Tensor, params: Sequence[SamplingParams]) -> Tensor:
     dev = logits.device
     temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
     logits = logits / temperature[:, None]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=dev)  # [b]
+    top_k = torch.tensor([min(p.top_k, V) if p.top_k > 0 else V for p in params], device=dev)  # [b]
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)  # [b]
     if bool((top_k < V).any()) or bool((top_p < 1).any()):
         sorted_logits, order = logits.sort(-1, descending=True)  # [b, V]

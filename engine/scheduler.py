@@ -6,7 +6,9 @@ all within the step's token budget; a prompt that does not fit is split over sev
 (chunked prefill) and shares them with decode. Every chunk needs KV-cache blocks for its tokens
 (engine/block_manager.py); a running sequence that finds none free preempts the most recently
 admitted one, which gives back its slot and blocks and is recomputed later (vLLM's recompute
-policy: prompt + output prefilled again, the next token sampled from that)."""
+policy: prompt + output prefilled again, the next token sampled from that). The sequences of a
+step the executor failed are isolated: each is recomputed in steps of its own, so a request whose
+data breaks the model fails alone (`isolate`)."""
 
 from __future__ import annotations
 
@@ -130,6 +132,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()  # in order of admission, the newest last
         self.num_preemptions = 0
+        # Isolated sequences, in order, each with the token count its solo recompute must reach.
+        self.isolated: dict[Sequence, int] = {}
 
     @property
     def max_seq_len(self) -> int:
@@ -157,7 +161,23 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def isolate(self, chunks: tuple[ScheduledChunk, ...]) -> None:
+        """The executor failed the step of `chunks`, and their sequences' caches are unreliable
+        (DeltaNet state is updated in place layer by layer): recompute each from its first token,
+        alone in its steps, up to where the failed step would have taken it. They keep their slots
+        and blocks, which already cover that far, so recomputing needs no preemption."""
+        for c in chunks:
+            c.seq.num_computed_tokens = 0
+            self.isolated[c.seq] = c.start + c.num_tokens
+
+    def is_isolated(self, seq: Sequence) -> bool:
+        return seq in self.isolated
+
     def schedule(self) -> SchedulerOutput:
+        alone = self._next_isolated()
+        if alone is not None:  # every other sequence waits until the isolated ones are through
+            n = min(self.isolated[alone] - alone.num_computed_tokens, self.config.max_num_batched_tokens)
+            return SchedulerOutput((ScheduledChunk(alone, alone.num_computed_tokens, n),))
         plan = _StepPlan(self.config.max_num_batched_tokens)
         preempted_before = self.num_preemptions
         # Decode first: one token each; the config guarantees the budget, blocks may preempt.
@@ -186,6 +206,14 @@ class Scheduler:
             plan.add(seq, n)
         return SchedulerOutput(tuple(plan.chunks))
 
+    def _next_isolated(self) -> Sequence | None:
+        """The first isolated sequence still short of its mark; those past it rejoin the batch."""
+        for seq, mark in list(self.isolated.items()):
+            if seq.num_computed_tokens < mark:
+                return seq
+            del self.isolated[seq]
+        return None
+
     def _reserve(self, seq: Sequence, num_tokens: int, plan: _StepPlan) -> bool:
         """Blocks for `seq` to compute `num_tokens` more tokens, preempting the newest running
         sequences until they are free; False if `seq` itself had to be preempted."""
@@ -202,6 +230,7 @@ class Scheduler:
         """Give back `seq`'s slot and blocks and queue it first for recompute: its prompt and
         output are prefilled again, and that prefill samples its next token."""
         plan.drop(seq)
+        self.isolated.pop(seq, None)  # recomputed from its first token anyway
         self.running.remove(seq)
         self.blocks.free(seq)
         self.slots.free(seq.slot)
@@ -211,25 +240,16 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def finish(self, seq: Sequence, reason: str) -> int | None:
-        """End `seq` (it must be waiting or running); returns the slot it gave back, if any."""
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End `seq` (it must be waiting or running) and give back its slot and blocks."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        self.isolated.pop(seq, None)
         self.blocks.free(seq)
-        slot, seq.slot = seq.slot, None
-        if slot is not None:
-            self.slots.free(slot)
-        return slot
-
-    def abort(self, request_id: str) -> Sequence | None:
-        """Finish the request with reason "abort"; None if it is not waiting or running."""
-        for queue in (self.waiting, self.running):
-            for seq in queue:
-                if seq.request_id == request_id:
-                    self.finish(seq, "abort")
-                    return seq
-        return None
+        if seq.slot is not None:
+            self.slots.free(seq.slot)
+            seq.slot = None

@@ -4,7 +4,6 @@ slot and where it is in its life (waiting → running → finished)."""
 from __future__ import annotations
 
 import enum
-import time
 
 import torch
 
@@ -16,9 +15,6 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-FINISH_REASONS = ("stop", "length", "abort")
 
 
 class Sequence:
@@ -33,13 +29,13 @@ class Sequence:
         # Tokens whose keys/values (or DeltaNet state) are in the slot; the newest sampled token
         # is not among them until the next step feeds it.
         self.num_computed_tokens = 0
-        self.finish_reason: str | None = None
+        self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+        self.error: str | None = None  # why it failed, with finish_reason "error"
         self.generator: torch.Generator | None = None  # made on first draw, on the logits' device
         self.detokenizer: IncrementalDetokenizer | None = None  # when the engine has a tokenizer
         # With params.prompt_logprobs: entry j scores prompt token j (None for the first token).
         self.prompt_logprobs: list[float | None] = [None]
         self.prompt_top_logprobs: list[tuple[tuple[int, float], ...]] = [()]
-        self.arrival_time = time.monotonic()
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -49,7 +49,6 @@ class FakeExecutor(Executor):
         self.max_model_len = max_model_len
         self.fed: dict[int, list[int]] = {s: [] for s in range(num_slots)}  # tokens in each slot
         self.steps: list[StepInput] = []
-        self.released: list[int] = []
 
     def execute(self, step: StepInput) -> Tensor:
         self.steps.append(step)
@@ -75,9 +74,6 @@ class FakeExecutor(Executor):
         if not rows:
             return torch.empty(0, self.config.vocab_size)
         return torch.stack(rows)
-
-    def release(self, slots: list[int]) -> None:
-        self.released += slots
 
 
 class PagedFakeExecutor(FakeExecutor):

@@ -1,13 +1,14 @@
 """AsyncLLMEngine over the fake executor: streams equal the one-at-a-time reference, leaving a
-stream early frees the slot, a full queue is refused at once, a failed step ends only its
-requests."""
+stream early frees the slot, a full queue is refused at once, a step that fails once is retried.
+Requests that fail alone: tests/engine/test_isolation.py; the engine thread's death:
+tests/engine/test_engine_death.py."""
 
 import asyncio
 import itertools
 
 import pytest
 
-from engine.async_engine import AsyncLLMEngine, EngineStepError, QueueFullError
+from engine.async_engine import AsyncLLMEngine, QueueFullError
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 from tests.engine.fakes import FakeExecutor, reference_greedy
@@ -161,18 +162,16 @@ class FlakyExecutor(FakeExecutor):
         return super().execute(step)
 
 
-def test_failed_step_ends_its_requests_and_the_engine_lives_on():
+def test_a_failed_step_is_retried_and_its_requests_go_on():
     ex = FlakyExecutor(num_slots=2)
     engine = make(executor=ex)
 
     async def main():
-        ex.fail_next = True
-        with pytest.raises(EngineStepError, match="boom"):
-            await collect(engine, "a", [5, 6])
-        return await collect(engine, "b", [5, 6])
+        ex.fail_next = True  # once: each of the step's requests is recomputed alone, and passes
+        return await asyncio.gather(collect(engine, "a", [5, 6]), collect(engine, "b", [7]))
 
     try:
-        assert asyncio.run(main()) == reference_greedy([5, 6], 5, eos=None)
-        assert engine.stats().num_slots_used == 0 and engine.is_alive()
+        assert asyncio.run(main()) == [reference_greedy(p, 5, eos=None) for p in ([5, 6], [7])]
+        assert engine.stats().num_slots_used == 0 and engine.is_alive() and engine.healthy()
     finally:
         engine.shutdown()

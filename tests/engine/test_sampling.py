@@ -111,6 +111,12 @@ def test_low_temperature_concentrates_on_the_argmax():
     (dict(top_k=-2), "top_k must be -1, 0 (off) or >= 1, got -2"),
     (dict(seed="7"), "seed must be an integer, got '7'"),
     (dict(stop_token_ids=[3, -1]), "stop_token_ids must hold token ids >= 0, got -1"),
+    # Values that would overflow a tensor op and fail the whole batch's step are refused here.
+    (dict(temperature=float("inf")), "temperature must be at most 3.403e+38 (float32), got inf"),
+    (dict(temperature=10**39), f"temperature must be at most 3.403e+38 (float32), got {10**39}"),
+    (dict(seed=2**64), "seed must be in [-2**63, 2**64), got 18446744073709551616"),
+    (dict(seed=-(2**63) - 1), "seed must be in [-2**63, 2**64), got -9223372036854775809"),
+    (dict(stop_token_ids=[2**63]), "stop_token_ids must hold token ids < 2**63, got 9223372036854775808"),
 ])
 def test_params_validation_names_field_and_value(kwargs, message):
     with pytest.raises(SamplingParamsError) as e:
@@ -130,3 +136,16 @@ def test_params_are_frozen_and_keep_a_tuple():
 def test_sampler_checks_row_count():
     with pytest.raises(ValueError, match="2 logit rows but 1 sampling params"):
         Sampler()(logits(rows=2), [SamplingParams()])
+
+
+@pytest.mark.parametrize("top_k", [V, V + 1, 2**63, 10**30])
+def test_top_k_beyond_the_vocabulary_means_every_token(top_k):
+    x = logits(rows=3)
+    off = [SamplingParams(temperature=1.0, seed=s) for s in range(3)]
+    big = [SamplingParams(temperature=1.0, seed=s, top_k=top_k) for s in range(3)]
+    assert Sampler()(x, big, gens(big)).token_ids.tolist() == Sampler()(x, off, gens(off)).token_ids.tolist()
+
+
+@pytest.mark.parametrize("seed", [-(2**63), -1, 0, 2**64 - 1])
+def test_every_seed_allowed_makes_a_generator(seed):
+    assert SamplingParams(seed=seed).make_generator("cpu") is not None

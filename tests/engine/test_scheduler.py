@@ -64,22 +64,23 @@ def test_max_num_seqs_and_slots_limit_admission():
     assert [r[0] for r in run_chunks(s2.schedule())] == ["x"]
 
 
-def test_finish_and_abort_free_slots():
+def test_finish_frees_slots():
     s = Scheduler(SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=100), num_slots=3)
     a, b, c = seq("a", 2), seq("b", 2), seq("c", 2)
     for q in (a, b, c):
         s.add(q)
     run_chunks(s.schedule())
     assert s.slots.num_free == 0
-    slot = a.slot
-    assert s.finish(a, "length") == slot and a.slot is None and a.finish_reason == "length"
-    assert s.abort("b") is b and b.finish_reason == "abort" and b.is_finished
-    assert s.abort("b") is None and s.abort("nope") is None
+    s.finish(a, "length")
+    assert a.slot is None and a.finish_reason == "length" and s.slots.num_free == 1
+    s.finish(b, "abort")
+    assert b.finish_reason == "abort" and b.is_finished
     s.finish(c, "stop")
     assert s.slots.num_free == 3 and not s.has_unfinished()
     w = seq("w", 2)
     s.add(w)
-    assert s.abort("w") is w and not s.waiting  # a waiting request holds no slot
+    s.finish(w, "abort")
+    assert not s.waiting and s.slots.num_free == 3  # a waiting request holds no slot
 
 
 def test_prompt_longer_than_max_model_len_is_refused():
@@ -111,3 +112,29 @@ def test_slot_allocator():
 def test_scheduler_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SchedulerConfig(**kwargs)
+
+
+def test_isolated_sequences_recompute_alone_up_to_the_failed_step_then_rejoin():
+    s = Scheduler(SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=4, max_model_len=64,
+                                  num_kv_blocks=16, block_size=4), num_slots=3)
+    a, b, c = seq("a", 2), seq("b", 9), seq("c", 3)
+    for q in (a, b):
+        s.add(q)
+    assert run_chunks(s.schedule()) == [("a", 0, 2), ("b", 0, 2)]
+    s.add(c)
+    failed = s.schedule()  # the executor fails this step: nothing of it is computed
+    assert [(ch.seq.request_id, ch.start, ch.num_tokens) for ch in failed.chunks] == [("a", 2, 1),
+                                                                                       ("b", 2, 3)]
+    blocks = s.blocks.num_used
+    s.isolate(failed.chunks)
+    assert s.is_isolated(a) and s.is_isolated(b) and a.num_computed_tokens == b.num_computed_tokens == 0
+    # Each alone, from its first token to where the failed step would have taken it; c waits.
+    assert run_chunks(s.schedule()) == [("a", 0, 3)]  # samples, as a's failed chunk would have
+    assert run_chunks(s.schedule()) == [("b", 0, 4)]
+    assert run_chunks(s.schedule()) == [("b", 4, 1)]
+    assert s.blocks.num_used == blocks  # the slots and blocks it held already cover the recompute
+    assert run_chunks(s.schedule()) == [("a", 3, 1), ("b", 5, 3)]  # back in the batch
+    assert not s.isolated and c.status is SequenceStatus.WAITING
+    s.isolate(s.schedule().chunks)
+    s.finish(a, "abort")  # an isolated sequence that ends leaves isolation
+    assert [ch.seq for ch in s.schedule().chunks] == [b] and a not in s.isolated
