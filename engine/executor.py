@@ -110,9 +110,6 @@ class Executor(ABC):
     def execute(self, step: StepInput) -> Tensor:
         """Float32 logits [len(step.logits_index), vocab_size]."""
 
-    def release(self, slots: list[int]) -> None:  # noqa: B027 - optional hook
-        """The sequences in `slots` ended; an executor may drop per-slot state it keeps."""
-
     def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Free what the executor started (actors, placement groups)."""
 
