@@ -115,8 +115,10 @@ def _generate(args: argparse.Namespace) -> int:
             raise UsageError(f"--config: {e}") from None
     elif args.config is not None:
         raise UsageError("--config: only the cluster executor reads a placement (add --executor cluster)")
+    else:
+        extra["device"] = args.device  # the local executor's; cluster actors compute where their pools say
     try:
-        executor = create_executor(args.executor, model_dir=args.model, dtype=args.dtype, device=args.device,
+        executor = create_executor(args.executor, model_dir=args.model, dtype=args.dtype,
                                    num_slots=min(len(prompts), args.max_num_seqs),
                                    max_model_len=args.max_model_len, block_size=args.block_size,
                                    num_kv_blocks=args.num_kv_blocks, **extra)

@@ -27,12 +27,14 @@ def build_engine(config: NextserveConfig) -> tuple[AsyncLLMEngine, Tokenizer, in
         raise NextserveConfigError(f"model: {config.model} has no tokenizer.json, which serving needs")
     limits = config.engine
     kwargs = dict(model_dir=config.model, dtype=config.dtype, num_slots=limits.max_num_seqs,
-                  max_model_len=limits.max_model_len, device=config.device, block_size=limits.block_size,
+                  max_model_len=limits.max_model_len, block_size=limits.block_size,
                   num_kv_blocks=limits.num_kv_blocks)
     if config.executor == "cluster":
         import cluster.executor  # noqa: F401 - registers "cluster"; imports Ray, so only on demand
 
-        kwargs["config"] = config
+        kwargs["config"] = config  # its actors compute where their pools say
+    else:
+        kwargs["device"] = config.device
     executor = create_executor(config.executor, **kwargs)
     try:
         # Every slot must be able to decode in each step, so the budget is at least the slot count.
