@@ -174,7 +174,7 @@ class ClusterExecutor(Executor):
     def set_expert_placement(self, experts: ExpertPlacement) -> float:
         """Move the routed experts to `experts` between steps, keeping every cache (expert
         rebalancing, cluster/rebalance.py); returns the seconds it took. If that fails, the old
-        placement is loaded again and RebalanceError raised; if even that fails, BROKEN."""
+        placement is loaded again and RebalanceError raised; if even that fails, BROKEN too."""
         self._actors.check_experts(experts)  # a wrong placement changes nothing
         start = time.monotonic()
         old = self._actors.placement.experts
@@ -185,7 +185,12 @@ class ClusterExecutor(Executor):
             except Exception as e:
                 failure = e
                 log.warning("expert placement failed (%s); loading the old one again", describe(e))
-                self._actors.set_experts(old)
+                try:
+                    self._actors.set_experts(old)
+                except Exception as back:  # BROKEN (by the pause), so the next step restarts them
+                    raise RebalanceError(f"the new expert placement failed ({describe(e)}) and so did going "
+                                         f"back to the old one ({describe(back)}); the next step restarts "
+                                         f"the actors") from back
         if failure is not None:
             raise RebalanceError(f"the new expert placement failed ({describe(failure)}); "
                                  f"the old one is back") from failure
@@ -214,7 +219,8 @@ class ClusterExecutor(Executor):
         if self._state is State.SHUT_DOWN:
             raise RuntimeError("the cluster executor was shut down")
         if self._state is State.BROKEN:
-            raise self._recover(RuntimeError("the last restart failed"))
+            raise self._recover(RuntimeError("the actors were left broken by a failed restart or "
+                                             "expert placement"))
         if self._state is State.PARKED:
             try:
                 self._step = self._build_step()
@@ -240,7 +246,8 @@ class ClusterExecutor(Executor):
         """Restart the dead actors (every actor when BROKEN, or when that fails) and rebuild the
         step; the error for the engine says whether that worked."""
         start = time.monotonic()
-        log.warning("cluster step failed (%s); restarting dead actors", describe(cause))
+        log.warning("cluster step failed (%s); restarting %s", describe(cause),
+                    "every actor" if self._state is State.BROKEN else "the dead actors")
         # After a failed restart or change the actors may be half made: start them afresh.
         attempts = [restart_all] if self._state is State.BROKEN else [restart_dead, restart_all]
         what, error = "", None
@@ -254,13 +261,13 @@ class ClusterExecutor(Executor):
                 log.warning("%s failed (%s)", attempt.__name__, describe(e))
         if self._state is State.BROKEN:
             log.error("cluster executor could not restart its actors: %s", describe(error))
-            return ExecutorStateLostError(f"a cluster actor died ({describe(cause)}) and restarting "
+            return ExecutorStateLostError(f"a cluster step failed ({describe(cause)}) and restarting "
                                           f"failed ({describe(error)})", recovered=False)
         self.last_recovery_s = time.monotonic() - start
         self.num_recoveries += 1
         self.last_recovery_detail = what
         log.warning("cluster executor recovered in %.2fs: restarted %s", self.last_recovery_s, what)
-        return ExecutorStateLostError(f"a cluster actor died ({describe(cause)}); restarted {what} in "
+        return ExecutorStateLostError(f"a cluster step failed ({describe(cause)}); restarted {what} in "
                                       f"{self.last_recovery_s:.2f}s", recovered=True)
 
     def idle(self) -> None:

@@ -32,7 +32,10 @@ ACTOR_FAILURES: tuple[type[BaseException], ...] = (
 
 
 def describe(error: BaseException) -> str:
-    """One line: Ray's messages run to dozens of lines of context."""
+    """One line: Ray's messages run to dozens of lines of context. An error raised inside an
+    actor's method is told by its own type and message."""
+    if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, BaseException):
+        error = error.cause
     lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
     return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 

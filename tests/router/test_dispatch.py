@@ -9,7 +9,7 @@ import torch
 from model.config import ModelConfig
 from model.moe import Experts, SparseMoeBlock
 from router.dispatch import Router, combine
-from router.placement import ExpertPlacement, PlacementError
+from router.placement import ExpertPlacement, PlacementError, even_split
 
 E, K, H = 8, 3, 32
 
@@ -106,3 +106,10 @@ def test_placement_errors():
     with pytest.raises(PlacementError, match="5 shards for 4 experts"):
         ExpertPlacement.even(4, 5)
     assert ExpertPlacement.even(8, 3).shards == ((0, 1, 2), (3, 4, 5), (6, 7))
+
+
+def test_even_split():
+    assert [len(p) for p in even_split(range(10), 4)] == [3, 3, 2, 2]
+    assert [len(p) for p in even_split(range(512), 3)] == [171, 171, 170]
+    assert even_split((3, 7, 11), 2) == [(3, 7), (11,)]
+    assert ExpertPlacement.even(10, 4).shards == tuple(even_split(range(10), 4))
