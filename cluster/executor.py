@@ -1,6 +1,7 @@
 """The `cluster` executor: the model taken apart into attention, DeltaNet and expert-shard actors
 placed by the `pools` of ray_config.yaml, one engine step run as a compiled graph of their calls.
-Gives the logits of the `local` executor (tests/cluster).
+Gives the logits of the `local` executor (tests/cluster). The actors belong to an ActorGroup
+(cluster/actors.py); the executor holds the step graph over them and one State.
 
 Tensors travel between actors as `cluster.tensor_transport` says (cluster/messages.py): host
 arrays by default, or torch tensors GPU to GPU by NCCL between GPU actors."""
@@ -125,6 +126,7 @@ class ClusterExecutor(Executor):
         return self._actors.names
 
     def healthy(self) -> bool:
+        """False while no step can run: until a restart (BROKEN) or ever again (SHUT_DOWN)."""
         return self._state in (State.RUNNING, State.PARKED)
 
     # -- changing the actors -----------------------------------------------------------------
