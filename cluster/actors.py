@@ -93,12 +93,7 @@ class ActorGroup:
             except Exception as e:  # already gone
                 log.debug("kill: %s", e)
         self._mixers, self._shards, self._held = [], [], []
-        for pg in list(self.session.groups.values()):
-            try:
-                ray.util.remove_placement_group(pg)
-            except Exception as e:  # Ray already gone: nothing left to free
-                log.debug("placement group removal failed: %s", e)
-        self.session.groups.clear()
+        self.session.remove_groups()
 
     def find_dead(self) -> list[int]:
         """Indices into `actors` of those that are dead or do not answer."""

@@ -1,5 +1,6 @@
 """The import direction of DESIGN.md: model ← router ← engine ← cluster ← deployments, and
-monitoring is imported by engine, cluster and deployments but imports none of them."""
+monitoring is imported by engine, cluster and deployments but imports none of them; no import
+cycle between modules, and no module reaching another's `_private` names."""
 
 from __future__ import annotations
 
