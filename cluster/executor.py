@@ -1,51 +1,63 @@
 """The `cluster` executor: the model taken apart into attention, DeltaNet and expert-shard actors
 placed by the `pools` of ray_config.yaml, one engine step run as a compiled graph of their calls.
-Gives the logits of the `local` executor (tests/cluster).
+Gives the logits of the `local` executor (tests/cluster). The actors belong to an ActorGroup
+(cluster/actors.py); the executor holds the step graph over them and one State.
 
 Tensors travel between actors as `cluster.tensor_transport` says (cluster/messages.py): host
 arrays by default, or torch tensors GPU to GPU by NCCL between GPU actors."""
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
+import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import Tensor
 
-from cluster.config import ClusterConfig, Pools
+from cluster.actors import ActorArgs, ActorGroup
+from cluster.config import ClusterConfig
 from cluster.messages import StepMsg, StepResult, from_wire
 from cluster.micro_batch import join_logits, split_step
 from cluster.placement import ClusterPlacement, check_transport, resolve_placement
-from cluster.rebalance import apply_expert_placement
-from cluster.recovery import ACTOR_FAILURES, restart
-from cluster.session import RaySession, connect, reserve
+from cluster.recovery import ACTOR_FAILURES, describe, restart_all, restart_dead
+from cluster.session import RaySession, connect
 from cluster.step_graph import CompiledStep, RemoteStep
-from cluster.workers import ExpertWorker, MixerWorker
-from engine.executor import Executor, StepInput, StepTelemetry
+from engine.executor import Executor, ExecutorStateLostError, StepInput, StepTelemetry
 from model.config import ModelConfig
 from router.placement import ExpertPlacement
 
 log = logging.getLogger(__name__)
 
 
-def _device(pool: Any) -> str:
-    """Where an actor computes: its GPU if the pool gives it one (Ray sets CUDA_VISIBLE_DEVICES)."""
-    return "cuda" if pool.resources.num_gpus > 0 else "cpu"
+class State(enum.Enum):
+    """RUNNING: actors up, step graph built. PARKED: actors up with their caches, the compiled
+    graph torn down while idle; the next step builds it. BROKEN: an actor died (or a change of the
+    actors failed) and restarting did not work; the next step restarts every actor. SHUT_DOWN."""
+
+    RUNNING = "running"
+    PARKED = "parked"
+    BROKEN = "broken"
+    SHUT_DOWN = "shut_down"
+
+
+class RebalanceError(RuntimeError):
+    """A new expert placement could not be applied; the executor went back to the old one."""
 
 
 class ClusterExecutor(Executor):
     def __init__(self, model_dir: str | Path, dtype: str | None = None, num_slots: int = 8,
                  max_model_len: int | None = None, config: ClusterConfig | None = None,
-                 device: str = "cpu", block_size: int = 16, num_kv_blocks: int | None = None) -> None:
-        """`device` is accepted for the executor interface's sake and unused: each actor computes on
-        its pool's GPU when `resources.num_gpus` > 0, else on CPU. Logits come back on CPU.
-        `num_kv_blocks` None: every slot can hold max_model_len tokens (never preempts)."""
+                 block_size: int = 16, num_kv_blocks: int | None = None) -> None:
+        """Each actor computes on its pool's GPU when `resources.num_gpus` > 0, else on CPU; logits
+        come back on CPU. `num_kv_blocks` None: every slot can hold max_model_len tokens (never
+        preempts)."""
         self.model_dir = str(Path(model_dir).resolve())  # workers may start in another directory
         super().__init__(ModelConfig.from_dir(self.model_dir, dtype=dtype), num_slots, max_model_len,
                          block_size, num_kv_blocks)
@@ -54,104 +66,128 @@ class ClusterExecutor(Executor):
         cluster = self.settings.cluster
         self.num_lanes = 2 if cluster.micro_batch_tokens > 0 else 1
         self._seq = itertools.count()
-        self.mixers: list[Any] = []
-        self.shards: list[Any] = []
-        self.step_runner: CompiledStep | RemoteStep | None = None
-        self.lost = False  # an actor died and restarting failed: the next step tries again
-        # The compiled graph was torn down while idle (`idle`); the next step compiles it again.
-        self.parked = False
+        self._step: CompiledStep | RemoteStep | None = None
+        self._state = State.SHUT_DOWN  # until the actors are up
         self.idle_after_s = (cluster.idle_release_s or None) if cluster.compiled_graph else None
         self._expert_counts: dict[int, Any] = {}  # layer -> [E] pairs since the last take
         # Per step since the last take; bounded, so an engine without metrics hooks never grows it.
         self._telemetry: deque[StepTelemetry] = deque(maxlen=1024)
-        # Set by cluster/recovery.py: restarts so far, the last one's seconds and what it restarted.
+        # Restarts so far, the last one's seconds (from the failed step to a runnable graph) and
+        # what it restarted.
         self.num_recoveries, self.last_recovery_s, self.last_recovery_detail = 0, 0.0, ""
         placement = resolve_placement(self.settings.pools, self.config)  # config errors before Ray starts
         check_transport(self.settings, placement)
         self.session: RaySession = connect(cluster.ray_address, self.settings.pools)
+        args = ActorArgs(self.model_dir, dtype, num_slots, self.max_model_len, block_size, self.num_kv_blocks,
+                         cluster.tensor_transport, cluster.timeout_s)
+        self._actors = ActorGroup(args, self.session, self.settings.pools, placement)
         try:
-            self._start(self.settings.pools, placement)
+            self._actors.start()
+            self._step = self._build_step()
         except BaseException:
             self.shutdown()
             raise
+        self._state = State.RUNNING
 
-    # -- placement ---------------------------------------------------------------------------
-    def _start(self, pools: Pools, placement: ClusterPlacement) -> None:
-        timeout = self.settings.cluster.timeout_s
-        reserve(self.session, pools, placement, timeout)
-        self.pools, self.placement = pools, placement
-        self.mixers = [self._new_mixer(m) for m in placement.mixers]
-        if placement.experts is not None:
-            self.shards = [self._new_shard(s) for s in range(placement.num_shards)]
-        self._wait_ready(self.actor_names(), self.mixers + self.shards)
-        self.step_runner = self._build_step()
+    # -- what it holds -----------------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def actors(self) -> ActorGroup:
+        return self._actors
+
+    @property
+    def placement(self) -> ClusterPlacement:
+        return self._actors.placement
+
+    @property
+    def expert_placement(self) -> ExpertPlacement | None:
+        """The routed experts' placement in force now (it changes with every rebalance)."""
+        return self._actors.placement.experts
 
     def actor_names(self) -> list[str]:
-        """Names of `self.mixers + self.shards`, in that order."""
-        return [m.name for m in self.placement.mixers] + [f"experts-{s}" for s in range(len(self.shards))]
+        """Names of `actors.actors`, in that order."""
+        return self._actors.names
 
-    def _new_mixer(self, spec: Any) -> Any:
-        pool = getattr(self.pools, spec.pool)
-        actor = ray.remote(MixerWorker).options(**self._actor_options(spec.pool, pool, spec.index))
-        return actor.remote(self.model_dir, self.dtype, spec, self.num_slots, self.max_model_len,
-                            self.placement.experts, _device(pool), self.block_size, self.num_kv_blocks,
-                            self.settings.cluster.tensor_transport)
+    def healthy(self) -> bool:
+        """False while no step can run: until a restart (BROKEN) or ever again (SHUT_DOWN)."""
+        return self._state in (State.RUNNING, State.PARKED)
 
-    def _new_shard(self, s: int) -> Any:
-        pool = self.pools.experts
-        actor = ray.remote(ExpertWorker).options(**self._actor_options("experts", pool, s))
-        return actor.remote(self.model_dir, self.dtype, s, self.placement.experts.shards[s], _device(pool),
-                            self.settings.cluster.tensor_transport)
-
-    def _wait_ready(self, names: list[str], actors: list[Any]) -> None:
-        timeout = self.settings.cluster.timeout_s
-        for name, actor in zip(names, actors, strict=True):
-            try:
-                ray.get(actor.ready.remote(), timeout=timeout)
-            except ray.exceptions.RayActorError as e:  # e.g. a tensor missing from the checkpoint
-                cause = str(e).strip().splitlines()[-1]
-                raise ValueError(f"cluster actor {name} failed to start: {cause}") from None
-            except ray.exceptions.GetTimeoutError:
-                raise TimeoutError(f"cluster actor {name} did not start within {timeout}s "
-                                   f"(cluster.timeout_s)") from None
-
-    def _actor_options(self, pool_name: str, pool: Any, index: int) -> dict[str, Any]:
-        r = pool.resources
-        return dict(num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=dict(r.resources),
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(
-                        self.session.groups[pool_name], placement_group_bundle_index=index))
+    # -- changing the actors -----------------------------------------------------------------
+    @contextmanager
+    def _paused(self, repair: bool = False) -> Iterator[None]:
+        """Tear the step graph down (the actors take plain calls again) while the body changes
+        them, and build it again afterwards. If the body or the build fails, the actors may be
+        half changed: BROKEN, so the next step restarts them. Only a restart (`repair`) may
+        change the actors of a BROKEN executor."""
+        if not (self.healthy() or (repair and self._state is State.BROKEN)):
+            raise RuntimeError(f"the cluster executor is {self._state.value}")
+        self._teardown_step()
+        try:
+            yield
+            self._step = self._build_step()
+        except BaseException:
+            self._state = State.BROKEN
+            raise
+        self._state = State.RUNNING
 
     def _build_step(self) -> CompiledStep | RemoteStep:
-        c = self.settings.cluster
+        c, a = self.settings.cluster, self._actors
         if c.compiled_graph:
-            runner: CompiledStep | RemoteStep = CompiledStep(
-                self.config, self.placement, self.mixers, self.shards, self.num_lanes, c.step_timeout_s,
-                c.buffer_size_bytes, c.tensor_transport)
-        else:
-            runner = RemoteStep(self.config, self.placement, self.mixers, self.shards, c.step_timeout_s)
-        self.parked = False  # whoever builds the step takes it out of the idle state
-        return runner
+            return CompiledStep(self.config, a.placement, a.mixers, a.shards, self.num_lanes,
+                                c.step_timeout_s, c.buffer_size_bytes, c.tensor_transport)
+        return RemoteStep(self.config, a.placement, a.mixers, a.shards, c.step_timeout_s)
+
+    def _teardown_step(self, kill_actors: bool = False) -> None:
+        step, self._step = self._step, None
+        if step is not None:
+            try:
+                step.teardown(kill_actors=kill_actors)
+            except Exception as e:  # a dead actor's channels: the rest is freed anyway
+                log.warning("step graph teardown: %s", describe(e))
 
     def configure_step(self, compiled_graph: bool | None = None,
                        micro_batch_tokens: int | None = None) -> None:
         """Rebuild the step on the same actors: compiled graph or plain remote calls, one lane or
         two (tests and bench/cluster_step.py compare them without restarting actors)."""
-        if self.step_runner is not None:
-            self.step_runner.teardown()
-            self.step_runner = None
-        update = {k: v for k, v in (("compiled_graph", compiled_graph),
-                                    ("micro_batch_tokens", micro_batch_tokens)) if v is not None}
-        cluster = self.settings.cluster.model_copy(update=update)
-        self.settings = self.settings.model_copy(update={"cluster": cluster})
-        self.num_lanes = 2 if cluster.micro_batch_tokens > 0 else 1
-        self.step_runner = self._build_step()
+        with self._paused():
+            update = {k: v for k, v in (("compiled_graph", compiled_graph),
+                                        ("micro_batch_tokens", micro_batch_tokens)) if v is not None}
+            cluster = self.settings.cluster.model_copy(update=update)
+            self.settings = self.settings.model_copy(update={"cluster": cluster})
+            self.num_lanes = 2 if cluster.micro_batch_tokens > 0 else 1
 
-    def replace_placement(self, pools: Pools) -> None:
-        """Move to a new placement: new actors (they load their new share of the checkpoint) and a
-        step graph compiled again; the cached sequences are lost, so call it between requests."""
-        placement = resolve_placement(pools, self.config)
-        self._stop_actors()
-        self._start(pools, placement)
+    def set_expert_placement(self, experts: ExpertPlacement) -> float:
+        """Move the routed experts to `experts` between steps, keeping every cache (expert
+        rebalancing, cluster/rebalance.py); returns the seconds it took. If that fails, the old
+        placement is loaded again and RebalanceError raised; if even that fails, BROKEN too."""
+        self._actors.check_experts(experts)  # a wrong placement changes nothing
+        start = time.monotonic()
+        old = self._actors.placement.experts
+        failure: Exception | None = None
+        with self._paused():
+            try:
+                self._actors.set_experts(experts)
+            except Exception as e:
+                failure = e
+                log.warning("expert placement failed (%s); loading the old one again", describe(e))
+                try:
+                    self._actors.set_experts(old)
+                except Exception as back:  # BROKEN (by the pause), so the next step restarts them
+                    raise RebalanceError(f"the new expert placement failed ({describe(e)}) and so did going "
+                                         f"back to the old one ({describe(back)}); the next step restarts "
+                                         f"the actors") from back
+        if failure is not None:
+            raise RebalanceError(f"the new expert placement failed ({describe(failure)}); "
+                                 f"the old one is back") from failure
+        return time.monotonic() - start
+
+    def accessed_tensors(self) -> dict[str, list[str]]:
+        """Checkpoint tensors each actor read (a test and debugging aid)."""
+        with self._paused():
+            return self._actors.accessed_tensors()
 
     def take_expert_counts(self) -> dict[int, list[int]]:
         counts, self._expert_counts = self._expert_counts, {}
@@ -162,42 +198,27 @@ class ClusterExecutor(Executor):
         self._telemetry.clear()
         return out
 
-    def set_expert_placement(self, experts: ExpertPlacement) -> float:
-        """Move the routed experts to `experts` between steps, keeping every cache (expert
-        rebalancing, cluster/rebalance.py); returns the seconds it took."""
-        return apply_expert_placement(self, experts)
-
-    def accessed_tensors(self) -> dict[str, list[str]]:
-        """Checkpoint tensors each actor read. Actors answer plain calls only while no compiled
-        graph holds them, so the graph is paused for this (a test and debugging aid)."""
-        if self.step_runner is not None:
-            self.step_runner.teardown()
-            self.step_runner = None
-        names = [m.name for m in self.placement.mixers] + [f"experts-{s}" for s in range(len(self.shards))]
-        lists = ray.get([a.accessed_tensors.remote() for a in self.mixers + self.shards],
-                        timeout=self.settings.cluster.timeout_s)
-        self.step_runner = self._build_step()
-        return dict(zip(names, lists, strict=True))
-
     # -- steps -------------------------------------------------------------------------------
     def execute(self, step: StepInput) -> Tensor:
         self.check_step(step)
-        if self.lost:
-            raise restart(self, RuntimeError("the last restart failed"))
-        if self.parked:
-            try:
-                self.step_runner = self._build_step()
-            except Exception as e:  # e.g. an actor died while the graph was down: restart what is dead
-                raise restart(self, e) from None
-        if self.step_runner is None:
+        if self._state is State.SHUT_DOWN:
             raise RuntimeError("the cluster executor was shut down")
+        if self._state is State.BROKEN:
+            raise self._recover(RuntimeError("the actors were left broken by a failed restart or "
+                                             "expert placement"))
+        if self._state is State.PARKED:
+            try:
+                self._step = self._build_step()
+                self._state = State.RUNNING
+            except Exception as e:  # e.g. an actor died while the graph was down: restart what is dead
+                raise self._recover(e) from None
         split = split_step(step, self.settings.cluster.micro_batch_tokens)
         parts = split.parts[: self.num_lanes]
         msgs = [StepMsg(next(self._seq), p) for p in parts]
         try:
-            results = self.step_runner(msgs)
+            results = self._step(msgs)
         except ACTOR_FAILURES as e:  # the engine recomputes its sequences on the restarted actors
-            raise restart(self, e) from None
+            raise self._recover(e) from None
         logits = [None if r is None else from_wire(r.logits, torch.float32) for r in results]
         done = [r for r in results if r is not None]
         for r in done:
@@ -206,39 +227,50 @@ class ClusterExecutor(Executor):
         self._telemetry.append(_step_telemetry(done))
         return join_logits(split, logits)
 
+    def _recover(self, cause: BaseException) -> ExecutorStateLostError:
+        """Restart the dead actors (every actor when BROKEN, or when that fails) and rebuild the
+        step; the error for the engine says whether that worked."""
+        start = time.monotonic()
+        log.warning("cluster step failed (%s); restarting %s", describe(cause),
+                    "every actor" if self._state is State.BROKEN else "the dead actors")
+        # After a failed restart or change the actors may be half made: start them afresh.
+        attempts = [restart_all] if self._state is State.BROKEN else [restart_dead, restart_all]
+        what, error = "", None
+        for attempt in attempts:
+            try:
+                with self._paused(repair=True):
+                    what = attempt(self._actors)
+                break
+            except Exception as e:
+                error = e
+                log.warning("%s failed (%s)", attempt.__name__, describe(e))
+        if self._state is State.BROKEN:
+            log.error("cluster executor could not restart its actors: %s", describe(error))
+            return ExecutorStateLostError(f"a cluster step failed ({describe(cause)}) and restarting "
+                                          f"failed ({describe(error)})", recovered=False)
+        self.last_recovery_s = time.monotonic() - start
+        self.num_recoveries += 1
+        self.last_recovery_detail = what
+        log.warning("cluster executor recovered in %.2fs: restarted %s", self.last_recovery_s, what)
+        return ExecutorStateLostError(f"a cluster step failed ({describe(cause)}); restarted {what} in "
+                                      f"{self.last_recovery_s:.2f}s", recovered=True)
+
     def idle(self) -> None:
         """Tear the compiled graph down while no request comes: its actors poll their channels
-        (Ray 2.60 spins in `ReadAcquire`), about half a core each (README, cluster benchmark).
-        They stay alive with their caches; the next step compiles the graph again (~1 s here)."""
-        if isinstance(self.step_runner, CompiledStep):
-            self.step_runner.teardown()
-            self.step_runner, self.parked = None, True
+        while it stands, which costs CPU (README, cluster benchmark). They stay alive with their
+        caches; the next step compiles the graph again."""
+        if self._state is State.RUNNING and isinstance(self._step, CompiledStep):
+            self._teardown_step()
+            self._state = State.PARKED
             log.info("cluster executor idle: compiled graph torn down until the next step")
 
-    def release(self, slots: list[int]) -> None:
-        # Nothing to do: a sequence starting at 0 ignores what its slot's last owner left behind
-        # (model/cache.py), so a freed slot needs no clearing on the actors.
-        pass
-
     def shutdown(self) -> None:
-        self._stop_actors()
+        self._teardown_step(kill_actors=True)
+        if hasattr(self, "_actors"):
+            self._actors.stop()
         if hasattr(self, "session"):
             self.session.shutdown()
-
-    def _stop_actors(self) -> None:
-        if self.step_runner is not None:
-            try:
-                self.step_runner.teardown(kill_actors=True)
-            except Exception as e:  # a dead actor: teardown still frees the rest
-                log.warning("compiled graph teardown: %s", e)
-            self.step_runner = None
-        for a in self.mixers + self.shards:
-            ray.kill(a)
-        self.mixers, self.shards = [], []
-        if hasattr(self, "session"):
-            for pg in list(self.session.groups.values()):
-                ray.util.remove_placement_group(pg)
-            self.session.groups.clear()
+        self._state = State.SHUT_DOWN
 
 
 def _step_telemetry(results: list[StepResult]) -> StepTelemetry:

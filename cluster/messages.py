@@ -1,8 +1,8 @@
 """Messages between the cluster's actors, and their tensors' wire form, chosen by
 `cluster.tensor_transport`:
 - host (the default): numpy arrays on the host. Ray moves those out of band (zero-copy into shared
-  memory) where torch tensors are pickled, measured 2-4× slower per hop on CPU. bfloat16, which
-  numpy lacks, travels as its int16 bit pattern.
+  memory) where torch tensors are pickled, which is slower per hop on CPU (README, "Cluster
+  executor"). bfloat16, which numpy lacks, travels as its int16 bit pattern.
 - accelerator, shm: the torch tensors themselves, left on the actor's device; the step graph marks
   its edges with Ray's tensor transport (cluster/step_graph.py), which lifts them out of the
   message and moves them GPU to GPU (NCCL) or through shared memory.

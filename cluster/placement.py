@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from cluster.config import ClusterConfig, Pools
 from engine.config import NextserveConfigError
 from model.config import ModelConfig
-from router.placement import ExpertPlacement, PlacementError
+from router.placement import ExpertPlacement, PlacementError, even_split
 
 POOL_OF_KIND = {"full_attention": "attention", "linear_attention": "deltanet"}
 
@@ -55,7 +55,7 @@ def resolve_placement(pools: Pools, model: ModelConfig) -> ClusterPlacement:
             raise NextserveConfigError(f"{key}.actors: {pool.actors} actors for {len(wanted)} {kind} layers "
                                        f"{list(wanted)}; an actor with no layer would idle")
         if pool.layers is None:
-            lists = _even_split(wanted, pool.actors)
+            lists = even_split(wanted, pool.actors)
         else:
             lists = [tuple(sorted(x)) for x in pool.layers]
         for a, layers in enumerate(lists):
@@ -98,16 +98,6 @@ def _expert_placement(pools: Pools, model: ModelConfig) -> ExpertPlacement | Non
         return ExpertPlacement.from_lists(model.num_experts, pool.experts)
     except PlacementError as e:
         raise NextserveConfigError(f"pools.experts.experts: {e}") from None
-
-
-def _even_split(items: Sequence[int], parts: int) -> list[tuple[int, ...]]:
-    base, extra = divmod(len(items), parts)
-    out, start = [], 0
-    for p in range(parts):
-        n = base + (p < extra)
-        out.append(tuple(items[start:start + n]))
-        start += n
-    return out
 
 
 def check_resources(pools: Pools, placement: ClusterPlacement,

@@ -6,32 +6,37 @@ Why no request is lost: expert shards hold weights only, so a new placement asks
 new slice of the checkpoint (`ExpertWorker.set_experts`, on the same actors and placement-group
 bundles, so no extra GPU is needed); the mixers keep their KV caches and DeltaNet states and only
 route to the new slices (`MixerWorker.set_expert_placement`). A compiled graph holds its actors,
-so it is torn down (actors kept), they are updated, and it is compiled again. The engine loop is
-single-threaded, so doing this from a step hook (the policy) or from the engine thread puts it
-between two steps by construction."""
+so it is torn down (actors kept), they are updated, and it is compiled again; if a shard cannot
+take its new slice, the old placement is loaded again (ClusterExecutor.set_expert_placement).
+The engine loop is single-threaded, so doing this from a step hook (the policy) or from the
+engine thread puts it between two steps by construction."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
-import ray
 import torch
 
 from cluster.config import RebalanceSettings
 from router.eplb import balance, imbalance
 from router.placement import ExpertPlacement, PlacementError
 
-if TYPE_CHECKING:
-    from cluster.executor import ClusterExecutor
-
 log = logging.getLogger(__name__)
+
+
+class ExpertHost(Protocol):
+    """What rebalancing needs of an executor (cluster.executor.ClusterExecutor)."""
+
+    @property
+    def expert_placement(self) -> ExpertPlacement | None: ...
+
+    def set_expert_placement(self, experts: ExpertPlacement) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -44,33 +49,11 @@ class RebalanceResult:
     reason: str = ""
 
 
-def apply_expert_placement(executor: ClusterExecutor, experts: ExpertPlacement) -> float:
-    """Swap `executor` to `experts` (same number of shards); call it between steps. Returns the
-    seconds it took (reloading expert weights and compiling the graph dominate)."""
-    old = executor.placement.experts
-    if old is None:
-        raise PlacementError("this model has no MoE layer to rebalance")
-    if experts.num_experts != old.num_experts or experts.num_shards != old.num_shards:
-        raise PlacementError(f"a new placement must keep {old.num_experts} experts on {old.num_shards} "
-                             f"shards, got {experts.num_experts} on {experts.num_shards}")
-    start = time.monotonic()
-    if executor.step_runner is not None:
-        executor.step_runner.teardown()  # actors stay; they take plain calls again
-        executor.step_runner = None
-    timeout = executor.settings.cluster.timeout_s
-    changed = [s for s in range(experts.num_shards) if experts.shards[s] != old.shards[s]]
-    ray.get([executor.shards[s].set_experts.remote(list(experts.shards[s])) for s in changed]
-            + [m.set_expert_placement.remote(experts) for m in executor.mixers], timeout=timeout)
-    executor.placement = dataclasses.replace(executor.placement, experts=experts)
-    executor.step_runner = executor._build_step()
-    return time.monotonic() - start
-
-
-def rebalance(executor: ClusterExecutor, counts: Mapping[int, Sequence[int]] | np.ndarray,
+def rebalance(executor: ExpertHost, counts: Mapping[int, Sequence[int]] | np.ndarray,
               num_redundant: int, min_gain: float = 0.0) -> RebalanceResult:
     """EPLB over `counts` ({layer: [E]} or [L, E]); applied when it lowers max/mean shard load by
     more than `min_gain` (relative)."""
-    old = executor.placement.experts
+    old = executor.expert_placement
     if old is None:
         raise PlacementError("this model has no MoE layer to rebalance")
     load = torch.as_tensor(np.stack([np.asarray(c) for c in counts.values()])
@@ -82,7 +65,7 @@ def rebalance(executor: ClusterExecutor, counts: Mapping[int, Sequence[int]] | n
     if new == old or after >= before * (1 - min_gain):
         return RebalanceResult(False, before, before, old.shards,
                                reason=f"no better placement (max/mean {before:.3f}, best found {after:.3f})")
-    seconds = apply_expert_placement(executor, new)
+    seconds = executor.set_expert_placement(new)
     log.info("expert rebalance: max/mean shard load %.3f -> %.3f in %.2fs", before, after, seconds)
     return RebalanceResult(True, before, after, new.shards, seconds)
 
@@ -93,7 +76,7 @@ class RebalancePolicy:
     from any thread) makes the next step do it regardless of the threshold. Runs in the engine
     thread, so between steps."""
 
-    def __init__(self, executor: ClusterExecutor, settings: RebalanceSettings) -> None:
+    def __init__(self, executor: ExpertHost, settings: RebalanceSettings) -> None:
         self.executor, self.settings = executor, settings
         self._counts: dict[int, np.ndarray] = {}
         self._last = time.monotonic()
@@ -114,7 +97,7 @@ class RebalancePolicy:
         self._requested.clear()
         self._last = time.monotonic()
         counts_now, self._counts = self._counts, {}  # a window per period: load shifts over time
-        experts = self.executor.placement.experts
+        experts = self.executor.expert_placement
         load = torch.as_tensor(np.stack(list(counts_now.values())))
         if experts is None or (not forced and imbalance(load, experts) < self.settings.threshold):
             return

@@ -26,13 +26,17 @@ class RaySession:
     started_ray: bool
     groups: dict[str, PlacementGroup] = field(default_factory=dict)
 
-    def shutdown(self) -> None:
+    def remove_groups(self) -> None:
+        """Free the placement groups reserved so far."""
         for pg in self.groups.values():
             try:
                 remove_placement_group(pg)
             except Exception as e:  # Ray already gone: nothing left to free
                 log.debug("placement group removal failed: %s", e)
         self.groups.clear()
+
+    def shutdown(self) -> None:
+        self.remove_groups()
         if self.started_ray and ray.is_initialized():
             ray.shutdown()
 

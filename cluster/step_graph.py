@@ -6,24 +6,15 @@ The same wiring runs two ways. `CompiledStep` binds it once into a Ray Compiled 
 channels on one node; with `cluster.tensor_transport: accelerator`, tensors go GPU to GPU by NCCL;
 an actor calling itself uses an in-process channel), so a step costs one `execute`. `RemoteStep`
 submits it as plain actor calls per step, ObjectRefs passed from actor to actor (never through the
-driver): the fallback, kept for debugging and for Ray set-ups without compiled graphs. Measured
-(bench/cluster_step.py, one run; tiny Qwen3-Next, 4 layers, 1 attention + 1 DeltaNet actor, 2 expert
-shards; 2 shared CPU cores; median ms per decode step; the 2-lane modes split steps of >= 16 tokens;
-README "Cluster executor" has a wider model):
-
-    mode                decode B=1  decode B=8  decode B=32  decode B=128
-    local (1 process)         6.7         8.0         10.9          18.2
-    compiled, 1 lane         24.4        27.7         29.5          43.2
-    compiled, 2 lanes        29.7        39.8         62.2          76.2
-    plain remote             50.3        42.7         47.1          59.2
-    plain remote, 2 mb       39.8        38.8         65.8          80.3
+driver): the fallback, kept for debugging and for Ray set-ups without compiled graphs. Their
+cost per step against the local executor: README, "Cluster executor" (bench/cluster_step.py).
 
 With two lanes the step's sequences are split in two micro-batches; lanes are wired layer by layer
 so each actor alternates between them: while shards compute lane 0's experts of layer l, the
 mixer runs lane 1's layer l (MegaScale-Infer's ping-pong). Compiled, both lanes always run (a graph
 is static, and an actor serves one compiled graph at a time, so a second one-lane graph cannot
 stand beside it); a step too small to split sends an empty message down lane 1. On 2 CPU cores
-there is nothing to overlap on, so lanes only add hops (table): they are off by default
+there is nothing to overlap on, so lanes only add hops (README): they are off by default
 (`cluster.micro_batch_tokens: 0`) and meant for actors with their own GPUs or cores."""
 
 from __future__ import annotations

@@ -11,9 +11,10 @@ from deployments.config import NextserveConfig
 from engine.llm_engine import LLMEngine
 from model.decoder import CausalLM
 from monitoring.engine_metrics import EngineMetrics
-from monitoring.expert_load import ExpertLoad, active_params_ratio, even_shards
+from monitoring.expert_load import ExpertLoad, active_params_ratio
 from monitoring.requests import MeteredEngine
 from monitoring.sink import MetricsSink, process_sink
+from router.placement import ExpertPlacement
 
 
 class ReplicaMonitor:
@@ -36,8 +37,14 @@ def _expert_load(llm: LLMEngine, config: NextserveConfig) -> ExpertLoad | None:
     E = llm.config.num_experts
     if E == 0:
         return None
+    executor = llm.executor
+    if hasattr(type(executor), "expert_placement"):  # the cluster executor: the placement in force
+        return ExpertLoad(E, lambda: executor.expert_placement.shards)
+    # One process computes every expert; per shard is what the configured pools would place.
     pool = config.pools.experts
-    return ExpertLoad(E, pool.experts or even_shards(E, min(pool.actors, E)))
+    placement = (ExpertPlacement.from_lists(E, pool.experts) if pool.experts
+                 else ExpertPlacement.even(E, min(pool.actors, E)))
+    return ExpertLoad(E, placement.shards)
 
 
 def _active_params(llm: LLMEngine) -> float | None:

@@ -6,7 +6,7 @@ Legend: L MoE layers (in the order first seen), E experts, S expert shards."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,39 +24,51 @@ class LayerStep:
     per_shard: tuple[int, ...]  # pairs each shard computes
 
 
-def even_shards(num_experts: int, num_shards: int) -> list[list[int]]:
-    """Contiguous near-even split, as router/placement's default."""
-    bounds = np.linspace(0, num_experts, num_shards + 1).round().astype(int)
-    return [list(range(bounds[s], bounds[s + 1])) for s in range(num_shards)]
+Shards = Sequence[Sequence[int]]
 
 
 class ExpertLoad:
-    def __init__(self, num_experts: int, shards: Sequence[Sequence[int]] | None = None) -> None:
+    def __init__(self, num_experts: int, shards: Shards | Callable[[], Shards] | None = None) -> None:
         """`shards[s]`: the experts shard s holds; an expert on several shards (a redundant copy)
-        has its pairs split evenly between them, as the router does. Default: one shard."""
+        has its pairs split evenly between them, as the router does. A callable gives the
+        placement in force and is asked at every step, so per-shard counts follow a rebalance
+        from the next step on. Default: one shard."""
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        shards = [list(range(num_experts))] if shards is None else [list(s) for s in shards]
-        held = sorted({e for s in shards for e in s})
-        if held != list(range(num_experts)):
-            raise ValueError(f"shards must hold every expert 0..{num_experts - 1} at least once")
-        self.num_experts, self.shards = num_experts, shards
-        # share[e, s]: the fraction of expert e's pairs shard s computes
-        self._share = np.zeros((num_experts, len(shards)))
-        for s, experts in enumerate(shards):
-            self._share[experts, s] = 1.0
-        self._share /= self._share.sum(axis=1, keepdims=True)
+        self.num_experts = num_experts
+        fixed = [list(range(num_experts))] if shards is None else shards
+        self._current: Callable[[], Shards] = fixed if callable(fixed) else (lambda: fixed)
+        self._placed: Shards | None = None
+        self._use(self._current())
         self.layers: list[int] = []
         self._totals: dict[int, np.ndarray] = {}  # layer -> [E] pairs since start
+        self._shard_totals: dict[int, np.ndarray] = {}  # layer -> [S] pairs since start
         self.last_step: dict[int, LayerStep] = {}
         self.num_steps = 0
+
+    def _use(self, shards: Shards) -> None:
+        """Take `shards` as the placement (again) unless it is the one in use."""
+        if shards is self._placed or (self._placed is not None and _same(shards, self._placed)):
+            return
+        lists = [list(s) for s in shards]
+        held = sorted({e for s in lists for e in s})
+        if held != list(range(self.num_experts)):
+            raise ValueError(f"shards must hold every expert 0..{self.num_experts - 1} at least once")
+        # share[e, s]: the fraction of expert e's pairs shard s computes
+        share = np.zeros((self.num_experts, len(lists)))
+        for s, experts in enumerate(lists):
+            share[experts, s] = 1.0
+        self._share = share / share.sum(axis=1, keepdims=True)
+        self._placed, self.shards = shards, lists
 
     @property
     def num_shards(self) -> int:
         return len(self.shards)
 
     def record(self, counts: Mapping[int, Sequence[int] | np.ndarray]) -> list[LayerStep]:
-        """One step's pairs per expert, `counts[layer]` [E]; returns each layer's summary."""
+        """One step's pairs per expert, `counts[layer]` [E]; returns each layer's summary, its
+        pairs per shard under the placement in force."""
+        self._use(self._current())
         out = []
         for layer, c in sorted(counts.items()):
             c = np.asarray(c, dtype=np.int64)
@@ -66,7 +78,12 @@ class ExpertLoad:
                 self._totals[layer] = np.zeros(self.num_experts, dtype=np.int64)
                 self.layers = sorted(self._totals)
             self._totals[layer] += c
-            out.append(self._summarise(layer, c))
+            step = self._summarise(layer, c)
+            shards = np.asarray(step.per_shard, dtype=np.int64)
+            before = self._shard_totals.get(layer)
+            self._shard_totals[layer] = (shards if before is None or before.shape != shards.shape
+                                         else before + shards)
+            out.append(step)
         self.last_step.update((s.layer, s) for s in out)
         self.num_steps += 1
         return out
@@ -75,7 +92,8 @@ class ExpertLoad:
         return self._totals[layer].tolist()
 
     def shard_totals(self, layer: int) -> list[int]:
-        return self._per_shard(self._totals[layer]).tolist()
+        """Pairs each shard computed since start, each step under the placement of its time."""
+        return self._shard_totals[layer].tolist()
 
     def to_json(self) -> dict[str, Any]:
         """Cumulative counts per (layer, expert) and per (layer, shard), plus the last step."""
@@ -109,6 +127,10 @@ class ExpertLoad:
         for e in np.nonzero(rest)[0]:
             floor[e, order[e, : rest[e]]] += 1
         return floor.sum(axis=0).astype(np.int64)
+
+
+def _same(a: Shards, b: Shards) -> bool:
+    return len(a) == len(b) and all(list(x) == list(y) for x, y in zip(a, b, strict=True))
 
 
 def active_params_ratio(total_params: int, routed_expert_params: int, top_k: int, num_experts: int) -> float:

@@ -1,6 +1,7 @@
 """The token router: gate top-k → a dispatch plan (which token rows go to which expert shard, for
-which experts, with which weights) → dispatch (gather the rows) → per-shard weighted partial sums
-(done by the shards: model.moe.Experts) → combine (scatter-add the partials back).
+which experts, with which weights) → dispatch (the mixer sends each shard its rows) → per-shard
+weighted partial sums (done by the shards: model.moe.Experts) → combine (scatter-add the partials
+back).
 
 Legend: T tokens, H hidden, k experts per token, E experts, S shards, n_s rows sent to shard s,
 P = T·k (token, expert) pairs."""
@@ -29,10 +30,6 @@ class DispatchPlan:
     @property
     def num_shards(self) -> int:
         return len(self.rows)
-
-    def pairs_per_shard(self) -> list[int]:
-        """(token, expert) pairs each shard computes: its load in this step."""
-        return [int((ids >= 0).sum()) for ids in self.ids]
 
 
 class Router:
@@ -74,11 +71,6 @@ class Router:
         rank[order] = torch.arange(flat.numel(), device=ids.device) - first[key[order].clamp(min=0)]
         copy = rank * ncopies // per_expert[e].clamp(min=1)
         return torch.where(valid, table[e, copy.clamp(min=0)], -1).view_as(ids)
-
-
-def dispatch(x: Tensor, plan: DispatchPlan) -> list[Tensor]:
-    """x [T, H] -> per shard its rows [n_s, H]."""
-    return [x[r] for r in plan.rows]
 
 
 def combine(partials: Sequence[Tensor], rows: Sequence[Tensor], num_tokens: int) -> Tensor:

@@ -5,9 +5,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
+
+T = TypeVar("T")
+
+
+def even_split(items: Sequence[T], parts: int) -> list[tuple[T, ...]]:
+    """`items` in `parts` contiguous runs of near-equal length, the longer ones first: 10 items in
+    4 parts are 3, 3, 2, 2. Experts over shards, and layers over mixer actors, are split so."""
+    base, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for p in range(parts):
+        n = base + (p < extra)
+        out.append(tuple(items[start:start + n]))
+        start += n
+    return out
 
 
 class PlacementError(ValueError):
@@ -34,16 +49,11 @@ class ExpertPlacement:
 
     @classmethod
     def even(cls, num_experts: int, num_shards: int) -> ExpertPlacement:
-        """Contiguous, near-equal slices; the first `num_experts % num_shards` shards hold one more."""
+        """Contiguous, near-equal slices (even_split): the first `num_experts % num_shards` shards
+        hold one more."""
         if not 1 <= num_shards <= num_experts:
             raise PlacementError(f"{num_shards} shards for {num_experts} experts")
-        base, extra = divmod(num_experts, num_shards)
-        shards, start = [], 0
-        for s in range(num_shards):
-            n = base + (s < extra)
-            shards.append(tuple(range(start, start + n)))
-            start += n
-        return cls(num_experts, tuple(shards))
+        return cls(num_experts, tuple(even_split(range(num_experts), num_shards)))
 
     @classmethod
     def from_lists(cls, num_experts: int, shards: Sequence[Sequence[int]]) -> ExpertPlacement:

@@ -14,7 +14,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from cluster.executor import ClusterExecutor  # noqa: E402
+from cluster.executor import ClusterExecutor, State  # noqa: E402
 from deployments.config import NextserveConfig  # noqa: E402
 from engine.executor import StepInput  # noqa: E402
 from engine.local_executor import LocalExecutor  # noqa: E402
@@ -142,11 +142,11 @@ def test_idle_tears_the_graph_down_and_the_next_step_compiles_it(moe_cluster, hf
     for i, step in enumerate(life):
         if i == 3:  # mid-way, sequences cached: the pause must keep every cache
             moe_cluster.idle()
-            assert moe_cluster.parked and moe_cluster.step_runner is None
+            assert moe_cluster.state is State.PARKED
             moe_cluster.idle()  # idle again: nothing to do
         got, want = moe_cluster.execute(step), ref.execute(step)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
-    assert not moe_cluster.parked and moe_cluster.step_runner is not None
+    assert moe_cluster.state is State.RUNNING
 
 
 def test_plain_remote_calls_fallback(moe_cluster, hf_moe_dir):
@@ -188,13 +188,14 @@ def test_each_actor_reads_only_its_tensors(which, request):
     assert ex.execute(StepInput((5, 6), (3,), (0,), (2,), (1,))).shape == (1, ex.config.vocab_size)
 
 
-def test_new_placement_new_actors_same_logits(moe_cluster, hf_moe_dir):
-    """Runs last on moe_cluster: a placement change restarts its actors and recompiles the step."""
-    old = set(moe_cluster.shards)
-    moe_cluster.replace_placement(NextserveConfig.from_args({"pools": {
-        "attention": {"actors": 1},
-        "experts": {"actors": 2, "experts": [[0, 1, 2, 3, 7], [4, 5, 6, 7]]}}}).pools)
-    assert not old & set(moe_cluster.shards)
-    assert [m.layers for m in moe_cluster.placement.mixers] == [(0, 1, 2, 3)]
-    assert moe_cluster.placement.experts.copies(7) == (0, 1)
-    assert_same_logits(moe_cluster, local(hf_moe_dir), seed=3)
+def test_other_placement_same_logits(hf_moe_dir):
+    """One attention actor for every layer, expert 7 on both shards."""
+    ex = make(hf_moe_dir, cluster={"micro_batch_tokens": 0}, pools={
+        "attention": {"actors": 1}, "experts": {"actors": 2, "experts": [[0, 1, 2, 3, 7], [4, 5, 6, 7]]}})
+    try:
+        assert [m.layers for m in ex.placement.mixers] == [(0, 1, 2, 3)]
+        assert ex.expert_placement.copies(7) == (0, 1)
+        assert_same_logits(ex, local(hf_moe_dir), seed=3)
+    finally:
+        ex.shutdown()
+    assert ex.state is State.SHUT_DOWN and not ex.healthy()

@@ -46,10 +46,7 @@ def reference(executor):
 
 
 def actor(executor: ClusterExecutor, name: str):
-    if name.startswith("experts-"):
-        return executor.shards[int(name.split("-")[1])]
-    (i,) = [i for i, m in enumerate(executor.placement.mixers) if m.name == name]
-    return executor.mixers[i]
+    return dict(zip(executor.actor_names(), executor.actors.actors, strict=True))[name]
 
 
 async def stream_with_kill(engine: AsyncLLMEngine, victim) -> tuple[list[list[int]], float]:
@@ -87,7 +84,7 @@ def test_actor_killed_mid_stream_same_greedy_tokens(executor, reference, name):
         engine._wakeup.set()
         engine._thread.join(10)
     assert executor.num_recoveries == before + 1
-    assert victim not in executor.mixers + executor.shards
+    assert victim not in executor.actors.actors
     print(f"\n[recovery] killed {name}: actors restarted and graph recompiled in "
           f"{executor.last_recovery_s:.2f}s; streams resumed {gap:.2f}s after the kill\n"
           f"           restarted {executor.last_recovery_detail}")

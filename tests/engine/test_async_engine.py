@@ -5,6 +5,7 @@ tests/engine/test_engine_death.py."""
 
 import asyncio
 import itertools
+import time
 
 import pytest
 
@@ -48,8 +49,17 @@ def test_concurrent_streams_match_reference():
         engine.shutdown()
 
 
+class SlowFakeExecutor(FakeExecutor):
+    """A step takes 10 ms, so 50 tokens take longer than an abort needs to arrive, however busy
+    the machine is."""
+
+    def execute(self, step):
+        time.sleep(0.01)
+        return super().execute(step)
+
+
 def test_leaving_a_stream_aborts_and_frees_the_slot():
-    engine = make()
+    engine = make(executor=SlowFakeExecutor(num_slots=2))
     params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
 
     async def main():

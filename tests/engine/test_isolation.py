@@ -168,7 +168,7 @@ def test_over_the_local_executor_the_corrupted_deltanet_state_is_recomputed(tmp_
     """The real Qwen3-Next with a fault in its last layer: the DeltaNet layers before it have
     already updated every slot of the step in place when it raises. The other requests' greedy
     tokens must still equal an undisturbed run's."""
-    from engine.executor import create_executor
+    from engine.local_executor import LocalExecutor
     from model.tiny import make_tiny_model
 
     model_dir = make_tiny_model(tmp_path, arch="qwen3_next")
@@ -178,7 +178,7 @@ def test_over_the_local_executor_the_corrupted_deltanet_state_is_recomputed(tmp_
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
     def make() -> LLMEngine:
-        return LLMEngine(create_executor("local", model_dir=model_dir, num_slots=4, max_model_len=64),
+        return LLMEngine(LocalExecutor(model_dir=model_dir, num_slots=4, max_model_len=64),
                          max_num_batched_tokens=8)
 
     undisturbed = make().generate(prompts, params)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from monitoring.expert_load import ExpertLoad, active_params_ratio, even_shards
+from monitoring.expert_load import ExpertLoad, active_params_ratio
 
 
 def test_sparsity_imbalance_and_shards():
@@ -38,8 +38,19 @@ def test_empty_step_and_bad_input():
         ExpertLoad(3, shards=[[0, 1]])
 
 
-def test_even_shards_and_active_params():
-    assert even_shards(5, 2) == [[0, 1, 2], [3, 4]] or even_shards(5, 2) == [[0, 1], [2, 3, 4]]
-    assert sum(len(s) for s in even_shards(512, 7)) == 512
+def test_shards_follow_the_placement_in_force():
+    """A callable placement is read at every step: a rebalance shows from the next step on, and
+    the totals per shard add up what each shard computed at the time."""
+    placement = [[0, 1], [2, 3]]
+    load = ExpertLoad(4, lambda: placement)
+    (s,) = load.record({0: [1, 2, 3, 4]})
+    assert s.per_shard == (3, 7)
+    placement = [[0, 3], [1, 2]]
+    (s,) = load.record({0: [1, 2, 3, 4]})
+    assert s.per_shard == (5, 5) and load.shards == placement
+    assert load.shard_totals(0) == [8, 12] and load.to_json()["shards"] == placement
+
+
+def test_active_params():
     # 100 params, 80 of them in 8 experts, top-2: 20 dense + 20 routed
     assert active_params_ratio(100, 80, 2, 8) == pytest.approx(0.4)
