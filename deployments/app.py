@@ -9,6 +9,7 @@ from typing import Any
 
 from ray import serve
 
+from deployments.security import keys_from_environment, max_prompts_per_request
 from deployments.server import EngineFactory, NextserveServer
 from engine.config import NextserveConfig
 
@@ -24,8 +25,9 @@ def build_app(args: dict[str, Any], engine_factory: EngineFactory | None = None,
     """`args` is the application's `args` (NextserveConfig); checked here, before any replica
     starts. `deployment_options` are Serve options (autoscaling_config, ray_actor_options, ...)
     for callers that do not go through a config file's `deployments` list."""
-    config = NextserveConfig.from_args(dict(args))
-    args = {**args, "model": str(resolve_model(config.model))}
+    config = NextserveConfig.from_args(keys_from_environment(dict(args)))
+    max_prompts_per_request(config)  # refuses a limit no replica could honour, before any starts
+    args = {**keys_from_environment(dict(args)), "model": str(resolve_model(config.model))}
     capacity = config.engine.max_num_seqs + config.serve.max_queued_requests
     options: dict[str, Any] = dict(max_ongoing_requests=capacity + ONGOING_MARGIN,
                                    ray_actor_options={"num_cpus": 1})

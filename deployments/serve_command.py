@@ -86,6 +86,8 @@ def _connect(settings: NextserveConfig) -> bool:
     """Join the configured or running Ray cluster, else start a local one; True if started."""
     import ray
 
+    from cluster.session import start_local_ray
+
     # Replicas and actors import nextserve's packages from this checkout.
     runtime_env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}
     address = settings.cluster.ray_address or os.environ.get("RAY_ADDRESS") or _running_local_cluster()
@@ -100,8 +102,7 @@ def _connect(settings: NextserveConfig) -> bool:
         pools = settings.pools
         need += sum(p.actors * p.resources.num_cpus for p in (pools.attention, pools.deltanet, pools.experts))
     # Logical CPUs: a small machine may oversubscribe its cores rather than fail to place actors.
-    ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=False,
-             runtime_env=runtime_env, log_to_driver=False)
+    start_local_ray(max(int(need + 0.999), os.cpu_count() or 1), runtime_env)  # loopback only
     return True
 
 
