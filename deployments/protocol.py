@@ -7,7 +7,7 @@ refused as OpenAI refuses it."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -66,6 +66,9 @@ class _Request(BaseModel):
 
 
 class _TopLevelRequest(_Request):
+    """A route's body: unimplemented fields refused unless neutral (and then dropped), fields
+    without effect dropped, nulls taken as "not set"; what is left must be a known field."""
+
     # the route's own neutral values where they differ from UNSUPPORTED's
     _neutral_overrides: ClassVar[dict[str, Callable[[Any], bool]]] = {}
 
@@ -77,6 +80,8 @@ class _TopLevelRequest(_Request):
         kept = {}
         for key, value in data.items():
             neutral = cls._neutral_overrides.get(key) or UNSUPPORTED.get(key)
+            if value is None and key in cls.model_fields and not _nullable(cls.model_fields[key].annotation):
+                continue  # OpenAI's clients send null for "not set": the default
             if neutral is not None and key not in cls.model_fields:
                 if not neutral(value):
                     raise PydanticCustomError(
@@ -85,6 +90,10 @@ class _TopLevelRequest(_Request):
             elif key not in NO_EFFECT:
                 kept[key] = value
         return kept
+
+
+def _nullable(annotation: Any) -> bool:
+    return annotation is None or type(None) in get_args(annotation)
 
 
 def _lone_surrogate(value: Any, depth: int = 0) -> str | None:

@@ -58,6 +58,10 @@ def serve_forever(config: str | None, model: str | None, port: int | None, host:
     host = host or http.get("host", "127.0.0.1")
     port = port if port is not None else int(http.get("port", 8000))
     settings = NextserveConfig.from_args(args)
+    try:  # checks the checkpoint's config too: a mistake ends here, before Ray starts
+        application = build_app(args, deployment_options=deployment_options(app))
+    except NextserveConfigError as e:
+        raise ServeUsageError(str(e)) from None
     started_ray = _connect(settings)
     name, prefix = app.get("name", "nextserve"), app.get("route_prefix", "/")
     stop = threading.Event()
@@ -65,7 +69,7 @@ def serve_forever(config: str | None, model: str | None, port: int | None, host:
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(args, deployment_options=deployment_options(app)), name=name, route_prefix=prefix)
+        serve.run(application, name=name, route_prefix=prefix)
         print(f"nextserve: serving {args.get('model') or 'the built-in tiny model'} at "
               f"http://{host}:{port}{prefix.rstrip('/')}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
         stop.wait()

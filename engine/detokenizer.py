@@ -57,7 +57,7 @@ class IncrementalDetokenizer:
         if hits:
             self._pending = self._pending[:max(0, len(self._pending) - (len(window) - min(hits)))]
             self.stopped = True
-        self._tail = window[len(window) - self._keep:] if self._keep else ""
+        self._tail = window[max(0, len(window) - self._keep):]
         return self.stopped
 
     def take(self, final: bool) -> str:

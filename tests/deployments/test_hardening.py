@@ -245,6 +245,18 @@ def test_neutral_values_and_no_effect_fields_are_accepted(client, offline):
     assert chat.choices[0].finish_reason in ("length", "stop")
 
 
+def test_null_means_not_set(base_url, offline):
+    body = {"model": MODEL, "prompt": NORMAL[1], "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True, "n": None, "stream": None, "top_p": None, "top_k": None, "echo": None,
+            "logprobs": None, "stop": None, "seed": None, "presence_penalty": None, "logit_bias": None}
+    r = post(base_url, CMPL, body)
+    assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == offline(NORMAL[1], 12), r.text
+    chat = {"model": MODEL, "messages": MSG, "max_tokens": 2, "logprobs": None, "top_logprobs": None,
+            "temperature": None, "tools": None, "response_format": None, "stream_options": None}
+    assert post(base_url, CHAT, chat).status_code == 200
+    assert error(post(base_url, CMPL, {"model": None, "prompt": "x"}), 400)["param"] == "model"
+
+
 def test_template_variables_from_the_request_work(client):
     ok = client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2, temperature=0,
                                         extra_body={"chat_template_kwargs": {"suffix": "be brief"},
