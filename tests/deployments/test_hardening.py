@@ -37,6 +37,7 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 TIMEOUT = 60
 # Prompts the fault-injecting engine fails: as a bug in our code would, and as a failed step would.
 BUG_PROMPT, STEP_FAILURE_PROMPT = [9, 9, 9, 1], [9, 9, 9, 2]
+ENGINE_DEATH_PROMPT = [9, 9, 9, 3]  # after it the engine cannot step: the module's last test sends it
 SECRET = "/home/secret/nextserve/engine.py at 10.1.2.3"
 # The checkpoint's template uses one optional variable, so a request can break it with a bad type.
 TEMPLATE = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] "
@@ -48,9 +49,16 @@ class FaultyEngine:
     """The real engine, except for the two magic prompts."""
 
     def __init__(self, engine: Any) -> None:
-        self.inner = engine
+        self.inner, self.dead = engine, False
+
+    def healthy(self) -> bool:
+        return not self.dead and self.inner.is_alive()
 
     async def generate(self, request_id: str, prompt: Any, params: Any) -> AsyncIterator[Any]:
+        if list(prompt) == ENGINE_DEATH_PROMPT:
+            self.dead = True
+        if self.dead:
+            raise EngineStepError("the engine thread has stopped")
         if list(prompt) == BUG_PROMPT:
             raise RuntimeError(f"boom in {SECRET}")
         if list(prompt) == STEP_FAILURE_PROMPT:
@@ -353,3 +361,11 @@ def assert_logged(request_id: str, timeout_s: float = 20) -> None:
                     return
         time.sleep(0.5)
     raise AssertionError(f"{request_id} not in the replica's logs under {logs}")
+
+
+def test_health_fails_once_the_engine_cannot_step(base_url):
+    """Last in the module: Serve replaces a replica whose health check fails."""
+    assert requests.get(f"{base_url}/health", timeout=10).status_code == 200
+    error(post(base_url, CMPL, {"model": MODEL, "prompt": ENGINE_DEATH_PROMPT, "max_tokens": 2}), 503)
+    r = requests.get(f"{base_url}/health", timeout=10)
+    assert error(r, 503)["message"] == "the engine cannot run requests" and r.headers["Retry-After"]
