@@ -205,6 +205,7 @@ class NormalTraffic:
     def _run(self) -> None:
         while not self.stop.is_set():
             r = post(self.base_url, CMPL, NORMAL)
+            SERVED[0] += r.status_code == 200
             self.answers.append(r.json()["choices"][0]["token_ids"] if r.status_code == 200 else r.text)
 
     def __enter__(self) -> NormalTraffic:
