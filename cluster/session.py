@@ -58,9 +58,27 @@ def connect(address: str | None, pools: Pools) -> RaySession:
             raise NextserveConfigError(f"cluster.ray_address: no Ray cluster at {address!r} ({e})") from None
         return RaySession(started_ray=False)
     need = sum(p.actors * p.resources.num_cpus for p in (pools.attention, pools.deltanet, pools.experts))
-    ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=False,
-             runtime_env=runtime_env, log_to_driver=False)
+    start_local_ray(max(int(need + 0.999), os.cpu_count() or 1), runtime_env)
     return RaySession(started_ray=True)
+
+
+def start_local_ray(num_cpus: int, runtime_env: dict) -> None:
+    """A one-machine Ray cluster whose every port (GCS, raylet, object manager, workers, agents)
+    listens on loopback only: whoever reaches a Ray port can run code on the machine.
+
+    Ray takes the node's address for the one other nodes would reach it at, and binds to it and
+    to all interfaces; `_node_ip_address="127.0.0.1"` is turned back into that address. What
+    makes Ray keep to loopback is the setting it uses where clusters are off (macOS, Windows),
+    read when it picks the node's address, so it is set for the duration of the start only."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
+                 log_to_driver=False)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def reserve(session: RaySession, pools: Pools, placement: ClusterPlacement, timeout_s: float) -> None:

@@ -10,7 +10,10 @@ from typing import Any
 from ray import serve
 
 from deployments.config import NextserveConfig
+from deployments.security import keys_from_environment, max_prompts_per_request
 from deployments.server import EngineFactory, NextserveServer
+from engine.config import NextserveConfigError
+from model.config import ConfigError, ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL_DIR = REPO_ROOT / "models" / "tiny-qwen3-next"  # the built-in model, made on first start
@@ -24,8 +27,15 @@ def build_app(args: dict[str, Any], engine_factory: EngineFactory | None = None,
     """`args` is the application's `args` (NextserveConfig); checked here, before any replica
     starts. `deployment_options` are Serve options (autoscaling_config, ray_actor_options, ...)
     for callers that do not go through a config file's `deployments` list."""
-    config = NextserveConfig.from_args(dict(args))
-    args = {**args, "model": str(resolve_model(config.model))}
+    config = NextserveConfig.from_args(keys_from_environment(dict(args)))
+    max_prompts_per_request(config)  # refuses a limit no replica could honour, before any starts
+    model = resolve_model(config.model)
+    if (model / "config.json").is_file():  # e.g. a quantization the loader lacks: say so now, once
+        try:
+            ModelConfig.from_dir(model)
+        except ConfigError as e:
+            raise NextserveConfigError(f"model: {model}: {e}") from None
+    args = {**keys_from_environment(dict(args)), "model": str(model)}
     capacity = config.engine.max_num_seqs + config.serve.max_queued_requests
     options: dict[str, Any] = dict(max_ongoing_requests=capacity + ONGOING_MARGIN,
                                    ray_actor_options={"num_cpus": 1})

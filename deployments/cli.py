@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     reb = sub.add_parser("rebalance", help="ask a serving replica to rebalance its expert shards now")
     reb.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
+    reb.add_argument("--admin-key", default=None,
+                     help="the server's serve.admin_api_key (default: $NEXTSERVE_ADMIN_API_KEY, which "
+                          "unlike a flag other users of the machine cannot read from the process list)")
     reb.set_defaults(func=_rebalance)
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight checkpoint")
@@ -180,13 +183,20 @@ def _serve(args: argparse.Namespace) -> int:
 def _rebalance(args: argparse.Namespace) -> int:
     """POST /rebalance: the replica Serve routes it to rebalances at its next step (each replica
     balances its own shards from its own load; the automatic policy covers them all)."""
+    import os
+
     import requests
 
+    key = args.admin_key or os.environ.get("NEXTSERVE_ADMIN_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        reply = requests.post(f"{args.url.rstrip('/')}/rebalance", timeout=30)
+        reply = requests.post(f"{args.url.rstrip('/')}/rebalance", headers=headers, timeout=30)
     except requests.RequestException as e:
         raise UsageError(f"--url: cannot reach {args.url} ({type(e).__name__})") from None
-    print(json.dumps(reply.json(), indent=2))
+    try:
+        print(json.dumps(reply.json(), indent=2))
+    except ValueError:
+        print(f"HTTP {reply.status_code}: {reply.text[:200]}")
     return 0 if reply.ok else 1
 
 
@@ -202,7 +212,7 @@ def _sampling_params(args: argparse.Namespace):
 
 def _prompts(args: argparse.Namespace):
     """(tokenizer or None, prompt token ids, the flag they came from), checked against the config."""
-    from engine.tokenizer import Tokenizer
+    from engine.tokenizer import Tokenizer, token_id_limit
     from model.config import ConfigError, ModelConfig
 
     if args.model is None:
@@ -220,10 +230,12 @@ def _prompts(args: argparse.Namespace):
             raise UsageError("--prompt: a prompt encodes to no tokens")
     else:
         flag, prompts = "--prompt-token-ids", args.prompt_token_ids
+    limit = token_id_limit(tokenizer, config.vocab_size)  # the server's rule too
     for ids in prompts:
-        bad = [t for t in ids if t >= config.vocab_size]
+        bad = [t for t in ids if t >= limit]
         if bad:
-            raise UsageError(f"{flag}: token id {bad[0]} is out of range for vocab_size {config.vocab_size}")
+            raise UsageError(f"{flag}: token id {bad[0]} is out of range: valid ids are below {limit} "
+                             f"(max of the tokenizer's size and vocab_size {config.vocab_size})")
     return tokenizer, prompts, flag
 
 

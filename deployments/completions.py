@@ -3,8 +3,10 @@ and `echo` with the prompt's own logprobs, which evaluation harnesses use to sco
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from deployments.protocol import (
     CompletionChoice,
@@ -18,16 +20,21 @@ from engine.llm_engine import TopLogprobs
 
 
 def prepare(ctx: ServingContext, req: CompletionRequest):
-    """(choices, sampling params, prompt texts) for the request, or APIError."""
+    """(choices, sampling params, prompt texts) for the request, or APIError. Tokenizes: run it
+    off the event loop (`asyncio.to_thread`), so a long prompt stalls no other stream."""
     ctx.check_model(req.model)
     if req.max_tokens == 0 and not req.echo:
         raise APIError(400, "max_tokens must be >= 1 unless echo is true, got 0", param="max_tokens")
     prompts = req.prompts()
     if not prompts:
         raise APIError(400, "prompt must not be empty", param="prompt")
+    if len(prompts) > ctx.max_prompts:
+        # never 429: retrying cannot help a request that no replica can ever admit
+        raise APIError(400, f"prompt: {len(prompts)} prompts in one request; this server takes at most "
+                            f"{ctx.max_prompts} (serve.max_prompts_per_request)", param="prompt")
     choices, params, texts = [], [], []
     for i, p in enumerate(prompts):
-        ids = ctx.tokenizer.encode(p) if isinstance(p, str) else list(p)
+        ids = ctx.encode(p, f"prompt[{i}]") if isinstance(p, str) else list(p)
         if not ids:
             raise APIError(400, f"prompt {i} encodes to no tokens", param="prompt")
         ctx.check_token_ids(ids, i)
@@ -41,10 +48,11 @@ def prepare(ctx: ServingContext, req: CompletionRequest):
 
 
 async def complete(ctx: ServingContext, req: CompletionRequest) -> CompletionResponse:
-    choices, params, texts = prepare(ctx, req)
+    choices, params, texts = await asyncio.to_thread(prepare, ctx, req)
     request_id = new_id("cmpl")
-    async for _ in run_choices(ctx, request_id, choices, params):
-        pass
+    async with aclosing(run_choices(ctx, request_id, choices, params)) as outs:
+        async for _ in outs:
+            pass
     out = []
     for c, prompt_text in zip(choices, texts, strict=True):
         lp = None
@@ -61,7 +69,7 @@ async def complete(ctx: ServingContext, req: CompletionRequest) -> CompletionRes
 async def stream(ctx: ServingContext, req: CompletionRequest) -> AsyncIterator[str]:
     """Server-sent events. The request is checked before the first event, so the caller can
     still answer a bad one with an error status."""
-    choices, params, texts = prepare(ctx, req)
+    choices, params, texts = await asyncio.to_thread(prepare, ctx, req)
     request_id, created = new_id("cmpl"), int(time.time())
 
     def chunk(choice: CompletionChoice) -> str:
@@ -74,19 +82,21 @@ async def stream(ctx: ServingContext, req: CompletionRequest) -> AsyncIterator[s
             offsets[c.index] = len(text)
             ids = c.prompt_token_ids if req.return_token_ids else None
             yield chunk(CompletionChoice(index=c.index, text=text, prompt_token_ids=ids))
-    async for c, out in run_choices(ctx, request_id, choices, params):
-        lp = None
-        if req.logprobs is not None:
-            lp = _logprobs(ctx, c, list(out.new_token_ids), list(out.new_logprobs or ()),
-                           list(out.new_top_logprobs or ()), req.echo and out.prompt_logprobs is not None,
-                           offsets[c.index])
-        offsets[c.index] += len(out.new_text)
-        if out.new_text or lp is not None or out.finished or req.return_token_ids:
-            yield chunk(CompletionChoice(
-                index=c.index, text=out.new_text, logprobs=lp, finish_reason=c.finish_reason if out.finished
-                else None, token_ids=list(out.new_token_ids) if req.return_token_ids else None,
-                prompt_token_ids=c.prompt_token_ids if req.return_token_ids and not req.echo
-                and len(c.token_ids) <= 1 else None))
+    async with aclosing(run_choices(ctx, request_id, choices, params)) as outs:
+        async for c, out in outs:
+            lp = None
+            if req.logprobs is not None:
+                lp = _logprobs(ctx, c, list(out.new_token_ids), list(out.new_logprobs or ()),
+                               list(out.new_top_logprobs or ()), req.echo and out.prompt_logprobs is not None,
+                               offsets[c.index])
+            offsets[c.index] += len(out.new_text)
+            if out.new_text or lp is not None or out.finished or req.return_token_ids:
+                yield chunk(CompletionChoice(
+                    index=c.index, text=out.new_text, logprobs=lp,
+                    finish_reason=c.finish_reason if out.finished else None,
+                    token_ids=list(out.new_token_ids) if req.return_token_ids else None,
+                    prompt_token_ids=c.prompt_token_ids if req.return_token_ids and not req.echo
+                    and len(c.token_ids) <= 1 else None))
     if req.stream_options is None or req.stream_options.include_usage:
         yield sse(CompletionResponse(id=request_id, created=created, model=ctx.model_name, choices=[],
                                      usage=_usage(choices)))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 
 from cluster.config import ClusterConfig
 from engine.config import EngineLimits, NextserveConfigError, Settings
@@ -29,6 +29,18 @@ class ServeSettings(Settings):
                                 "aborted: HTTP 504, or an error event in a stream (default: no limit)")
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads in each engine "
                                                               "replica (default: torch's)")
+    max_request_bytes: int = Field(4 << 20, ge=1024, description="largest request body; larger: HTTP 413")
+    max_prompts_per_request: int | None = Field(
+        None, ge=1, description="most prompts in one completion request; more: HTTP 400 (default and "
+                                "ceiling: max_num_seqs + max_queued_requests, what a replica can admit)")
+    api_key: SecretStr | None = Field(
+        None, description="clients must send `Authorization: Bearer <key>` on every route but /health "
+                          "(default: $NEXTSERVE_API_KEY; neither: no authentication)")
+    admin_api_key: SecretStr | None = Field(
+        None, description="the bearer key of POST /rebalance (default: $NEXTSERVE_ADMIN_API_KEY; "
+                          "neither: the route is off)")
+    rebalance_cooldown_s: float = Field(60.0, ge=0, description="POST /rebalance is refused (HTTP 429) "
+                                                                "this long after the last one")
 
 
 class NextserveConfig(ClusterConfig):

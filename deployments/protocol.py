@@ -1,19 +1,58 @@
 """The OpenAI API's request and response bodies, as far as nextserve serves them, with vLLM's
 extensions (`top_k`, `ignore_eos`, `stop_token_ids`, `return_token_ids`). Requests are checked
-here; a bad field becomes an HTTP 400 that names it."""
+here; a bad field becomes an HTTP 400 that names it. Nothing is ignored silently: a field this
+server does not implement is refused unless it has its neutral value, and an unknown field is
+refused as OpenAI refuses it."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from engine.sampling import MAX_TOP_LOGPROBS
 
+MAX_STOP_STRINGS = 16  # OpenAI takes 4; enough for chat formats' end markers
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 1024
+
+
+def _neutral(*values: Any) -> Callable[[Any], bool]:
+    return lambda v: any(v == x for x in values)
+
+
+_OFF = _neutral(None)
+# OpenAI and vLLM request fields that nextserve does not implement: accepted only at the value
+# that means "not used", refused with a 400 naming them otherwise.
+UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "presence_penalty": _neutral(None, 0), "frequency_penalty": _neutral(None, 0),
+    "repetition_penalty": _neutral(None, 1), "length_penalty": _neutral(None, 1),
+    "min_p": _neutral(None, 0), "min_tokens": _neutral(None, 0), "best_of": _neutral(None, 1),
+    "logit_bias": _neutral(None, {}), "response_format": _neutral(None, {"type": "text"}),
+    "tools": _neutral(None, []), "tool_choice": _neutral(None, "none", "auto"),
+    "functions": _neutral(None, []), "function_call": _neutral(None, "none", "auto"),
+    "use_beam_search": _neutral(None, False), "logits_processors": _neutral(None, []),
+    "guided_json": _OFF, "guided_regex": _OFF, "guided_choice": _OFF, "guided_grammar": _OFF,
+    "guided_decoding_backend": _OFF, "guided_whitespace_pattern": _OFF, "structured_outputs": _OFF,
+    "allowed_token_ids": _OFF, "bad_words": _neutral(None, []), "truncate_prompt_tokens": _OFF,
+    "include_stop_str_in_output": _neutral(None, False), "skip_special_tokens": _neutral(None, True),
+    "spaces_between_special_tokens": _neutral(None, True), "prompt_logprobs": _OFF,
+    "return_tokens_as_token_ids": _neutral(None, False), "suffix": _neutral(None, ""),
+    "audio": _OFF, "modalities": _neutral(None, ["text"]), "prediction": _OFF,
+    "reasoning_effort": _OFF, "verbosity": _OFF, "web_search_options": _OFF,
+    "continue_final_message": _neutral(None, False), "documents": _neutral(None, []),
+    "chat_template": _OFF, "mm_processor_kwargs": _OFF, "priority": _neutral(None, 0),
+    "kv_transfer_params": _OFF, "vllm_xargs": _OFF,
+}
+# Fields with no effect on the output: accepted and not used.
+NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "request_id",
+                       "cache_salt", "safety_identifier", "prompt_cache_key"})
+
 
 class _Request(BaseModel):
-    # Clients send fields we do not use (user, presence_penalty at 0, ...); vLLM ignores them too.
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -24,6 +63,37 @@ class _Request(BaseModel):
         if bad is not None:
             raise ValueError(f"text is not valid Unicode (a lone surrogate in {bad!r})")
         return data
+
+
+class _TopLevelRequest(_Request):
+    """A route's body: unimplemented fields refused unless neutral (and then dropped), fields
+    without effect dropped, nulls taken as "not set"; what is left must be a known field."""
+
+    # the route's own neutral values where they differ from UNSUPPORTED's
+    _neutral_overrides: ClassVar[dict[str, Callable[[Any], bool]]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        kept = {}
+        for key, value in data.items():
+            neutral = cls._neutral_overrides.get(key) or UNSUPPORTED.get(key)
+            if value is None and key in cls.model_fields and not _nullable(cls.model_fields[key].annotation):
+                continue  # OpenAI's clients send null for "not set": the default
+            if neutral is not None and key not in cls.model_fields:
+                if not neutral(value):
+                    raise PydanticCustomError(
+                        "unsupported_field", "{field} is not supported by this server (got {value})",
+                        {"field": key, "value": repr(value)[:100]})
+            elif key not in NO_EFFECT:
+                kept[key] = value
+        return kept
+
+
+def _nullable(annotation: Any) -> bool:
+    return annotation is None or type(None) in get_args(annotation)
 
 
 def _lone_surrogate(value: Any, depth: int = 0) -> str | None:
@@ -47,21 +117,35 @@ def _lone_surrogate(value: Any, depth: int = 0) -> str | None:
 
 class StreamOptions(_Request):
     include_usage: bool = True  # nextserve always ends a stream with a usage chunk
+    continuous_usage_stats: Literal[False] = False  # vLLM's; not implemented
 
 
-class _SamplingFields(_Request):
+class _SamplingFields(_TopLevelRequest):
     model: str
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(-1, ge=-1, description="vLLM extension; -1 or 0: off")
+    # 0 < temperature < 0.01 is taken as 0.01 (as vLLM does): smaller ones overflow the logits
+    temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    top_k: int = Field(-1, ge=-1, description="vLLM extension; -1 or 0: off; at least the vocabulary: off")
     n: int = Field(1, ge=1, le=1, description="one choice per prompt")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="what torch.Generator takes")
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     return_token_ids: bool = Field(False, description="vLLM extension: token ids of prompt and output")
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        strings = [stop] if isinstance(stop, str) else stop or []
+        if len(strings) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(strings)}")
+        longest = max(map(len, strings), default=0)
+        if longest > MAX_STOP_STRING_CHARS:
+            raise ValueError(f"stop strings of at most {MAX_STOP_STRING_CHARS} characters, got one of "
+                             f"{longest}")
+        return stop
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -78,6 +162,8 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(16, ge=0, description="0 only with echo: score the prompt")
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
+    _neutral_overrides: ClassVar[dict[str, Callable[[Any], bool]]] = {
+        "add_special_tokens": _neutral(None, True)}  # text prompts are encoded with them
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts: one text, one token list, or a list of either."""
@@ -90,19 +176,36 @@ class CompletionRequest(_SamplingFields):
 
 
 class ContentPart(_Request):
-    type: str
-    text: str | None = None  # of "text" parts; other kinds (images) carry other fields
+    type: Literal["text"]  # images and audio are not implemented: refused, not dropped
+    text: str
 
 
 class ChatMessage(_Request):
     role: str
     content: str | list[ContentPart] | None = None
+    # handed to the chat template as they are: it decides what a name or a past tool call says
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind is not None and kind != "text":
+                raise ValueError(f"content parts of type {kind!r} are not supported (only text)")
+        return content
 
     def text(self) -> str:
-        """Content as text; of a list of parts only the text parts count (no images here)."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        return "".join(part.text or "" for part in self.content if part.type == "text")
+        return "".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        extra = self.model_dump(exclude={"role", "content"}, exclude_none=True)
+        return {"role": self.role, "content": self.text(), **extra}
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -113,6 +216,9 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    _neutral_overrides: ClassVar[dict[str, Callable[[Any], bool]]] = {
+        "add_special_tokens": _neutral(None, False),  # the template writes the special tokens
+        "echo": _neutral(None, False)}
 
 
 # -- responses --------------------------------------------------------------------------------
@@ -221,6 +327,7 @@ class ModelList(_Response):
 
 def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
     """OpenAI's error form: {"error": {"message", "type", "param", "code"}}."""
-    kind = {400: "BadRequestError", 404: "NotFoundError", 429: "RateLimitError",
+    kind = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+            404: "NotFoundError", 413: "RequestTooLargeError", 429: "RateLimitError",
             503: "ServiceUnavailableError", 504: "APITimeoutError"}.get(status, "InternalServerError")
     return {"error": {"message": message, "type": kind, "param": param, "code": code or status}}

@@ -59,6 +59,10 @@ def serve_forever(config: str | None, model: str | None, port: int | None, host:
     host = host or http.get("host", "127.0.0.1")
     port = port if port is not None else int(http.get("port", 8000))
     settings = NextserveConfig.from_args(args)
+    try:  # checks the checkpoint's config too: a mistake ends here, before Ray starts
+        application = build_app(args, deployment_options=deployment_options(app))
+    except NextserveConfigError as e:
+        raise ServeUsageError(str(e)) from None
     started_ray = _connect(settings)
     name, prefix = app.get("name", "nextserve"), app.get("route_prefix", "/")
     stop = threading.Event()
@@ -66,7 +70,7 @@ def serve_forever(config: str | None, model: str | None, port: int | None, host:
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(args, deployment_options=deployment_options(app)), name=name, route_prefix=prefix)
+        serve.run(application, name=name, route_prefix=prefix)
         print(f"nextserve: serving {args.get('model') or 'the built-in tiny model'} at "
               f"http://{host}:{port}{prefix.rstrip('/')}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
         stop.wait()
@@ -87,6 +91,8 @@ def _connect(settings: NextserveConfig) -> bool:
     """Join the configured or running Ray cluster, else start a local one; True if started."""
     import ray
 
+    from cluster.session import start_local_ray
+
     # Replicas and actors import nextserve's packages from this checkout.
     runtime_env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}
     address = settings.cluster.ray_address or os.environ.get("RAY_ADDRESS") or _running_local_cluster()
@@ -101,8 +107,7 @@ def _connect(settings: NextserveConfig) -> bool:
         pools = settings.pools
         need += sum(p.actors * p.resources.num_cpus for p in (pools.attention, pools.deltanet, pools.experts))
     # Logical CPUs: a small machine may oversubscribe its cores rather than fail to place actors.
-    ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=False,
-             runtime_env=runtime_env, log_to_driver=False)
+    start_local_ray(max(int(need + 0.999), os.cpu_count() or 1), runtime_env)  # loopback only
     return True
 
 

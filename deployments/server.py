@@ -14,7 +14,9 @@ FastAPI must resolve the route annotations (the request models) in the replica."
 
 
 import dataclasses
+import json
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -28,7 +30,14 @@ from deployments import chat_completions, completions
 from deployments.config import NextserveConfig
 from deployments.monitor import ReplicaMonitor
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, error_body
-from deployments.serving import SSE_DONE, APIError, Engine, ServingContext, served_model_name, sse
+from deployments.security import (
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    RebalanceGate,
+    SecuritySettings,
+    max_prompts_per_request,
+)
+from deployments.serving import SSE_DONE, APIError, Engine, ServingContext, new_id, served_model_name, sse
 from engine.async_engine import EngineStepError, QueueFullError, RequestTimeoutError
 from engine.tokenizer import Tokenizer
 from monitoring import http as monitoring_http
@@ -40,41 +49,95 @@ api = FastAPI(title="nextserve", docs_url=None, redoc_url=None)
 
 
 def _error(status: int, message: str, param: str | None = None, retry_after_s: float | None = None,
-           ) -> JSONResponse:
-    headers = {"Retry-After": str(int(retry_after_s))} if retry_after_s is not None else None
-    return JSONResponse(error_body(message, status, param), status_code=status, headers=headers)
+           request_id: str | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(int(retry_after_s))} if retry_after_s is not None else {}
+    if request_id is not None:
+        headers["X-Request-Id"] = request_id
+    return JSONResponse(error_body(message, status, param), status_code=status, headers=headers or None)
 
 
 def _as_error(e: Exception) -> JSONResponse:
-    """Every exception a request can raise, as OpenAI's error form with its status."""
+    """Every exception a request can raise, as OpenAI's error form with its status. Messages we
+    wrote for clients pass through; anything else is logged with a request id, and the client
+    gets that id, never the exception's text (it may hold paths, addresses, tracebacks)."""
     if isinstance(e, APIError):
         return _error(e.status, e.message, e.param, e.retry_after_s)
     if isinstance(e, QueueFullError):
         return _error(429, str(e), retry_after_s=e.retry_after_s)
     if isinstance(e, RequestTimeoutError):
         return _error(504, str(e))
+    request_id, own = _request_id()
     if isinstance(e, EngineStepError):
-        return _error(503, str(e), retry_after_s=1)
-    if isinstance(e, ValueError):  # the engine refused the request (e.g. prompt too long)
-        return _error(400, str(e), "prompt")
-    log.exception("request failed")
-    return _error(500, f"internal error: {type(e).__name__}: {e}")
+        log.error("request %s: the engine failed it: %s", request_id, e)
+        return _error(503, f"The engine could not run this request; retry later (request id {request_id}).",
+                      retry_after_s=1, request_id=request_id if own else None)
+    log.error("request %s: internal error", request_id, exc_info=e)
+    return _error(500, f"Internal server error (request id {request_id}).",
+                  request_id=request_id if own else None)
+
+
+def _request_id() -> tuple[str, bool]:
+    """Serve's id of the request being handled (Serve sends it as X-Request-Id and logs it), or
+    our own when there is none; True when it is our own, which we then send ourselves."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        serve_id = _get_serve_request_context().request_id
+    except Exception:  # outside a replica
+        serve_id = ""
+    if re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", serve_id or ""):  # a client may choose it: keep it tame
+        return serve_id, False
+    return new_id("req"), True
+
+
+def _status_of(e: Exception) -> int:
+    if isinstance(e, APIError):
+        return e.status
+    for kind, status in ((QueueFullError, 429), (RequestTimeoutError, 504), (EngineStepError, 503)):
+        if isinstance(e, kind):
+            return status
+    return 500
+
+
+def _error_event(e: Exception) -> str:
+    """An error inside a stream that has already begun: the same body, as an event."""
+    err = _as_error(e)
+    return sse(json.loads(err.body))
 
 
 # Counts requests by route and status, errors by kind; an exception is counted with the status
 # _as_error answers it with.
-api.add_middleware(monitoring_http.MetricsMiddleware, status_of=lambda e: _as_error(e).status_code)
+api.add_middleware(monitoring_http.MetricsMiddleware, status_of=_status_of)
+# Outermost (added last): a request without the key, or with too large a body, costs nothing more.
+api.add_middleware(BodyLimitMiddleware)
+api.add_middleware(AuthMiddleware)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else f"{text[:100]}... ({len(text)} characters)"
 
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
     first = e.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    if first.get("type") == "json_invalid":
+    kind = first.get("type")
+    if kind == "json_invalid":
         return _error(400, f"the request body is not valid JSON: {first.get('msg')}")
-    param = loc[0] if loc else None
     where = ".".join(loc) or "body"
-    return _error(400, f"{where}: {first.get('msg')} (got {first.get('input')!r})", param)
+    if kind == "extra_forbidden":  # OpenAI's words for it
+        return _error(400, f"Unrecognized request argument supplied: {where}", loc[0] if loc else None)
+    if kind == "unsupported_field":
+        field = (first.get("ctx") or {}).get("field")
+        return _error(400, str(first.get("msg")), field)
+    param = loc[0] if loc else None
+    return _error(400, f"{where}: {first.get('msg')} (got {_shown(first.get('input'))})", param)
+
+
+@api.exception_handler(APIError)
+async def _api_error(_: Request, e: APIError) -> JSONResponse:
+    return _as_error(e)
 
 
 @api.exception_handler(HTTPException)
@@ -105,13 +168,26 @@ async def _event_stream(events: AsyncIterator[str]) -> Response:
             async for event in events:
                 yield event
         except Exception as e:
-            err = _as_error(e)
-            yield sse(error_body(str(getattr(e, "message", e)), err.status_code))
+            yield _error_event(e)
             yield SSE_DONE
         finally:  # a client that left: aborting the request frees its slot now, not at GC
             await events.aclose()
 
     return StreamingResponse(body(), media_type="text/event-stream")
+
+
+def engine_healthy(engine: Any) -> bool:
+    """Whether the engine can step: its own `healthy()` where it has one (the executor's actors
+    included), else whether its thread lives."""
+    check = getattr(engine, "healthy", None) or getattr(engine, "is_alive", None)
+    return check is None or bool(check())
+
+
+def _model_vocab_size(engine: Any, tokenizer: Tokenizer) -> int:
+    """Rows of the model's logits: the LLMEngine's config where the engine has one (a test's fake
+    engine may not; then the tokenizer's size)."""
+    config = getattr(getattr(engine, "engine", None), "config", None)
+    return getattr(config, "vocab_size", None) or tokenizer.vocab_size
 
 
 @serve.deployment(name="NextserveServer")
@@ -121,16 +197,22 @@ class NextserveServer:
         from deployments.engine_factory import build_engine
 
         self.config = NextserveConfig.from_args(args)
+        max_prompts = max_prompts_per_request(self.config)
+        api.state.security = SecuritySettings.from_config(self.config)
+        self.rebalance_gate = RebalanceGate(self.config.serve.rebalance_cooldown_s)
         engine, tokenizer, max_model_len = (engine_factory or build_engine)(self.config)
         self.engine = engine
         self.monitor = ReplicaMonitor(engine, self.config)
         self.ctx = ServingContext(engine=self.monitor.engine, tokenizer=tokenizer,
-                                  max_model_len=max_model_len,
-                                  model_name=served_model_name(self.config))
+                                  max_model_len=max_model_len, model_name=served_model_name(self.config),
+                                  vocab_size=_model_vocab_size(engine, tokenizer), max_prompts=max_prompts)
 
     @api.get("/health")
-    async def health(self) -> dict[str, str]:
-        return {"status": "ok"}
+    async def health(self) -> Response:
+        if not engine_healthy(self.engine):
+            return _error(503, "the engine cannot run requests",
+                          retry_after_s=self.config.serve.retry_after_s)
+        return JSONResponse({"status": "ok"})
 
     @api.get("/v1/models")
     async def models(self) -> ModelList:
@@ -154,11 +236,16 @@ class NextserveServer:
         return em.expert_load_json() if em is not None else {}
 
     @api.post("/rebalance")
-    async def rebalance(self) -> Response:
+    async def rebalance(self, request: Request) -> Response:
         """Ask this replica to rebalance its expert shards from the load seen since its last look
-        (`nextserve rebalance`); it happens between two engine steps, at the next step."""
+        (`nextserve rebalance`); it happens between two engine steps, at the next step. Needs the
+        admin key; a rebalance stalls every stream of the replica, hence the cool-down."""
         from cluster.rebalance import find_policy
 
+        refused = self.rebalance_gate.check(request.scope)
+        if refused is not None:
+            status, message, retry_after_s = refused
+            return _error(status, message, retry_after_s=retry_after_s)
         policy = find_policy(self.engine)
         if policy is None:
             return _error(400, "expert rebalancing needs the cluster executor and a MoE model")
@@ -196,13 +283,11 @@ class NextserveServer:
         return JSONResponse((await chat_completions.complete(self.ctx, req)).model_dump())
 
     def check_health(self) -> None:
-        """Serve restarts a replica whose engine thread died."""
-        alive = getattr(self.engine, "is_alive", None)
-        if alive is not None and not alive():
-            raise RuntimeError("the engine thread has stopped")
+        """Serve replaces a replica whose engine cannot step (its thread died, its executor is gone)."""
+        if not engine_healthy(self.engine):
+            raise RuntimeError("the engine cannot run requests")
 
     def __del__(self) -> None:
         shutdown = getattr(getattr(self, "engine", None), "shutdown", None)
         if shutdown is not None:
             shutdown()
-

@@ -7,6 +7,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -17,7 +18,7 @@ from pydantic import BaseModel
 from deployments.config import NextserveConfig
 from engine.llm_engine import EngineStats, RequestOutput, TopLogprobs
 from engine.sampling import SamplingParams, SamplingParamsError
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import Tokenizer, token_id_limit
 
 
 class APIError(Exception):
@@ -38,12 +39,21 @@ class Engine(Protocol):
     def stats(self) -> EngineStats: ...
 
 
+MIN_TEMPERATURE = 1e-2  # as vLLM: a smaller one overflows the scaled logits to inf
+
+
 @dataclass(eq=False)  # hashed by identity, for token_text's cache
 class ServingContext:
     engine: Engine
     tokenizer: Tokenizer
     model_name: str
     max_model_len: int
+    vocab_size: int  # the model's: rows of its logits
+    max_prompts: int = 64  # prompts in one completion request (serve.max_prompts_per_request)
+
+    @property
+    def token_id_limit(self) -> int:
+        return token_id_limit(self.tokenizer, self.vocab_size)
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
@@ -51,17 +61,28 @@ class ServingContext:
                                 f"`{self.model_name}`.", param="model")
 
     def check_token_ids(self, ids: Sequence[int], prompt_index: int) -> None:
-        """Token-id prompts must name tokens of the vocabulary; caught here, before anything (the
+        """Token-id prompts must name ids the model has; caught here, before anything (the
         tokenizer's decode included) sees them."""
-        vocab = self.tokenizer.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        limit = self.token_id_limit
+        bad = next((t for t in ids if not 0 <= t < limit), None)
         if bad is not None:
             raise APIError(400, f"prompt {prompt_index}: token id {bad} is out of vocabulary "
-                                f"(0..{vocab - 1})", param="prompt")
+                                f"(0..{limit - 1})", param="prompt")
+
+    def encode(self, text: str, where: str, add_special_tokens: bool = True) -> list[int]:
+        """Text that could never fit in the context is refused without tokenizing it: no token
+        covers more than `max_token_chars` characters (twice that, for normalizers that fold
+        characters together)."""
+        most = 2 * self.max_model_len * max(self.tokenizer.max_token_chars, 1)
+        if len(text) > most:
+            raise APIError(400, f"{where}: {len(text)} characters cannot fit in this model's maximum context "
+                                f"length of {self.max_model_len} tokens", param=where.split("[")[0])
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def sampling_params(self, req: Any, prompt_len: int, max_tokens: int | None, **extra: Any,
                         ) -> SamplingParams:
-        """The request's sampling fields; `max_tokens` None means all the room the context leaves."""
+        """The request's sampling fields; `max_tokens` None means all the room the context leaves.
+        Every value that reaches the engine's shared tensors is bounded here."""
         room = self.max_model_len - prompt_len
         if room < 0 or (room == 0 and max_tokens != 0):
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; the "
@@ -71,11 +92,17 @@ class ServingContext:
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; "
                                 f"you requested {prompt_len + max_tokens} tokens ({prompt_len} in the "
                                 f"prompt, {max_tokens} in the completion).", param="max_tokens")
+        stop_ids = tuple(req.stop_token_ids or ())
+        bad = next((t for t in stop_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"stop_token_ids: {bad} is out of vocabulary (0..{self.vocab_size - 1})",
+                           param="stop_token_ids")
+        top_k = 0 if req.top_k >= self.vocab_size else req.top_k  # every token: the same as off
+        temperature = req.temperature if req.temperature == 0 else max(req.temperature, MIN_TEMPERATURE)
         try:
-            return SamplingParams(max_tokens=max(max_tokens, 1), temperature=req.temperature, top_p=req.top_p,
-                                  top_k=req.top_k, seed=req.seed, stop=req.stop_strings,
-                                  stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
-                                  **extra)
+            return SamplingParams(max_tokens=max(max_tokens, 1), temperature=temperature, top_p=req.top_p,
+                                  top_k=top_k, seed=req.seed, stop=req.stop_strings, stop_token_ids=stop_ids,
+                                  ignore_eos=req.ignore_eos, **extra)
         except SamplingParamsError as e:
             raise APIError(400, str(e), param=e.field) from None
 
@@ -130,17 +157,19 @@ class Choice:
 async def run_choices(ctx: ServingContext, request_id: str, choices: list[Choice],
                       params: list[SamplingParams]) -> AsyncIterator[tuple[Choice, RequestOutput]]:
     """Run every choice's request at once; (choice, its output) in arrival order. Leaving early
-    cancels all of them, which aborts them in the engine."""
+    (close this generator) cancels all of them, which aborts them in the engine at once."""
     if len(choices) == 1:  # the common case: no tasks, no merge queue
-        async for out in ctx.engine.generate(f"{request_id}-0", choices[0].prompt_token_ids, params[0]):
-            yield choices[0], choices[0].add(out)
+        async with aclosing(_generate(ctx, f"{request_id}-0", choices[0], params[0])) as outs:
+            async for out in outs:
+                yield choices[0], choices[0].add(out)
         return
     merged: asyncio.Queue = asyncio.Queue()
 
     async def pump(choice: Choice, p: SamplingParams) -> None:
         try:
-            async for out in ctx.engine.generate(f"{request_id}-{choice.index}", choice.prompt_token_ids, p):
-                await merged.put((choice, out))
+            async with aclosing(_generate(ctx, f"{request_id}-{choice.index}", choice, p)) as outs:
+                async for out in outs:
+                    await merged.put((choice, out))
         except Exception as e:
             await merged.put(e)
 
@@ -158,6 +187,22 @@ async def run_choices(ctx: ServingContext, request_id: str, choices: list[Choice
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _generate(ctx: ServingContext, request_id: str, choice: Choice,
+                    params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    """The engine's outputs; a ValueError before the first one is the engine refusing the prompt
+    (its message is ours, written for the client), later ones are our bugs."""
+    started = False
+    try:
+        async with aclosing(ctx.engine.generate(request_id, choice.prompt_token_ids, params)) as outs:
+            async for out in outs:
+                started = True
+                yield out
+    except ValueError as e:
+        if started:
+            raise
+        raise APIError(400, f"prompt {choice.index}: {e}", param="prompt") from None
 
 
 def sse(payload: BaseModel | dict) -> str:

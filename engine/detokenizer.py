@@ -11,6 +11,10 @@ MAX_PENDING_TOKENS = 6  # a character spans at most 4 byte tokens; past that, ï¿
 
 
 class IncrementalDetokenizer:
+    """Work per token is bounded by the stop strings' lengths, never by the text so far: the
+    stop search looks at the new text and the few characters before it, and the text is kept
+    as pieces, not as one string grown by copying."""
+
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (),
                  skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
@@ -21,9 +25,16 @@ class IncrementalDetokenizer:
         # tokenizer derives from the previous token (vLLM's scheme); ids[read:] are not yet text.
         self._prefix = 0
         self._read = 0
-        self.text = ""  # all final output text; ends before a matched stop string
-        self._emitted = 0  # chars of self.text handed out by take()
+        self._keep = max(map(len, stop), default=1) - 1  # chars a stop string may reach back
+        self._tail = ""  # the last `_keep` chars of the final text
+        self._taken: list[str] = []  # what take() handed out
+        self._pending = ""  # final text not yet handed out; ends before a matched stop string
         self.stopped = False
+
+    @property
+    def text(self) -> str:
+        """All final output text so far."""
+        return "".join(self._taken) + self._pending
 
     def add(self, token_id: int) -> bool:
         """Take one output token; True when the text now contains a stop string."""
@@ -40,42 +51,39 @@ class IncrementalDetokenizer:
             return False
         new = full[len(prefix_text):]
         self._prefix, self._read = self._read, len(ids)
-        old_len = len(self.text)
-        self.text += new
-        return self._match_stop(old_len)
+        window = self._tail + new  # a match must end in the new text
+        self._pending += new
+        hits = [i for i in (window.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self._pending = self._pending[:max(0, len(self._pending) - (len(window) - min(hits)))]
+            self.stopped = True
+        self._tail = window[max(0, len(window) - self._keep):]
+        return self.stopped
 
     def take(self, final: bool) -> str:
         """Text not handed out before; when not `final`, less a tail a stop string may begin with.
         When final, tokens still waiting for the rest of a character are decoded as they are."""
         if final:
             self._advance(force=True)
-        end = len(self.text) if final or self.stopped else len(self.text) - self._stop_prefix_len()
-        end = max(end, self._emitted)
-        out, self._emitted = self.text[self._emitted:end], end
+        held = 0 if final or self.stopped else min(self._stop_prefix_len(), len(self._pending))
+        out = self._pending[:len(self._pending) - held]
+        self._pending = self._pending[len(out):]
+        if out:
+            self._taken.append(out)
         return out
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens) if ids else ""
 
-    def _match_stop(self, old_len: int) -> bool:
-        if not self.stop:
-            return False
-        longest = max(map(len, self.stop))
-        # A match must end in the new text, so it starts at most longest-1 chars before it.
-        lo = max(0, old_len - longest + 1)
-        hits = [i for i in (self.text.find(s, lo) for s in self.stop) if i >= 0]
-        if not hits:
-            return False
-        self.text = self.text[:min(hits)]
-        self.stopped = True
-        return True
-
     def _stop_prefix_len(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of a stop string."""
-        best = 0
+        """Length of the longest tail of the text that is a proper prefix of a stop string. Only
+        tails that start with a stop string's first character are tried."""
+        best, tail = 0, self._tail
         for s in self.stop:
-            for k in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:k]):
-                    best = k
+            i = tail.find(s[0], max(0, len(tail) - len(s) + 1))
+            while i >= 0 and len(tail) - i > best:
+                if s.startswith(tail[i:]):
+                    best = len(tail) - i
                     break
+                i = tail.find(s[0], i + 1)
         return best

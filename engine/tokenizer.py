@@ -29,6 +29,11 @@ class Tokenizer:
         gen_eos = _read_json(path / "generation_config.json").get("eos_token_id")
         eos_ids += gen_eos if isinstance(gen_eos, list) else [gen_eos]
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(i for i in eos_ids if i is not None))
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self._id_end = max(vocab.values(), default=-1) + 1  # ids below it may still lack a token
+        # The most characters of text one token stands for (byte-level BPE spells each byte as
+        # one character, so a token's string is at least as long as the text it covers).
+        self.max_token_chars: int = max(map(len, vocab), default=1)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer | None:
@@ -43,7 +48,15 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        """Ids with no token (a model's vocab_size may exceed its tokenizer's) decode to ""."""
+        ids = [t for t in token_ids if 0 <= t < self._id_end]
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def token_id_limit(tokenizer: Tokenizer | None, vocab_size: int) -> int:
+    """Prompt token ids are valid below this: the model embeds every id below its vocab_size,
+    and the tokenizer may name more (vLLM's rule: max of the two)."""
+    return max(vocab_size, tokenizer.vocab_size if tokenizer is not None else 0)
 
 
 def _read_json(file: Path) -> dict[str, Any]:

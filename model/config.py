@@ -126,10 +126,6 @@ class ModelConfig:
         return (2 * self.linear_num_key_heads * self.linear_key_head_dim
                 + self.linear_num_value_heads * self.linear_value_head_dim)
 
-    def with_dtype(self, dtype: str) -> ModelConfig:
-        from dataclasses import replace
-        return replace(self, dtype=dtype)
-
     # -- loading -------------------------------------------------------------------------
     @classmethod
     def from_dir(cls, path: str | Path, dtype: str | None = None) -> ModelConfig:
@@ -166,6 +162,11 @@ class ModelConfig:
         is_next = arch == "qwen3_next"
         # Defaults for absent keys are those of the transformers config classes.
         head_dim = int(raw.get("head_dim") or (256 if is_next else hidden // n_heads))
+        quant = raw.get("quantization_config")
+        if quant:  # the loader reads plain weights; scales such as FP8's weight_scale_inv would be dropped
+            method = quant.get("quant_method") if isinstance(quant, dict) else quant
+            raise ConfigError(f"config.json: quantization_config.quant_method={method!r} is not supported "
+                              f"(the loader reads unquantized float32/bfloat16/float16 weights only)")
         if raw.get("use_sliding_window"):
             raise ConfigError("config.json: use_sliding_window=true is not supported (sliding-window "
                               "attention is not implemented)")

@@ -283,6 +283,6 @@ def test_error_body_is_json(base_url):
     assert r.status_code == 400 and json.loads(r.text)["error"]["param"] == "top_p"
 
 
-def test_rebalance_needs_the_cluster_executor(base_url):
+def test_rebalance_is_off_without_an_admin_key(base_url):
     r = requests.post(f"{base_url}/rebalance", timeout=10)
-    assert r.status_code == 400 and "cluster executor" in r.json()["error"]["message"]
+    assert r.status_code == 403 and "serve.admin_api_key" in r.json()["error"]["message"]

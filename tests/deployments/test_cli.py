@@ -119,6 +119,51 @@ def test_generate_text_prompts(tiny_dir, capsys):
     assert "{" not in capsys.readouterr().out
 
 
+def test_token_ids_below_the_models_vocab_size(tiny_dir, capsys):
+    """The server's rule: ids below max(tokenizer size 483, vocab_size 512) are valid; those
+    without a token decode to ""."""
+    code = main(["generate", "--model", str(tiny_dir), "--max-tokens", "2", "--temperature", "0",
+                 "--prompt-token-ids", "3,483,511"])
+    assert code == 0
+    code, err = run_cli(["generate", "--model", str(tiny_dir), "--prompt-token-ids", "3,512"], capsys)
+    assert code == 2 and "512" in err and "vocab_size 512" in err and err.count("\n") == 1
+
+
+def test_quantized_checkpoint_is_refused(tiny_dir, tmp_path, capsys):
+    import shutil
+
+    d = tmp_path / "fp8"
+    shutil.copytree(tiny_dir, d)
+    config = json.loads((d / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (d / "config.json").write_text(json.dumps(config))
+    code, err = run_cli(["generate", "--model", str(d), "--prompt-token-ids", "3"], capsys)
+    assert code == 2 and "quantization_config.quant_method='fp8'" in err and err.count("\n") == 1
+
+
+def test_rebalance_sends_the_admin_key(monkeypatch, capsys):
+    import requests
+
+    sent = {}
+
+    class Reply:
+        ok, status_code, text = True, 200, "{}"
+
+        def json(self):
+            return {"scheduled": True}
+
+    def fake_post(url, headers=None, timeout=None):
+        sent.update(url=url, headers=headers)
+        return Reply()
+
+    monkeypatch.setattr(requests, "post", fake_post)
+    monkeypatch.setenv("NEXTSERVE_ADMIN_API_KEY", "from-env")
+    assert main(["rebalance", "--url", "http://h:1/"]) == 0
+    assert sent == {"url": "http://h:1/rebalance", "headers": {"Authorization": "Bearer from-env"}}
+    assert main(["rebalance", "--url", "http://h:1", "--admin-key", "flag"]) == 0
+    assert sent["headers"] == {"Authorization": "Bearer flag"}
+
+
 def test_make_tiny_model(tmp_path, capsys):
     assert main(["make-tiny-model", str(tmp_path / "m"), "--arch", "qwen3_moe"]) == 0
     assert (tmp_path / "m" / "config.json").is_file()

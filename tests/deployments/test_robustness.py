@@ -9,6 +9,7 @@ with FILE tests/deployments/test_robustness.py."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -127,55 +128,135 @@ def test_malformed_bodies(base_url):
     assert_alive(base_url)
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+# The edges where parsers and tensors break: int32/int64/uint64 bounds and past them, the float
+# specials (JSON as Python writes it carries NaN and Infinity), subnormals, and long strings.
+EDGE_INTS = st.sampled_from([0, -1, 1, 2**31 - 1, -(2**31), 2**32, 2**63 - 1, 2**63, -(2**63), -(2**63) - 1,
+                             2**64 - 1, 2**64, 10**30, -(10**30)])
+EDGE_FLOATS = st.sampled_from([float("inf"), float("-inf"), float("nan"), 1.7976931348623157e308, -1e308,
+                               5e-324, -0.0, 1e-300, 2.0**63])
+LONG_TEXT = st.sampled_from(["a" * 100_000, "\u00e9\u4e2d" * 20_000, " " * 50_000, "<|im_end|>" * 3000])
+INTS = st.integers() | EDGE_INTS
+FLOATS = st.floats() | EDGE_FLOATS
+JSON = st.recursive(st.none() | st.booleans() | INTS | FLOATS | st.text(max_size=20) | LONG_TEXT,
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                                  max_size=4),
                     max_leaves=10)
 
 
 def field(valid: st.SearchStrategy) -> st.SearchStrategy:
-    """Mostly a plausible value, sometimes any JSON at all."""
-    return st.one_of(valid, valid, JSON)
+    """Mostly a plausible value, sometimes an edge value, sometimes any JSON at all."""
+    return st.one_of(valid, valid, INTS, FLOATS, JSON)
 
 
-TOKEN_IDS = st.lists(st.integers(-3, 600), min_size=0, max_size=6)
+TOKEN_IDS = st.lists(st.integers(-3, 600) | EDGE_INTS, min_size=0, max_size=6)
 SAMPLING = dict(
     model=field(st.sampled_from([MODEL, "other"])),
     max_tokens=field(st.integers(-2, 6) | st.integers(0, 2**64)),
     temperature=field(st.sampled_from([0, 0.5, 1, 2.5, -1])),
     top_p=field(st.floats(0, 1.5)), top_k=field(st.integers(-3, 1000)),
     n=field(st.integers(0, 3) | st.integers(0, 10**12)), seed=field(st.integers(-(2**65), 2**65)),
-    stop=field(st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=3)),
+    stop=field(st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=3) | LONG_TEXT
+               | st.lists(st.text(max_size=300), min_size=15, max_size=18)),
     stop_token_ids=field(TOKEN_IDS), ignore_eos=field(st.booleans()), stream=field(st.booleans()),
+    stream_options=field(st.fixed_dictionaries({}, optional={"include_usage": field(st.booleans())})),
     return_token_ids=field(st.booleans()),
 )
+# Fields of OpenAI's and vLLM's APIs the server does not implement (refused unless neutral), fields
+# without effect (accepted), and fields nobody defines (refused).
+OTHER_FIELDS = st.dictionaries(
+    st.sampled_from(["presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "logit_bias",
+                     "response_format", "tools", "tool_choice", "best_of", "guided_json", "user", "metadata",
+                     "skip_special_tokens", "frobnicate", ""]),
+    st.sampled_from([None, 0, 1, {}, [], True, "none"]) | JSON, max_size=2)
 COMPLETION = st.fixed_dictionaries({}, optional=dict(
     SAMPLING, prompt=field(st.text(max_size=30) | TOKEN_IDS | st.lists(TOKEN_IDS, max_size=3)
-                           | st.lists(st.text(max_size=10), max_size=3)),
+                           | st.lists(st.text(max_size=10), max_size=3) | LONG_TEXT
+                           | st.lists(st.just([3]), min_size=12, max_size=14)),
     logprobs=field(st.integers(-1, 25)), echo=field(st.booleans())))
 MESSAGE = st.fixed_dictionaries({"role": field(st.sampled_from(["system", "user", "assistant", "tool"]))},
-                                optional={"content": field(st.text(max_size=30) | st.lists(
-                                    st.fixed_dictionaries({"type": st.just("text"), "text": st.text()})))})
+                                optional={"content": field(st.text(max_size=30) | LONG_TEXT | st.lists(
+                                    st.fixed_dictionaries({"type": st.just("text"), "text": st.text()}))),
+                                    "name": field(st.text(max_size=5))})
 CHAT_BODY = st.fixed_dictionaries({}, optional=dict(
     SAMPLING, messages=field(st.lists(MESSAGE, max_size=3)), logprobs=field(st.booleans()),
     top_logprobs=field(st.integers(-1, 25)), max_completion_tokens=field(st.integers(-1, 6)),
-    add_generation_prompt=field(st.booleans())))
+    add_generation_prompt=field(st.booleans()),
+    chat_template_kwargs=field(st.dictionaries(st.sampled_from(["messages", "template", "bos_token", "tools",
+                                                                "x", "enable_thinking"]), JSON, max_size=2))))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(data=st.one_of(st.tuples(st.just(CMPL), COMPLETION), st.tuples(st.just(CHAT), CHAT_BODY)))
-def test_fuzz_no_server_error(base_url, data):
+def with_other_fields(bodies: st.SearchStrategy) -> st.SearchStrategy:
+    return st.tuples(bodies, OTHER_FIELDS).map(lambda t: {**t[0], **t[1]})
+
+
+NORMAL = {"model": MODEL, "prompt": [11, 12, 13], "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+          "return_token_ids": True}
+
+
+class NormalTraffic:
+    """Greedy requests sent one after another for as long as the fuzz runs: each must get the
+    tokens the first one got, whatever the fuzz sends beside it."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url, self.answers = base_url, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            r = post(self.base_url, CMPL, NORMAL)
+            SERVED[0] += r.status_code == 200
+            self.answers.append(r.json()["choices"][0]["token_ids"] if r.status_code == 200 else r.text)
+
+    def __enter__(self) -> NormalTraffic:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def normal_traffic(base_url):
+    with NormalTraffic(base_url) as traffic:
+        yield traffic
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.one_of(st.tuples(st.just(CMPL), with_other_fields(COMPLETION)),
+                      st.tuples(st.just(CHAT), with_other_fields(CHAT_BODY))))
+def test_fuzz_no_server_error(base_url, normal_traffic, data):
     route, body = data
-    if body.get("model", MODEL) == MODEL and isinstance(body.get("max_tokens"), int) \
-            and body["max_tokens"] > 8:
-        body["max_tokens"] = 8  # keep accepted requests short; huge values are tried above
+    for key in ("max_tokens", "max_completion_tokens"):
+        if isinstance(body.get(key), int) and body[key] > 8:
+            body[key] = 8  # keep accepted requests short; huge values are tried above
     check(post(base_url, route, body), body)
 
 
-def test_replica_alive_after_fuzz(base_url):
+def wait_idle(base_url: str, timeout_s: float = 30) -> dict:
+    """The engine's counters once it has nothing running or waiting. They are read across
+    threads: a request answered with an error may still have its abort on the way to the engine
+    thread, which takes it between two steps."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        s = requests.get(f"{base_url}/stats", timeout=10).json()
+        if (s["num_running"] == 0 and s["num_waiting"] == 0) or time.monotonic() > deadline:
+            return s
+        time.sleep(0.1)
+
+
+def test_replica_alive_after_fuzz(base_url, normal_traffic):
+    deadline = time.monotonic() + TIMEOUT
+    while not normal_traffic.answers and time.monotonic() < deadline:
+        time.sleep(0.1)
+    normal_traffic.__exit__()
+    first = normal_traffic.answers[0]
+    assert isinstance(first, list) and len(first) == 6
+    assert all(a == first for a in normal_traffic.answers), normal_traffic.answers
     assert_alive(base_url)
-    s = requests.get(f"{base_url}/stats", timeout=10).json()
-    assert s["num_running"] == 0 and s["num_waiting"] == 0
+    s = wait_idle(base_url)
+    assert s["num_running"] == 0 and s["num_waiting"] == 0 and s["num_slots_used"] == 0, s
     assert s["num_finished"] >= SERVED[0] > 0, "the replica was restarted: it lost its counters"
 
 

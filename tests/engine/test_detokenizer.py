@@ -54,3 +54,25 @@ def test_stop_strings(tokenizer, stop):
     assert stopped == (stop in full)
     for i in range(1, len(pieces)):  # nothing of the stop string went out early
         assert stop not in "".join(pieces[:i]) or stop not in full
+
+
+def test_long_stop_strings_with_many_partial_matches(tokenizer):
+    """Stop strings up to the API's 256 characters, and a text full of their prefixes: the same
+    cut as a search of the whole text, with the search looking only at the new tail each time."""
+    text = "ab" * 300 + "abc" + "ab" * 50
+    ids = tokenizer.encode(text)
+    full = tokenizer.decode(ids)
+    for stop in ["ab" * 128, "ab" * 127 + "c", "b" * 256, "ab" * 30 + "abc", "abcab"]:
+        pieces, stopped = stream(tokenizer, ids, [stop, "zzz" * 80])
+        assert "".join(pieces) == (full[:full.index(stop)] if stop in full else full), stop
+        assert stopped == (stop in full) and stop not in "".join(pieces)
+
+
+def test_text_is_kept_in_pieces(tokenizer):
+    ids = tokenizer.encode("The delta rule, step by step.") * 40
+    d = IncrementalDetokenizer(tokenizer, ("zz",))
+    for t in ids:
+        d.add(t)
+        d.take(final=False)
+    d.take(final=True)
+    assert d.text == tokenizer.decode(ids)
