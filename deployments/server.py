@@ -105,12 +105,13 @@ def _error_event(e: Exception) -> str:
     return sse(json.loads(err.body))
 
 
+# Starlette runs the middleware added last outermost. A request without the key, or with too
+# large a body, is refused before anything reads it; the metrics around both count those too.
+api.add_middleware(BodyLimitMiddleware)
+api.add_middleware(AuthMiddleware)
 # Counts requests by route and status, errors by kind; an exception is counted with the status
 # _as_error answers it with.
 api.add_middleware(monitoring_http.MetricsMiddleware, status_of=_status_of)
-# Outermost (added last): a request without the key, or with too large a body, costs nothing more.
-api.add_middleware(BodyLimitMiddleware)
-api.add_middleware(AuthMiddleware)
 
 
 def _shown(value: Any) -> str:
