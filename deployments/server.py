@@ -35,6 +35,7 @@ from deployments.security import (
     BodyLimitMiddleware,
     RebalanceGate,
     SecuritySettings,
+    keep_replica_port_on_loopback,
     max_prompts_per_request,
 )
 from deployments.serving import SSE_DONE, APIError, Engine, ServingContext, new_id, served_model_name, sse
@@ -198,6 +199,7 @@ class NextserveServer:
         from deployments.engine_factory import build_engine
 
         self.config = NextserveConfig.from_args(args)
+        keep_replica_port_on_loopback()
         max_prompts = max_prompts_per_request(self.config)
         api.state.security = SecuritySettings.from_config(self.config)
         self.rebalance_gate = RebalanceGate(self.config.serve.rebalance_cooldown_s)
