@@ -28,7 +28,7 @@ def build_executor(config: NextserveConfig) -> Executor:
         return ClusterExecutor(config=config, **sizes)
     from engine.local_executor import LocalExecutor
 
-    return LocalExecutor(device=config.device, **sizes)
+    return LocalExecutor(device=config.device, compile=config.engine.compile, **sizes)
 
 
 def build_llm_engine(config: NextserveConfig, tokenizer: Tokenizer | None) -> LLMEngine:

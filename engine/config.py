@@ -85,6 +85,10 @@ class EngineLimits(_Frozen):
                                 "max_model_len / block_size), so no sequence is ever preempted); fewer "
                                 "blocks hold less memory, and sequences are preempted and recomputed "
                                 "when they run out")
+    compile: bool = Field(
+        False, description="run decode steps through torch.compile'd layers, one graph per batch-size "
+                           "bucket and layer kind, compiled on the first step of each bucket (local "
+                           "executor; other steps and the fallback stay eager)")
 
 
 class ClusterSettings(_Frozen):
