@@ -14,11 +14,10 @@ kernel, k experts per token, I expert intermediate size."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -176,16 +175,47 @@ def compile_layers_fn() -> LayersFn:
     return torch.compile(decode_layers, fullgraph=True)
 
 
+# One bucket's step: h [Bp, hidden] and the padded inputs -> (h, each layer's expert ids [Bp, k] or None).
+StepFn = Callable[[Tensor, DecodeInputs], tuple[Tensor, list[Tensor | None]]]
+
+
+class CudaGraphStep:
+    """One bucket's step captured as a CUDA graph (vLLM's per-batch-size capture): replays read
+    static input buffers, into which each call copies the step's inputs, so the key width must
+    be fixed (`CompiledDecode` pads to the cache's max_len). Captured on scratch-only inputs, so
+    warming up and capturing touch no sequence's cache. Not tested here (no GPU in CI)."""
+
+    def __init__(self, step: StepFn, h: Tensor, scratch: DecodeInputs) -> None:
+        self.h, self.inputs = h.clone(), scratch
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compiles the graphs and lets the allocator settle before capture
+                step(self.h, self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = step(self.h, self.inputs)
+
+    def __call__(self, h: Tensor, inputs: DecodeInputs) -> tuple[Tensor, list[Tensor | None]]:
+        self.h.copy_(h)
+        for f in fields(DecodeInputs):
+            getattr(self.inputs, f.name).copy_(getattr(inputs, f.name))
+        self.graph.replay()
+        return self.out
+
+
 class CompiledDecode:
     """Runs decode steps of `model` over `caches` (from `make_decode_caches`, for `num_slots`
     slots and `num_blocks` KV blocks) through compiled groups of `layers_per_graph` consecutive
-    layers; `supports(layout)` says which steps. `layers_fn` is the seam for another capture (a
-    CUDA graph per bucket): any callable with `decode_layers`' signature, default `decode_layers`
-    compiled. `record_gate(layer, ids)` receives each MoE layer's expert ids [B, k] of the real rows."""
+    layers; `supports(layout)` says which steps. `layers_fn`: the compiled group, default
+    `decode_layers` under torch.compile. `cuda_graphs` (default: on a CUDA device) captures each
+    bucket's whole step as a `CudaGraphStep` over a fixed key width. `record_gate(layer, ids)`
+    receives each MoE layer's expert ids [B, k] of the real rows."""
 
     def __init__(self, model: CausalLM, caches: Sequence[Cache], num_slots: int, num_blocks: int,
                  buckets: Sequence[int] | None = None, layers_per_graph: int = LAYERS_PER_GRAPH,
-                 layers_fn: LayersFn | None = None,
+                 layers_fn: LayersFn | None = None, cuda_graphs: bool | None = None,
                  record_gate: Callable[[int, Tensor], None] | None = None) -> None:
         self.model = model
         self.buckets = tuple(sorted(set(buckets or default_buckets(num_slots))))
@@ -199,13 +229,19 @@ class CompiledDecode:
         self.layers_fn = layers_fn or compile_layers_fn()
         self.record_gate = record_gate
         layers = list(model.model.layers)
-        self.groups = [(range(i, min(i + layers_per_graph, len(layers))),
-                        tuple(layers[i:i + layers_per_graph]),
+        self.groups = [(tuple(layers[i:i + layers_per_graph]),
                         tuple(state_tensors(c) for c in caches[i:i + layers_per_graph]))
                        for i in range(0, len(layers), layers_per_graph)]
         self.kv_cache = next((c for c in caches if isinstance(c, KVCache)), None)
         self.scratch_slot = num_slots
         self.scratch_row = num_blocks * (self.kv_cache.block_size if self.kv_cache else 1)
+        if cuda_graphs is None:
+            cuda_graphs = model.lm_head.weight.device.type == "cuda"
+        self.cuda_graphs = cuda_graphs
+        # CUDA graphs replay fixed shapes: every row reads keys up to the cache's max_len.
+        max_len = self.kv_cache.max_len if self.kv_cache else 1
+        self.kv_width = -(-max_len // KV_GRANULE) * KV_GRANULE if cuda_graphs else None
+        self.steps: dict[int, StepFn] = {}  # bucket -> its step, made on its first use
         self.compile_seconds: dict[int, float] = {}  # bucket -> seconds its first step took
 
     def supports(self, layout: BatchLayout) -> bool:
@@ -214,9 +250,12 @@ class CompiledDecode:
     def bucket(self, num_seqs: int) -> int:
         return next(b for b in self.buckets if b >= num_seqs)
 
+    def _keys_width(self, lk: int) -> int:
+        return self.kv_width or -(-lk // KV_GRANULE) * KV_GRANULE
+
     def inputs(self, layout: BatchLayout, bucket: int) -> DecodeInputs:
         """The step's rows padded to `bucket`; the KV rows come from the cache's own checked index."""
-        B, dev = layout.num_seqs, layout.slots.device
+        B = layout.num_seqs
         pad = bucket - B
 
         def padded(t: Tensor, value: int | bool) -> Tensor:
@@ -224,23 +263,39 @@ class CompiledDecode:
             # it passes the same guards, so a full bucket runs the same graph.
             return F.pad(t, (0, pad), value=value)
 
-        if self.kv_cache is None:
-            write_at = torch.full((bucket,), self.scratch_row, dtype=torch.long, device=dev)
-            read_at = torch.full((bucket, KV_GRANULE), self.scratch_row, dtype=torch.long, device=dev)
+        if self.kv_cache is None:  # no attention layer reads them
+            write_at = torch.full((B,), self.scratch_row, device=layout.slots.device)
+            read_at = torch.full((B, 1), self.scratch_row, device=layout.slots.device)
         else:
             write_at, read_at = self.kv_cache.rows(layout)  # [B], [B, Lk]
-            lk = read_at.shape[1]
-            width = -(-lk // KV_GRANULE) * KV_GRANULE
-            read_at = F.pad(read_at, (0, width - lk, 0, pad), value=self.scratch_row)
-            write_at = padded(write_at, self.scratch_row)
+        lk = read_at.shape[1]
         return DecodeInputs(
             positions=padded(layout.positions, 0),
             slots=padded(layout.slots, self.scratch_slot),
             fresh=padded(layout.starts == 0, True),
-            write_at=write_at,
-            read_at=read_at,
+            write_at=padded(write_at, self.scratch_row),
+            read_at=F.pad(read_at, (0, self._keys_width(lk) - lk, 0, pad), value=self.scratch_row),
             kv_len=padded(layout.positions + 1, 1),
         )
+
+    def scratch_inputs(self, bucket: int, device: torch.device | str) -> DecodeInputs:
+        """A step of padded rows only: it reads and writes nothing but the scratch slot and block."""
+        def full(value: int | bool, *shape: int) -> Tensor:
+            return torch.full(shape or (bucket,), value, device=device)
+
+        return DecodeInputs(positions=full(0), slots=full(self.scratch_slot), fresh=full(True),
+                            write_at=full(self.scratch_row),
+                            read_at=full(self.scratch_row, bucket, self._keys_width(1)), kv_len=full(1))
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile (or capture) every bucket now, on scratch-only steps, rather than on first use."""
+        device = self.model.lm_head.weight.device
+        for bucket in self.buckets:
+            if bucket not in self.steps:
+                h = torch.zeros(bucket, self.model.config.hidden_size, dtype=self.model.lm_head.weight.dtype,
+                                device=device)
+                self._step(bucket, h, self.scratch_inputs(bucket, device))
 
     @torch.inference_mode()
     def __call__(self, token_ids: Tensor, layout: BatchLayout) -> Tensor:
@@ -249,28 +304,41 @@ class CompiledDecode:
             raise ValueError(f"not a decode step of at most {self.buckets[-1]} sequences")
         B = layout.num_seqs
         bucket = self.bucket(B)
-        inp = self.inputs(layout, bucket)
-        first = bucket not in self.compile_seconds
-        t0 = time.perf_counter()
         h = self.model.model.embed_tokens(F.pad(token_ids, (0, bucket - B)))  # [Bp, hidden]
-        torch._dynamo.mark_static(h, 0)  # one graph per bucket, never a dynamic batch
-        torch._dynamo.mark_dynamic(inp.read_at, 1)  # any context length, one graph
+        h, ids = self._step(bucket, h, self.inputs(layout, bucket))
+        if self.record_gate is not None:
+            for i, layer_ids in enumerate(ids):
+                if layer_ids is not None:
+                    self.record_gate(i, layer_ids[:B])
+        return self.model.model.norm(h[:B])
+
+    def _step(self, bucket: int, h: Tensor, inp: DecodeInputs) -> tuple[Tensor, list[Tensor | None]]:
+        step = self.steps.get(bucket)
+        if step is not None:
+            return step(h, inp)
+        t0 = time.perf_counter()
         # A bucket's first step adds graphs to those of the other buckets (and of other instances
         # in this process) beyond torch's default of 8; later steps keep the default, which stops
         # an unforeseen recompile loop (torch then runs the layers eagerly, with a warning).
-        room = max(torch._dynamo.config.recompile_limit, RECOMPILE_ROOM)
-        with torch._dynamo.config.patch(recompile_limit=room) if first else contextlib.nullcontext():
-            h = self._run_layers(h, inp, B)
-        if first:
-            seconds = self.compile_seconds[bucket] = time.perf_counter() - t0
-            log.info("compiled decode step for batch bucket %d in %.1f s", bucket, seconds)
-        return self.model.model.norm(h[:B])
+        with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit,
+                                                            RECOMPILE_ROOM)):
+            if self.cuda_graphs:
+                scratch = self.scratch_inputs(bucket, h.device)
+                step = CudaGraphStep(self._run_layers, torch.zeros_like(h), scratch)
+            else:
+                step = self._run_layers
+            out = step(h, inp)
+        self.steps[bucket] = step
+        seconds = self.compile_seconds[bucket] = time.perf_counter() - t0
+        log.info("compiled decode step for batch bucket %d in %.1f s", bucket, seconds)
+        return out
 
-    def _run_layers(self, h: Tensor, inp: DecodeInputs, B: int) -> Tensor:
-        for indices, layers, states in self.groups:
-            h, ids = self.layers_fn(layers, h, inp, states)
-            if self.record_gate is not None:
-                for i, layer_ids in zip(indices, ids, strict=True):
-                    if layer_ids is not None:
-                        self.record_gate(i, layer_ids[:B])
-        return h
+    def _run_layers(self, h: Tensor, inp: DecodeInputs) -> tuple[Tensor, list[Tensor | None]]:
+        torch._dynamo.mark_static(h, 0)  # one graph per bucket, never a dynamic batch
+        if self.kv_width is None:
+            torch._dynamo.mark_dynamic(inp.read_at, 1)  # any context length, one graph
+        ids: list[Tensor | None] = []
+        for layers, states in self.groups:
+            h, group_ids = self.layers_fn(layers, h, inp, states)
+            ids.extend(group_ids)
+        return h, ids

@@ -11,8 +11,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from model.batch import BatchLayout
-from model.cache import DeltaNetState
-from model.compiled import CompiledDecode, default_buckets, make_decode_caches
+from model.cache import DeltaNetState, KVCache
+from model.compiled import CompiledDecode, default_buckets, make_decode_caches, state_tensors
 from model.decoder import CausalLM
 from model.delta_rule import gated_delta_rule_step, recurrent_gated_delta_rule
 
@@ -87,6 +87,24 @@ def test_compiled_decode_matches_eager(model):
         if isinstance(c, DeltaNetState):
             torch.testing.assert_close(c.recurrent[:NUM_SLOTS], e.recurrent[:NUM_SLOTS], rtol=0, atol=1e-5)
             torch.testing.assert_close(c.conv[:NUM_SLOTS], e.conv[:NUM_SLOTS], rtol=0, atol=1e-5)
+
+
+def test_warm_up_touches_only_the_scratch_room(model):
+    """Warming up (and a CUDA graph's capture) runs steps of padded rows only."""
+    caches = make_decode_caches(model, NUM_SLOTS, MAX_LEN, BLOCK, NUM_BLOCKS)
+    g = torch.Generator().manual_seed(0)
+    # (tensor, rows the engine hands out: all but the scratch block / slot)
+    tensors = [(t, NUM_BLOCKS if isinstance(c, KVCache) else NUM_SLOTS)
+               for c in caches for t in state_tensors(c)]
+    for t, _ in tensors:
+        t.copy_(torch.randn(t.shape, generator=g))
+    before = [t.clone() for t, _ in tensors]
+    decode = CompiledDecode(model, caches, NUM_SLOTS, NUM_BLOCKS, buckets=(4,))
+    decode.warm_up()
+    assert set(decode.compile_seconds) == {4}
+    for (t, real), b in zip(tensors, before, strict=True):
+        assert torch.equal(t[:real], b[:real])
+    assert not all(torch.equal(t, b) for (t, _), b in zip(tensors, before, strict=True))
 
 
 def test_what_the_compiled_step_takes(model):
