@@ -53,16 +53,22 @@ def alternating_rates(runs: dict[str, Callable[[int], object]], batch: int, new_
 
 
 def compare_compiled(model_dir: Path, prompts: list[list[int]], new_tokens: int, repeats: int) -> None:
+    """One table row; `graphs`: graphs torch.compile made for this batch size, the first step's
+    and any recompile (context lengths grow by new_tokens during the runs)."""
+    from torch._dynamo.utils import counters
+
     b = len(prompts)
     eager = nextserve_runner(model_dir, prompts)
     compiled = nextserve_runner(model_dir, prompts, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
     t0 = time.perf_counter()
-    compiled(2)  # one decode step: compiles the bucket
+    compiled(2)  # a prefill and one decode step, which compiles the bucket
     first = time.perf_counter() - t0
     eager(2)
     rates = alternating_rates({"eager": eager, "compiled": compiled}, b, new_tokens, repeats)
+    graphs = counters["stats"]["unique_graphs"] - graphs
     print(f"{b:>5} {rates['eager']:>11.1f} {rates['compiled']:>14.1f} "
-          f"{rates['eager'] / rates['compiled']:>20.3f}x {first:>16.1f}")
+          f"{rates['eager'] / rates['compiled']:>20.3f}x {first:>16.1f} {graphs:>6}")
 
 
 def nextserve_runner(model_dir: Path, prompts: list[list[int]],
@@ -124,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
           f"threads {args.threads}  float32  median of {args.repeats}")
     if args.compile:
         print(f"{'batch':>5} {'eager tok/s':>11} {'compiled tok/s':>14} {'compiled/eager step':>21} "
-              f"{'first step (s)':>16}")
+              f"{'first step (s)':>16} {'graphs':>6}")
     else:
         print(f"{'batch':>5} {'nextserve tok/s':>16} {'transformers tok/s':>19} {'ratio':>6}")
     from model.config import ModelConfig

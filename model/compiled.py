@@ -315,7 +315,14 @@ class CompiledDecode:
     def _step(self, bucket: int, h: Tensor, inp: DecodeInputs) -> tuple[Tensor, list[Tensor | None]]:
         step = self.steps.get(bucket)
         if step is not None:
-            return step(h, inp)
+            # Full guards cost 0.1-0.3 ms per graph call on CPU (measured: 16-18 % of a 48-layer
+            # step). After its first step a bucket has a graph for every group of layers, and later
+            # steps differ only in values and the dynamic key width: the same layers, caches and
+            # `inputs`-made tensors of the same dtypes and ranks. So only the guards that tell the
+            # graphs apart are checked (torch's "unsafe" stance: it trusts that nothing else
+            # changes; if no graph matches, it raises rather than compiling).
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return step(h, inp)
         t0 = time.perf_counter()
         # A bucket's first step adds graphs to those of the other buckets (and of other instances
         # in this process) beyond torch's default of 8; later steps keep the default, which stops
