@@ -1,12 +1,14 @@
-"""Compiled decode: a step in which every sequence brings one new token, run as per-layer blocks
-captured with torch.compile for a set of batch-size buckets. Eager (model/decoder.py) stays the
-fallback for other steps and the reference the tests hold this path to.
+"""Compiled decode: a step in which every sequence brings one new token, run as groups of
+consecutive layers captured with torch.compile (or, on CUDA, each bucket's whole step as a CUDA
+graph) for a set of batch-size buckets. Eager (model/decoder.py) stays the fallback for other
+steps and the reference the tests hold this path to.
 
 A step of B sequences is padded up to the next bucket Bp. Padded rows must never touch a real
 sequence's cache, so the caches get scratch room (`make_decode_caches`): one extra DeltaNet
 state slot and one extra KV-cache block, which only padded rows read and write. The context
 length is a dynamic dimension of the compiled graphs (padded to a multiple of `KV_GRANULE`), so
-each bucket compiles once per kind of layer, whatever the sequences' lengths.
+a bucket compiles once per distinct group of layers (once for Qwen3-Next's 3:1 pattern),
+whatever the sequences' lengths.
 
 Legend: B sequences, Bp bucket, H hidden, Lk keys read per row, N / Nkv query / key-value heads,
 D head dim, G / Hv DeltaNet key / value heads, K / V their head dims, C conv channels, W conv
@@ -126,7 +128,12 @@ def moe_decode(moe: SparseMoeBlock, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _gathered_experts(ex: Experts, x: Tensor, j: Tensor, w: Tensor) -> Tensor:
-    """Each row gathers the weights of its own k experts (gpt-fast's MoE decode)."""
+    """Each row gathers the weights of its own k experts (gpt-fast's MoE decode): static shapes,
+    where the eager path's grouping by expert has data-dependent ones (and F.grouped_mm has no
+    float32 CPU meta kernel to trace). For small experts inductor fuses gather and product into
+    one loop; wide experts would copy Bp·k experts' weights per layer, so a real checkpoint wants
+    a grouped-GEMM kernel here (model/kernels/, DESIGN.md). Measured on the tiny experts, computing
+    every expert densely instead was no faster at batch 16."""
     gate, up = torch.einsum("bh,bkoh->bko", x, ex.gate_up[j]).chunk(2, dim=-1)  # [Bp, k, I] x2
     y = torch.einsum("bki,bkhi->bkh", F.silu(gate) * up, ex.down[j])  # [Bp, k, hidden]
     return (y * w[..., None]).sum(1)
