@@ -132,8 +132,10 @@ def _gathered_experts(ex: Experts, x: Tensor, j: Tensor, w: Tensor) -> Tensor:
     where the eager path's grouping by expert has data-dependent ones (and F.grouped_mm has no
     float32 CPU meta kernel to trace). For small experts inductor fuses gather and product into
     one loop; wide experts would copy Bp·k experts' weights per layer, so a real checkpoint wants
-    a grouped-GEMM kernel here (model/kernels/, DESIGN.md). Measured on the tiny experts, computing
-    every expert densely instead was no faster at batch 16."""
+    a grouped-GEMM kernel here (model/kernels/, DESIGN.md). Measured, one step against eager: on
+    the tiny experts computing every expert densely was no faster at batch 16; on bench's wide
+    checkpoint (hidden 1024, 64 experts of 256, top-8) gathering gave 0.79x / 0.92x at batch 1 / 8,
+    the eager grouped GEMM called between two graphs 0.98x / 1.10x."""
     gate, up = torch.einsum("bh,bkoh->bko", x, ex.gate_up[j]).chunk(2, dim=-1)  # [Bp, k, I] x2
     y = torch.einsum("bki,bkhi->bkh", F.silu(gate) * up, ex.down[j])  # [Bp, k, hidden]
     return (y * w[..., None]).sum(1)
