@@ -16,7 +16,8 @@ from model.compiled import CompiledDecode, default_buckets, make_decode_caches, 
 from model.decoder import CausalLM
 from model.delta_rule import gated_delta_rule_step, recurrent_gated_delta_rule
 
-NUM_SLOTS, MAX_LEN, BLOCK, NUM_BLOCKS = 4, 64, 8, 40
+# The shapes of tests/engine/test_compiled_executor.py's executor, so that it reuses these compiles.
+NUM_SLOTS, MAX_LEN, BLOCK, NUM_BLOCKS = 4, 64, 8, 32
 PROMPTS = {2: [5, 9, 13, 2, 77, 31, 8], 0: [101, 7], 3: [3, 3, 3, 250, 17, 44, 12, 90, 6, 6, 200]}
 
 
