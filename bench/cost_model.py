@@ -160,7 +160,11 @@ def validate(depths: list[int], batches: list[int], repeats: int, rounds: int, f
     (depth, batch) alone and then held fixed for all the others."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": root}})
     try:
         runs = {d: measure(d, batches, repeats, rounds, ["compiled"]) for d in depths}
     finally:
