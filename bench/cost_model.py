@@ -97,8 +97,7 @@ CONTEXT = 2048  # tokens per sequence the attention reads
 # Published latencies, ms per edge: Ray's docs give "less than 50us system overhead" per task of a
 # compiled graph (docs.ray.io, ray-core/compiled-graph/ray-compiled-graph.html); NVLink p2p of a
 # few KiB by NCCL is ~10 µs (assumed from NCCL's own latency-bound range, not measured here).
-EDGES_MS = {"Ray compiled graph task, docs": 0.050, "NCCL p2p NVLink, ~10 µs": 0.010,
-            "this VM's measured edge": None}
+EDGES_MS = {"Ray compiled graph task, docs": 0.050, "NCCL p2p NVLink, ~10 µs": 0.010}
 
 
 def h100_cost(batch: int, shards: int = 6) -> LayerCost:
@@ -112,16 +111,13 @@ def h100_cost(batch: int, shards: int = 6) -> LayerCost:
                      max(experts, LAUNCH_FLOOR_MS))
 
 
-def plan_table(edge_ms_here: float | None, batches: tuple[int, ...] = (1, 8, 32, 64)) -> str:
+def plan_table(batches: tuple[int, ...] = (1, 8, 32, 64)) -> str:
     rows = []
     for b in batches:
         single = single_process_ms(QWEN3_NEXT_80B, h100_cost, b)
         need1 = max_edge_ms(QWEN3_NEXT_80B, h100_cost, b)
         need2 = max_edge_ms(QWEN3_NEXT_80B, h100_cost, b, micro_batches=2)
         for name, e in EDGES_MS.items():
-            e = edge_ms_here if e is None else e
-            if e is None:
-                continue
             for m in (1, 2):
                 s = step_ms(QWEN3_NEXT_80B, h100_cost, b, e, m)
                 rows.append([b, name, 1e3 * e, m, s, 1e3 * b / s, f"{s / single:.2f}×",
@@ -158,9 +154,9 @@ def per_layer(shape: Shape, actors: list[dict[str, float]]) -> LayerCost:
 def validate(depths: list[int], batches: list[int], repeats: int, rounds: int, fit: tuple[int, int]) -> None:
     """Per-layer compute from each run's own telemetry; the edge latency fitted on the run `fit`
     (depth, batch) alone and then held fixed for all the others."""
-    import ray
-
     from pathlib import Path
+
+    import ray
 
     root = str(Path(__file__).resolve().parents[1])
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
@@ -190,7 +186,7 @@ def validate(depths: list[int], batches: list[int], repeats: int, rounds: int, f
                          else ("ok" if abs(err) <= 0.25 else "outside ±25 %")])
     print(markdown_table(["depth", "batch", "measured ms", "predicted ms", "error", ""], rows))
     print("\n### Qwen3-Next-80B on 8×H100 (1 attention, 1 DeltaNet, 6 expert GPUs)\n")
-    print(plan_table(edge))
+    print(plan_table())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -206,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.validate:
         validate(args.depths, args.batch, args.repeats, args.rounds, tuple(args.fit))
     else:  # --plan, the default
-        print(plan_table(None))
+        print(plan_table())
 
 
 if __name__ == "__main__":
