@@ -137,7 +137,8 @@ class ClusterExecutor(Executor):
         c, a = self.settings.cluster, self._actors
         if c.compiled_graph:
             return CompiledStep(self.config, a.placement, a.mixers, a.shards, self.num_lanes,
-                                c.step_timeout_s, c.buffer_size_bytes, c.tensor_transport)
+                                c.step_timeout_s, c.buffer_size_bytes, c.tensor_transport,
+                                c.channel_poll_us)
         return RemoteStep(self.config, a.placement, a.mixers, a.shards, c.step_timeout_s)
 
     def _teardown_step(self, kill_actors: bool = False) -> None:
@@ -149,12 +150,14 @@ class ClusterExecutor(Executor):
                 log.warning("step graph teardown: %s", describe(e))
 
     def configure_step(self, compiled_graph: bool | None = None,
-                       micro_batch_tokens: int | None = None) -> None:
+                       micro_batch_tokens: int | None = None, channel_poll_us: float | None = None) -> None:
         """Rebuild the step on the same actors: compiled graph or plain remote calls, one lane or
-        two (tests and bench/cluster_step.py compare them without restarting actors)."""
+        two, how channels are waited on (tests and bench/cluster_step.py compare them without
+        restarting actors)."""
         with self._paused():
             update = {k: v for k, v in (("compiled_graph", compiled_graph),
-                                        ("micro_batch_tokens", micro_batch_tokens)) if v is not None}
+                                        ("micro_batch_tokens", micro_batch_tokens),
+                                        ("channel_poll_us", channel_poll_us)) if v is not None}
             cluster = self.settings.cluster.model_copy(update=update)
             self.settings = self.settings.model_copy(update={"cluster": cluster})
             self.num_lanes = 2 if cluster.micro_batch_tokens > 0 else 1

@@ -26,6 +26,7 @@ import numpy as np
 import ray
 from ray.dag import DAGContext, InputNode, MultiOutputNode
 
+from cluster.channel_wait import set_channel_poll
 from cluster.messages import StepMsg, StepResult
 from cluster.placement import ClusterPlacement
 from model.config import ModelConfig
@@ -77,6 +78,10 @@ def _copied(r: StepResult) -> StepResult:
                       r.telemetry)
 
 
+def _set_channel_poll(actor: Any, poll_us: float) -> float:
+    return set_channel_poll(poll_us)
+
+
 class RemoteStep:
     """Plain actor calls; an empty lane is not submitted at all."""
 
@@ -102,8 +107,12 @@ class CompiledStep:
 
     def __init__(self, model: ModelConfig, placement: ClusterPlacement, mixers: Sequence[Any],
                  shards: Sequence[Any], num_lanes: int, timeout_s: float, buffer_size_bytes: int,
-                 tensor_transport: str = "host") -> None:
+                 tensor_transport: str = "host", channel_poll_us: float = 0.0) -> None:
         self.timeout_s = timeout_s
+        # how the driver and every actor wait on the graph's channels (cluster/channel_wait.py)
+        set_channel_poll(channel_poll_us)
+        ray.get([a.__ray_call__.remote(_set_channel_poll, channel_poll_us) for a in (*mixers, *shards)],
+                timeout=timeout_s)
         # Teardown can wait forever on a channel after large messages (seen with 4 MiB arrays):
         # bound it, and the executor kills the actors when it is done with them anyway.
         DAGContext.get_current().teardown_timeout = min(30, int(timeout_s))

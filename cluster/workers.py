@@ -23,6 +23,8 @@ from cluster.messages import (
     StepResult,
     Telemetry,
     Wired,
+    count_pairs,
+    counts_by_layer,
     from_wire,
     to_wire,
 )
@@ -109,7 +111,7 @@ class MixerWorker:
             return (None,) * (1 + self.router.placement.num_shards) if moe else None
         start = time.perf_counter()
         h, telemetry = self._resume(msg, carry, partials)
-        counts = {} if carry is None else carry.counts
+        counts = None if carry is None else carry.counts
         m = self.layers[layer]
         with torch.inference_mode():
             layout, _ = self._batch(msg)
@@ -123,8 +125,9 @@ class MixerWorker:
             shared = m.mlp.shared(y)
             plan = self.router.plan(ids, weights)
             flat = ids.flatten()
-            counts = {**counts, layer: torch.bincount(flat[flat >= 0], minlength=self.config.num_experts)
-                      .cpu().numpy()}  # [E]
+            moe_layers = self.config.moe_layers
+            pairs = torch.bincount(flat[flat >= 0], minlength=self.config.num_experts).cpu().numpy()  # [E]
+            counts = count_pairs(counts, len(moe_layers), moe_layers.index(layer), pairs)
             work = [ShardWork(layer, self._wire(y[r]), self._wire(i), self._wire(w))
                     for r, i, w in zip(plan.rows, plan.ids, plan.weights, strict=True)]
             telemetry = telemetry.add(self.spec.name, time.perf_counter() - start,
@@ -143,7 +146,8 @@ class MixerWorker:
         with torch.inference_mode():
             index = torch.tensor(msg.step.logits_index, dtype=torch.long, device=self.device)
             logits = to_wire(self.lm_head(self.norm(h)[index]).float())
-        return StepResult(logits, {} if carry is None else carry.counts,
+        counts = counts_by_layer(None if carry is None else carry.counts, self.config.moe_layers)
+        return StepResult(logits, counts,
                           telemetry.add(self.spec.name, time.perf_counter() - start))
 
     def _batch(self, msg: StepMsg) -> tuple[BatchLayout, Tensor]:
