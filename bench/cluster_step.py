@@ -49,7 +49,7 @@ WIDE: dict[str, Any] = dict(
 MODES: dict[str, dict[str, Any] | None] = {
     "local": None,
     "in-process": None,
-    "compiled": dict(compiled_graph=True, micro_batch_tokens=0, channel_poll_us=200.0),  # the default
+    "compiled": dict(compiled_graph=True, micro_batch_tokens=0, channel_poll_us=200.0),  # default on 2 cores
     "compiled-spin": dict(compiled_graph=True, micro_batch_tokens=0, channel_poll_us=0),  # Ray's busy wait
     "compiled-poll50": dict(compiled_graph=True, micro_batch_tokens=0, channel_poll_us=50),
     "compiled-poll1000": dict(compiled_graph=True, micro_batch_tokens=0, channel_poll_us=1000),

@@ -84,11 +84,12 @@ class ClusterSettings(Settings):
         30.0, ge=0, description="after this many seconds without a request the compiled graph is torn "
                                 "down (its actors poll their channels, ~half a core each, while it "
                                 "stands) and compiled again by the next step (0: keep it)")
-    channel_poll_us: float = Field(
-        200.0, ge=0, description="compiled graph: a process waiting on a channel sleeps between tries, "
-                                 "backing off up to this many µs, and leaves its core to the actor that "
-                                 "computes (cluster/channel_wait.py); 0: Ray's busy wait, best only "
-                                 "where every actor and the driver have a core of their own")
+    channel_poll_us: float | None = Field(
+        None, ge=0, description="compiled graph: a process waiting on a channel sleeps between tries, "
+                                "backing off up to this many µs, and leaves its core to the actor that "
+                                "computes (cluster/channel_wait.py); 0: Ray's busy wait, the fastest hop "
+                                "where every actor and the driver have a core of their own; null: 0 "
+                                "there, 200 where the graph's processes outnumber the cores")
     timeout_s: float = Field(120.0, gt=0, description="longest wait for actor start-up (loading weights)")
     step_timeout_s: float = Field(
         15.0, gt=0, description="longest wait for one engine step; past it the step's actors are taken "

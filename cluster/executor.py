@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -18,10 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from torch import Tensor
 
 from cluster.actors import ActorArgs, ActorGroup
+from cluster.channel_wait import auto_channel_poll_us
 from cluster.config import ClusterConfig
 from cluster.messages import StepMsg, StepResult, from_wire
 from cluster.micro_batch import join_logits, split_step
@@ -138,8 +141,21 @@ class ClusterExecutor(Executor):
         if c.compiled_graph:
             return CompiledStep(self.config, a.placement, a.mixers, a.shards, self.num_lanes,
                                 c.step_timeout_s, c.buffer_size_bytes, c.tensor_transport,
-                                c.channel_poll_us)
+                                self._channel_poll_us())
         return RemoteStep(self.config, a.placement, a.mixers, a.shards, c.step_timeout_s)
+
+    def _channel_poll_us(self) -> float:
+        """`cluster.channel_poll_us`, or where it is null the choice for these cores: a cluster this
+        process started has this machine's cores (its logical CPUs may be more), another the CPUs
+        its nodes declare."""
+        poll = self.settings.cluster.channel_poll_us
+        if poll is not None:
+            return poll
+        if self.session.started_ray:
+            cores = float(os.cpu_count() or 1)
+        else:
+            cores = float(ray.cluster_resources().get("CPU", 0))
+        return auto_channel_poll_us(cores, len(self._actors.actors) + 1)
 
     def _teardown_step(self, kill_actors: bool = False) -> None:
         step, self._step = self._step, None

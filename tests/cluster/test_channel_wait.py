@@ -55,3 +55,11 @@ def test_counts_fill_their_row_and_leave_the_input_alone():
     expected = {3: [0, 0, 0, 0], 7: [1, 2, 0, 4], 11: [0, 0, 7, 0]}
     assert {k: v.tolist() for k, v in by_layer.items()} == expected
     assert counts_by_layer(None, (3,)) == {}
+
+
+def test_auto_choice_spins_only_where_every_process_has_a_core():
+    from cluster.channel_wait import OVERSUBSCRIBED_POLL_US, auto_channel_poll_us
+
+    assert auto_channel_poll_us(cores=16, processes=5) == 0.0
+    assert auto_channel_poll_us(cores=5, processes=5) == 0.0
+    assert auto_channel_poll_us(cores=2, processes=5) == OVERSUBSCRIBED_POLL_US
