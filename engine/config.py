@@ -3,6 +3,8 @@ checked when read, frozen afterwards, errors naming the key path and the value."
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -28,3 +30,8 @@ class EngineLimits(Settings):
                                 "max_model_len / block_size), so no sequence is ever preempted); fewer "
                                 "blocks hold less memory, and sequences are preempted and recomputed "
                                 "when they run out")
+    engine_process: Literal["inline", "separate"] = Field(
+        "inline", description="where a serving replica runs the engine loop: `inline`, a thread of the "
+                              "replica's process; `separate`, an engine core process of its own (engine/"
+                              "core.py), which shares no GIL with HTTP, tokenizing and streaming. The "
+                              "cluster executor always runs inline (its compute is in its actors)")
