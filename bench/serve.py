@@ -305,7 +305,7 @@ def main() -> None:
                       flush=True)
         if not a.no_hf:
             reports.append(hf_generate(model_dir, prompts, a.output_len, c, a.dtype))
-        print(reports[-1].row(), flush=True)
+            print(reports[-1].row(), flush=True)
     print(f"\n{model_dir.name}, {a.dtype}; {a.num_requests} requests, prompt {a.input_len} tokens, "
           f"{a.output_len} output tokens, "
           f"arrivals {'all at once' if a.rate == float('inf') else f'Poisson {a.rate}/s'}\n")
