@@ -31,7 +31,8 @@ class EngineLimits(Settings):
                                 "blocks hold less memory, and sequences are preempted and recomputed "
                                 "when they run out")
     engine_process: Literal["inline", "separate"] = Field(
-        "inline", description="where a serving replica runs the engine loop: `inline`, a thread of the "
-                              "replica's process; `separate`, an engine core process of its own (engine/"
-                              "core.py), which shares no GIL with HTTP, tokenizing and streaming. The "
-                              "cluster executor always runs inline (its compute is in its actors)")
+        "separate", description="where a serving replica runs the engine loop: `separate`, an engine core "
+                                "process of its own (engine/core.py), which shares no GIL with HTTP, "
+                                "tokenizing and streaming (faster under load, README: Serving); `inline`, "
+                                "a thread of the replica's process. The cluster executor's loop always "
+                                "runs inline (its compute is in its actors)")
