@@ -22,7 +22,7 @@ def step_message(batch: int) -> CoreStep:
                              finished=False, finish_reason=None, num_prompt_tokens=32, num_output_tokens=17,
                              new_text=" word") for i in range(batch)]
     stats = EngineStats(*range(13))
-    return CoreStep(outputs=tuple(map(to_row, outputs)), stats=stats, step_seconds=0.01)
+    return CoreStep(stats=stats, outputs=tuple(map(to_row, outputs)), step_seconds=0.01)
 
 
 def sink(conn: Connection) -> None:

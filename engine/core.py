@@ -67,15 +67,16 @@ class CoreFailed:
 @dataclass(frozen=True)
 class CoreStep:
     """One turn of the core's loop: the requests it took or refused, each request's output of
-    the step (OutputRow), the requests a failed step ended and why, and the step's stats,
-    seconds and per-expert gate counts for the metrics hooks (None when no step ran)."""
+    the step (OutputRow), the requests a failed step ended and why, the engine's stats after the
+    turn, and the step's seconds and per-expert gate counts for the metrics hooks (None when no
+    step ran: the turn only took, refused or aborted requests)."""
 
+    stats: EngineStats
     accepted: tuple[str, ...] = ()
     refused: tuple[tuple[str, BaseException], ...] = ()
     outputs: tuple[OutputRow, ...] = ()
     failed: tuple[tuple[str, ...], str] | None = None
-    stats: EngineStats | None = None
-    step_seconds: float = 0.0
+    step_seconds: float | None = None
     expert_counts: dict[int, list[int]] | None = None
 
 
@@ -139,7 +140,7 @@ class EngineCore:
             if not engine.has_unfinished() and not self.conn.poll(executor.idle_after_s):
                 self._idle()
                 self.conn.poll(None)
-            accepted, refused = self._drain()
+            accepted, refused, aborted = self._drain()
             if accepted is None:
                 return
             outputs: list[RequestOutput] = []
@@ -151,20 +152,22 @@ class EngineCore:
                 except Exception as e:  # one bad step must not take the core down
                     log.exception("engine step failed")
                     failed = self._fail_all(e)
-            if accepted or refused or outputs or failed or self._step_info:
-                stats, seconds, counts = self._step_info or (None, 0.0, None)
-                self.conn.send(CoreStep(accepted=tuple(accepted), refused=tuple(refused),
-                                        outputs=tuple(map(to_row, outputs)), failed=failed, stats=stats,
+            if accepted or refused or aborted or outputs or failed or self._step_info:
+                stats, seconds, counts = self._step_info or (engine.stats, None, None)
+                self.conn.send(CoreStep(stats=stats, accepted=tuple(accepted), refused=tuple(refused),
+                                        outputs=tuple(map(to_row, outputs)), failed=failed,
                                         step_seconds=seconds, expert_counts=counts or None))
 
-    def _drain(self) -> tuple[list[str] | None, list[tuple[str, BaseException]]]:
-        """Take every waiting command; (None, []) once told to shut down."""
+    def _drain(self) -> tuple[list[str] | None, list[tuple[str, BaseException]], bool]:
+        """Take every waiting command: (requests taken, requests refused, whether one was aborted);
+        (None, [], False) once told to shut down."""
         accepted: list[str] = []
         refused: list[tuple[str, BaseException]] = []
+        aborted = False
         while self.conn.poll():
             msg = self.conn.recv()
             if isinstance(msg, AbortRequest):
-                self.engine.abort_request(msg.request_id)
+                aborted |= self.engine.abort_request(msg.request_id)
             elif isinstance(msg, AddRequest):
                 try:
                     self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
@@ -172,8 +175,8 @@ class EngineCore:
                 except Exception as e:  # ValueError for bad input; anything else is ours
                     refused.append((msg.request_id, picklable(e)))
             elif isinstance(msg, Shutdown):
-                return None, []
-        return accepted, refused
+                return None, [], False
+        return accepted, refused, aborted
 
     def _fail_all(self, error: Exception) -> tuple[tuple[str, ...], str]:
         ids = self.engine.unfinished_request_ids()

@@ -144,8 +144,8 @@ class EngineCoreClient(EngineFrontend):
         self._post(self._end_all_streams)
 
     def _on_step(self, msg: CoreStep) -> None:
-        if msg.stats is not None:
-            self._stats = msg.stats
+        self._stats = msg.stats
+        if msg.step_seconds is not None:
             for hook in self.step_hooks:
                 try:
                     hook(msg.stats, msg.step_seconds, msg.expert_counts or {})

@@ -95,10 +95,11 @@ def test_a_refused_prompt_and_a_full_queue_raise_as_in_process(client):
         await asyncio.gather(*long, return_exceptions=True)
 
     asyncio.run(main())
-    for _ in range(100):  # the cancelled streams' aborts free their slots in the core
+    for _ in range(100):  # the cancelled streams' aborts free their slots, and stats() says so
         if client.stats().num_slots_used == 0:
             break
         time.sleep(0.05)
+    assert client.stats().num_slots_used == 0 and client.stats().num_running == 0
     assert asyncio.run(collect(client, "after", [3, 4, 5])) == reference_greedy([3, 4, 5], 5)
 
 
