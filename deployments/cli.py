@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-kv-blocks", type=int, default=None,
                      help="KV-cache blocks per attention layer (default: every sequence at --max-model-len; "
                           "fewer: sequences are preempted and recomputed when they run out)")
+    gen.add_argument("--compile", action="store_true",
+                     help="local executor: decode steps through torch.compile (the first step of each batch "
+                          "size waits for its compile)")
     gen.set_defaults(func=_generate)
 
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API on Ray Serve")
@@ -141,7 +144,7 @@ def _engine_limits(args: argparse.Namespace):
     try:
         return EngineLimits(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                             max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                            num_kv_blocks=args.num_kv_blocks)
+                            num_kv_blocks=args.num_kv_blocks, compile=args.compile)
     except ValidationError as e:
         first = e.errors()[0]
         flag = "--" + str(first["loc"][0]).replace("_", "-")

@@ -30,12 +30,15 @@ def build_executor(config: NextserveConfig) -> Executor:
                  max_model_len=limits.max_model_len, block_size=limits.block_size,
                  num_kv_blocks=limits.num_kv_blocks)
     if config.executor == "cluster":
+        if limits.compile:
+            raise NextserveConfigError("engine.compile: the cluster executor's actors run eager; set it to "
+                                       "false, or use executor: local")
         from cluster.executor import ClusterExecutor
 
         return ClusterExecutor(config=config, **sizes)
     from engine.local_executor import LocalExecutor
 
-    return LocalExecutor(device=config.device, **sizes)
+    return LocalExecutor(device=config.device, compile=config.engine.compile, **sizes)
 
 
 def build_llm_engine(config: NextserveConfig, tokenizer: Tokenizer | None) -> LLMEngine:

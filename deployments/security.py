@@ -174,3 +174,30 @@ class RebalanceGate:
                          f"allowed after serve.rebalance_cooldown_s={self.cooldown_s:g}s"), wait
         self._last = now
         return None
+
+
+_replica_port_patched = False
+
+
+def keep_replica_port_on_loopback() -> None:
+    """Ray Serve binds every replica's inter-deployment gRPC server to all interfaces ("[::]:0",
+    hard-coded in ray/serve/_private/replica.py as of Ray 2.60), started right after the
+    deployment's constructor. On a node whose Ray address is loopback (a cluster nextserve started
+    on one machine) nothing off the machine is meant to reach any Ray port, so bind that one to
+    loopback too. Elsewhere Serve's own choice stands (the README's security section: firewall
+    the nodes). Patches a private Ray function; tests/deployments/test_app.py checks the result."""
+    global _replica_port_patched
+    import ipaddress
+
+    import ray
+    from ray.serve._private import replica
+
+    if _replica_port_patched or not ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
+        return
+    original = replica.add_port_to_grpc_server
+
+    def on_loopback(server: Any, address: str) -> int:
+        return original(server, address.replace("[::]", "127.0.0.1", 1))
+
+    replica.add_port_to_grpc_server = on_loopback
+    _replica_port_patched = True

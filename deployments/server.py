@@ -35,6 +35,7 @@ from deployments.security import (
     BodyLimitMiddleware,
     RebalanceGate,
     SecuritySettings,
+    keep_replica_port_on_loopback,
     max_prompts_per_request,
 )
 from deployments.serving import SSE_DONE, APIError, Engine, ServingContext, new_id, served_model_name, sse
@@ -105,12 +106,13 @@ def _error_event(e: Exception) -> str:
     return sse(json.loads(err.body))
 
 
+# Starlette runs the middleware added last outermost. A request without the key, or with too
+# large a body, is refused before anything reads it; the metrics around both count those too.
+api.add_middleware(BodyLimitMiddleware)
+api.add_middleware(AuthMiddleware)
 # Counts requests by route and status, errors by kind; an exception is counted with the status
 # _as_error answers it with.
 api.add_middleware(monitoring_http.MetricsMiddleware, status_of=_status_of)
-# Outermost (added last): a request without the key, or with too large a body, costs nothing more.
-api.add_middleware(BodyLimitMiddleware)
-api.add_middleware(AuthMiddleware)
 
 
 def _shown(value: Any) -> str:
@@ -197,6 +199,7 @@ class NextserveServer:
         from deployments.engine_factory import build_engine
 
         self.config = NextserveConfig.from_args(args)
+        keep_replica_port_on_loopback()
         max_prompts = max_prompts_per_request(self.config)
         api.state.security = SecuritySettings.from_config(self.config)
         self.rebalance_gate = RebalanceGate(self.config.serve.rebalance_cooldown_s)

@@ -16,13 +16,10 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 
 class BlockManager:
     """`num_blocks` None: unlimited, for a model without attention layers (nothing is cached per
-    token): it holds no tables, and nothing ever waits or is preempted for want of a block."""
+    token): it holds no tables, and nothing ever waits or is preempted for want of a block. The
+    sizes come checked (SchedulerConfig)."""
 
     def __init__(self, num_blocks: int | None, block_size: int) -> None:
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        if num_blocks is not None and num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks, self.block_size = num_blocks, block_size
         self._free: deque[int] = deque(range(num_blocks or 0))
         self._tables: dict[Hashable, list[int]] = {}

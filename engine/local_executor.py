@@ -1,5 +1,6 @@
 """The `local` executor: the whole model in this process, with one cache per layer (a paged KV
-cache, or DeltaNet state for every slot). The reference the cluster executor is checked against."""
+cache, or DeltaNet state for every slot). The reference the cluster executor is checked against.
+With `compile`, decode steps run through model/compiled.py's compiled layers, other steps eagerly."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from engine.executor import Executor, StepInput
 from model.batch import BatchLayout
+from model.compiled import CompiledDecode, make_decode_caches
 from model.config import ModelConfig
 from model.decoder import CausalLM
 from model.gate_tap import GateTap
@@ -19,23 +21,35 @@ from model.moe import SparseMoeBlock
 class LocalExecutor(Executor):
     def __init__(self, model_dir: str | Path, dtype: str | None = None, num_slots: int = 8,
                  max_model_len: int | None = None, device: torch.device | str = "cpu",
-                 block_size: int = 16, num_kv_blocks: int | None = None) -> None:
+                 block_size: int = 16, num_kv_blocks: int | None = None, compile: bool = False) -> None:
+        """`compile`: decode steps through torch.compile'd layers, compiled on the first step of each
+        batch bucket (model/compiled.py)."""
         super().__init__(ModelConfig.from_dir(model_dir, dtype=dtype), num_slots, max_model_len, block_size,
                          num_kv_blocks)
         self.model = CausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
         self.device = torch.device(device)
-        self.caches = self.model.make_caches(num_slots, self.max_model_len, block_size, self.num_kv_blocks)
         # The gate's routing result, read at its boundary for expert-load metrics.
         gates = {i: layer.mlp.gate for i, layer in enumerate(self.model.model.layers)
                  if isinstance(layer.mlp, SparseMoeBlock)}
         self.gate_tap = GateTap(gates, self.config.num_experts)
+        sizes = (num_slots, self.max_model_len, block_size, self.num_kv_blocks)
+        self.decode: CompiledDecode | None = None
+        if compile:
+            self.caches = make_decode_caches(self.model, *sizes)
+            self.decode = CompiledDecode(self.model, self.caches, num_slots, self.num_kv_blocks,
+                                         record_gate=self.gate_tap.record)
+        else:
+            self.caches = self.model.make_caches(*sizes)
 
     def execute(self, step: StepInput) -> Tensor:
         self.check_step(step)
         layout = BatchLayout.build(list(step.slots), list(step.starts), list(step.lengths), self.device,
                                    step.block_tables)
         token_ids = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)  # [T]
-        hidden = self.model(token_ids, layout, self.caches)  # [T, H]
+        if self.decode is not None and self.decode.supports(layout):
+            hidden = self.decode(token_ids, layout)  # [T, H]
+        else:
+            hidden = self.model(token_ids, layout, self.caches)  # [T, H]
         index = torch.tensor(step.logits_index, dtype=torch.long, device=self.device)  # [R]
         return self.model.compute_logits(hidden[index])  # [R, V] float32
 

@@ -50,8 +50,6 @@ class SlotAllocator:
     that starts at position 0 ignores what the previous owner left (model/cache.py)."""
 
     def __init__(self, num_slots: int) -> None:
-        if num_slots < 1:
-            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         self.num_slots = num_slots
         self._free: deque[int] = deque(range(num_slots))
         self._used: set[int] = set()

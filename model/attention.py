@@ -37,9 +37,11 @@ class Attention(nn.Module):
         """`num_blocks` None: enough blocks for every slot at `max_len` tokens."""
         return KVCache(num_slots, max_len, self.Nkv, self.D, dtype, device, block_size, num_blocks)
 
-    def forward(self, x: Tensor, layout: BatchLayout, cache: KVCache) -> Tensor:
-        """x [T, hidden] -> [T, hidden]; appends this step's keys/values to `cache`."""
+    def project(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """x [T, hidden], positions [T] -> q [T, N, D], k and v [T, Nkv, D] (q, k normed and
+        rotated), the output gate [T, N·D] or None."""
         T = x.shape[0]
+        gate = None
         if self.gated:
             qg = self.q_proj(x).view(T, self.N, 2 * self.D)
             q, gate = qg[..., : self.D], qg[..., self.D:].reshape(T, self.N * self.D)
@@ -48,9 +50,19 @@ class Attention(nn.Module):
         q = self.q_norm(q)
         k = self.k_norm(self.k_proj(x).view(T, self.Nkv, self.D))
         v = self.v_proj(x).view(T, self.Nkv, self.D)
-        cos, sin = self.rotary.cos_sin(layout.positions, q.dtype)
-        q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
+        cos, sin = self.rotary.cos_sin(positions, q.dtype)
+        return self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin), v, gate
 
+    def output(self, o: Tensor, gate: Tensor | None) -> Tensor:
+        """o [T, N·D] -> [T, hidden]."""
+        if gate is not None:
+            o = o * torch.sigmoid(gate)
+        return self.o_proj(o)
+
+    def forward(self, x: Tensor, layout: BatchLayout, cache: KVCache) -> Tensor:
+        """x [T, hidden] -> [T, hidden]; appends this step's keys/values to `cache`."""
+        T = x.shape[0]
+        q, k, v, gate = self.project(x, layout.positions)
         cache.write(layout, k, v)
         keys, values = cache.read(layout)  # [B, Lk, Nkv, D]
         qp = layout.to_padded(q)  # [B, L, N, D]
@@ -62,7 +74,4 @@ class Attention(nn.Module):
             qp.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
             attn_mask=mask[:, None], scale=self.D ** -0.5, enable_gqa=self.Nkv != self.N,
         )  # [B, N, L, D]
-        o = layout.to_packed(o.transpose(1, 2)).reshape(T, self.N * self.D)
-        if self.gated:
-            o = o * torch.sigmoid(gate)
-        return self.o_proj(o)
+        return self.output(layout.to_packed(o.transpose(1, 2)).reshape(T, self.N * self.D), gate)

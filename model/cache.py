@@ -52,6 +52,11 @@ class KVCache:
         _, read_at = self._index(layout)  # [B, Lk]
         return self.k.view(-1, *self.k.shape[2:])[read_at], self.v.view(-1, *self.v.shape[2:])[read_at]
 
+    def rows(self, layout: BatchLayout) -> tuple[Tensor, Tensor]:
+        """Rows of the flattened [NB·BS, Nkv, D] cache where each new token goes ([T]) and where
+        each sequence's tokens up to the step's longest end Lk are ([B, Lk]); checked."""
+        return self._index(layout)
+
     def _index(self, layout: BatchLayout) -> tuple[Tensor, Tensor]:
         """Rows of the flattened [NB·BS, Nkv, D] cache: where each new token goes ([T]) and where
         each sequence's tokens up to the step's longest end Lk are ([B, Lk]). Checked, for a bad

@@ -77,3 +77,16 @@ def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Ten
         S = S * chunk_decay[:, :, c] + k_to_end[:, :, c].transpose(-1, -2) @ v_new
     out = out.reshape(B, H, n * C, -1)[:, :, :T]
     return out.transpose(1, 2).to(out_dtype), S
+
+
+def gated_delta_rule_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+                          state: Tensor) -> tuple[Tensor, Tensor]:
+    """One token of the recurrence, written as broadcasts and sums rather than matmuls so that a
+    compiler fuses it into a pass or two over S (the compiled decode step). q, k [B, H, K], v [B, H, V],
+    g, beta [B, H]; returns o [B, H, V] (dtype of v) and the new state [B, H, K, V] float32."""
+    out_dtype = v.dtype
+    q, k, v = q.float() * q.shape[-1] ** -0.5, k.float(), v.float()
+    S = state.float() * g.float().exp()[..., None, None]
+    delta = beta.float()[..., None] * (v - (k[..., None] * S).sum(-2))  # [B, H, V]
+    S = S + k[..., None] * delta[..., None, :]
+    return (q[..., None] * S).sum(-2).to(out_dtype), S

@@ -20,11 +20,16 @@ class GateTap:
 
     def _hook(self, layer: int) -> Any:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            ids = output[0].flatten()  # [T·k]
-            counts = torch.bincount(ids[ids >= 0], minlength=self.num_experts)  # [E]
-            prev = self._counts.get(layer)
-            self._counts[layer] = counts if prev is None else prev + counts
+            self.record(layer, output[0])
         return hook
+
+    def record(self, layer: int, ids: torch.Tensor) -> None:
+        """Count expert ids [T, k] of `layer` that reached it some other way than the gate's hook
+        (a compiled step calls the gate's forward itself, and hands its result here)."""
+        ids = ids.flatten()  # [T·k]
+        counts = torch.bincount(ids[ids >= 0], minlength=self.num_experts)  # [E]
+        prev = self._counts.get(layer)
+        self._counts[layer] = counts if prev is None else prev + counts
 
     def take(self) -> dict[int, list[int]]:
         """Pairs per expert of each layer since the last take (one step's, when called per step)."""

@@ -41,7 +41,7 @@ class GatedDeltaNet(nn.Module):
     def make_state(self, num_slots: int, dtype: torch.dtype, device: torch.device | str) -> DeltaNetState:
         return DeltaNetState(num_slots, self.conv_dim, self.W, self.H, self.K, self.V, dtype, device)
 
-    def _split_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def split_projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The checkpoint groups rows per key head g: [q K | k K | v r·V | z r·V] and [b r | a r]."""
         T, r = x.shape[0], self.H // self.G
         qkvz = self.in_proj_qkvz(x).view(T, self.G, 2 * self.K + 2 * r * self.V)
@@ -50,6 +50,10 @@ class GatedDeltaNet(nn.Module):
         b, a = torch.split(ba, [r, r], dim=-1)
         return (q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1),
                 z.reshape(T, self.H, self.V), b.reshape(T, self.H), a.reshape(T, self.H))
+
+    def decay_and_beta(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """a, b [T, H] -> log-decay g = -exp(A_log)·softplus(a + dt_bias) (float32), beta = sigmoid(b)."""
+        return -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias), b.sigmoid()
 
     def _conv(self, mixed: Tensor, conv_state: Tensor, layout: BatchLayout) -> tuple[Tensor, Tensor]:
         """mixed [B, L, C] (right-padded), conv_state [B, C, W-1] -> silu(conv) [B, L, C], new state."""
@@ -63,7 +67,7 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: Tensor, layout: BatchLayout, state: DeltaNetState) -> Tensor:
         """x [T, hidden] -> [T, hidden]; reads and writes `state` at the layout's slots."""
         T = x.shape[0]
-        q, k, v, z, b, a = self._split_projections(x)
+        q, k, v, z, b, a = self.split_projections(x)
         mixed = layout.to_padded(torch.cat([q, k, v], dim=-1))  # [B, L, C]
         conv_state, rec_state = state.read(layout)
         mixed, conv_state = self._conv(mixed, conv_state, layout)
@@ -75,8 +79,8 @@ class GatedDeltaNet(nn.Module):
         r = self.H // self.G
         q, k = q.repeat_interleave(r, dim=2), k.repeat_interleave(r, dim=2)
 
-        beta = layout.to_padded(b.sigmoid())  # padded tokens: beta = 0 and g = 0, exact
-        g = layout.to_padded(-self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias))
+        g, beta = self.decay_and_beta(a, b)
+        beta, g = layout.to_padded(beta), layout.to_padded(g)  # padded tokens: beta = g = 0, exact
         rule = recurrent_gated_delta_rule if layout.is_decode else chunk_gated_delta_rule
         o, rec_state = rule(q, k, v, g, beta, rec_state)  # [B, L, H, V]
         state.write(layout, conv_state, rec_state)

@@ -19,9 +19,9 @@ STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 
 ACTOR_KINDS = ("engine", "attention", "deltanet", "experts")
 # What a failed request is counted as; HTTP statuses map onto these (monitoring/http.py).
-ERROR_KINDS = ("bad_request", "not_found", "queue_full", "unavailable", "timeout", "internal",
-               "client_disconnect")
-FINISH_REASONS = ("stop", "length", "abort")
+ERROR_KINDS = ("bad_request", "unauthorized", "too_large", "not_found", "queue_full", "unavailable",
+               "timeout", "internal", "client_disconnect")
+FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,9 @@ def error_kind(status: int) -> str | None:
     """The error kind a status is counted as (definitions.ERROR_KINDS); None for success."""
     if status < 400:
         return None
-    return {400: "bad_request", 404: "not_found", 408: "timeout", 422: "bad_request", 429: "queue_full",
-            503: "unavailable", 504: "timeout"}.get(status, "bad_request" if status < 500 else "internal")
+    kinds = {400: "bad_request", 401: "unauthorized", 403: "unauthorized", 404: "not_found", 408: "timeout",
+             413: "too_large", 422: "bad_request", 429: "queue_full", 503: "unavailable", 504: "timeout"}
+    return kinds.get(status, "bad_request" if status < 500 else "internal")
 
 
 class MetricsMiddleware:

@@ -5,6 +5,7 @@ and the whole request, and counts how requests finish. Works on any engine whose
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -34,8 +35,8 @@ class RequestTimer:
         end = self.clock()
         reason = reason if reason in FINISH_REASONS else "abort"
         self.sink.inc("nextserve_requests_finished", reason=reason)
-        if reason == "abort":
-            return  # a cut-short request's latency says nothing about the server's
+        if reason in ("abort", "error"):
+            return  # a cut-short or failed request's latency says nothing about the server's
         self.sink.observe("nextserve_e2e_request_latency_seconds", end - self.start)
         if self.first is not None and self.num_tokens > 1:
             self.sink.observe("nextserve_time_per_output_token_seconds",
@@ -52,11 +53,15 @@ class MeteredEngine:
                        ) -> AsyncIterator[Any]:
         timer = RequestTimer(self.sink)
         try:
-            async for out in self.engine.generate(request_id, prompt_token_ids, params):
-                timer.on_tokens(len(out.new_token_ids))
-                if out.finished:
-                    timer.on_finish(out.finish_reason)
-                yield out
+            # Closed here, not by the garbage collector, so a caller that leaves aborts the request
+            # in the engine at once.
+            stream = self.engine.generate(request_id, prompt_token_ids, params)
+            async with contextlib.aclosing(stream) as outs:
+                async for out in outs:
+                    timer.on_tokens(len(out.new_token_ids))
+                    if out.finished:
+                        timer.on_finish(out.finish_reason)
+                    yield out
         finally:  # refused, failed or abandoned before finishing
             timer.on_finish("abort")
 

@@ -87,7 +87,12 @@ def imports(module: str) -> tuple[set[str], list[str]]:
     package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
     deps: set[str] = set()
     private: list[str] = []
-    for node in _nodes(ast.parse(path.read_text(), filename=str(path))):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    # Names bound to other packages' modules (torch, ray, ...): their underscore modules, such as
+    # torch._dynamo, are those packages' business, not a reach into one of ours.
+    external = {(a.asname or a.name).split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for a in node.names if _project_module(a.name) is None}
+    for node in _nodes(tree):
         if isinstance(node, ast.Import):
             deps.update(m for a in node.names if (m := _project_module(a.name)))
         elif isinstance(node, ast.ImportFrom):
@@ -103,11 +108,19 @@ def imports(module: str) -> tuple[set[str], list[str]]:
                 if a.name.startswith("_") and not a.name.startswith("__") and target != module:
                     private.append(f"{module}:{node.lineno} imports {a.name} from {target}")
         elif (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
-              and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+              and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+              and _root_name(node) not in external):
             # another object's or module's private name: only `self` and `cls` reach theirs
             private.append(f"{module}:{node.lineno} reads {ast.unparse(node)}")
     deps.discard(module)
     return deps, private
+
+
+def _root_name(node: ast.expr) -> str | None:
+    """`a` of `a.b.c`."""
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
 
 
 def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:

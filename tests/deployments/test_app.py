@@ -5,7 +5,9 @@ answer is checked against the engine run offline, one request at a time."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -286,3 +288,45 @@ def test_error_body_is_json(base_url):
 def test_rebalance_is_off_without_an_admin_key(base_url):
     r = requests.post(f"{base_url}/rebalance", timeout=10)
     assert r.status_code == 403 and "serve.admin_api_key" in r.json()["error"]["message"]
+
+
+def _listening_addresses_of(pids: set[int]) -> list[tuple[int, str]]:
+    """(pid, "ADDR:PORT" as /proc/net/tcp{,6} writes it) for every listening TCP socket of `pids`."""
+    listening = {}
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A":  # LISTEN
+                listening[f[9]] = f[1]
+    found = []
+    for pid in pids:
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        inodes = [ln[8:-1] for ln in links if ln.startswith("socket:[")]
+        found += [(pid, listening[i]) for i in inodes if i in listening]
+    return found
+
+
+def test_replica_listens_on_loopback_only(base_url):
+    """Ray Serve binds each replica's inter-deployment gRPC port to every interface; on a cluster
+    whose node address is loopback, nextserve's replica keeps it on loopback."""
+    import ray
+
+    if not ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
+        pytest.skip("Ray took a non-loopback node address (no loopback-only network namespace here)")
+    replicas = {int(d) for d in os.listdir("/proc")
+                if d.isdigit() and _comm(int(d)).startswith("ray::ServeRepl")}
+    assert replicas, "no Serve replica process found"
+    sockets = _listening_addresses_of(replicas)
+    assert sockets, "the replica listens on nothing"
+    loopback = ("0100007F:", "00000000000000000000000001000000:", "0000000000000000FFFF00000100007F:")
+    assert all(addr.startswith(loopback) for _, addr in sockets), sockets
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""

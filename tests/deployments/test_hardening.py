@@ -295,7 +295,10 @@ def test_api_key(base_url, client):
     for path in ("/v1/models", "/stats", "/metrics", "/expert_load", "/dashboard", "/nowhere"):
         assert requests.get(f"{base_url}{path}", timeout=10).status_code == 401, path
     assert requests.get(f"{base_url}/health", timeout=10).status_code == 200  # probes need no key
-    assert requests.get(f"{base_url}/metrics", headers=AUTH, timeout=10).status_code == 200
+    metrics = requests.get(f"{base_url}/metrics", headers=AUTH, timeout=10)
+    assert metrics.status_code == 200
+    # Refused before the routes, yet counted: an operator sees who knocks without the key.
+    assert 'nextserve_request_errors_total{kind="unauthorized"}' in metrics.text, metrics.text[:2000]
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0).models.list()
     assert client.models.list().data[0].id == MODEL

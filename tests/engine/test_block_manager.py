@@ -4,6 +4,7 @@ block, give every block back when freed; an unlimited manager (no attention laye
 import pytest
 
 from engine.block_manager import BlockManager, blocks_for
+from engine.scheduler import SchedulerConfig
 
 
 def test_tables_grow_by_whole_blocks_and_free_gives_them_back():
@@ -44,7 +45,7 @@ def test_unlimited_manager_never_refuses_and_counts_nothing():
     m.free("a")
 
 
-@pytest.mark.parametrize("num_blocks,block_size,match", [(0, 16, "num_blocks"), (4, 0, "block_size")])
+@pytest.mark.parametrize("num_blocks,block_size,match", [(0, 16, "num_kv_blocks"), (4, 0, "block_size")])
 def test_bad_sizes(num_blocks, block_size, match):
-    with pytest.raises(ValueError, match=match):
-        BlockManager(num_blocks, block_size)
+    with pytest.raises(ValueError, match=match):  # checked once, where the scheduler's sizes are set
+        SchedulerConfig(block_size=block_size, num_kv_blocks=num_blocks)

@@ -1,0 +1,32 @@
+"""`engine.compile` in ray_config.yaml reaches the local executor through build_executor (off by
+default); compiling itself waits for the first decode step, so building stays cheap."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployments.config import NextserveConfig
+from deployments.engine_factory import build_executor
+from engine.config import NextserveConfigError
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from model.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("factory_compile"), arch="qwen3_moe")
+
+
+def test_engine_compile_reaches_the_local_executor(tiny_dir):
+    args = {"model": str(tiny_dir), "engine": {"max_num_seqs": 2, "max_model_len": 32}}
+    assert build_executor(NextserveConfig.from_args(args)).decode is None
+    assert NextserveConfig.from_args({}).engine.compile is False
+    args["engine"]["compile"] = True
+    assert build_executor(NextserveConfig.from_args(args)).decode is not None
+
+
+def test_engine_compile_is_refused_for_the_cluster_executor(tiny_dir):
+    config = NextserveConfig.from_args({"model": str(tiny_dir), "executor": "cluster",
+                                        "engine": {"compile": True}})
+    with pytest.raises(NextserveConfigError, match=r"engine\.compile"):
+        build_executor(config)  # before any Ray starts

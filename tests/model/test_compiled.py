@@ -1,0 +1,135 @@
+"""The compiled decode step against eager, the reference: logits within the README's float32
+tolerance and the same greedy tokens on both tiny architectures, through shuffled block tables,
+a batch of 3 padded to the bucket of 4 (its padded row must touch no real cache), slots reused by
+one-token prompts, and context lengths across the granule without a recompile. One compile per
+architecture (the module's fixture); the one-token delta-rule step against the recurrence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from model.batch import BatchLayout
+from model.cache import DeltaNetState, KVCache
+from model.compiled import CompiledDecode, default_buckets, make_decode_caches, state_tensors
+from model.decoder import CausalLM
+from model.delta_rule import gated_delta_rule_step, recurrent_gated_delta_rule
+
+# The shapes of tests/engine/test_compiled_executor.py's executor, so that it reuses these compiles.
+NUM_SLOTS, MAX_LEN, BLOCK, NUM_BLOCKS = 4, 64, 8, 32
+PROMPTS = {2: [5, 9, 13, 2, 77, 31, 8], 0: [101, 7], 3: [3, 3, 3, 250, 17, 44, 12, 90, 6, 6, 200]}
+
+
+@pytest.fixture(scope="module", params=["qwen3_next", "qwen3_moe"])
+def model(request, tmp_path_factory):
+    from model.tiny import make_tiny_model
+
+    path = make_tiny_model(tmp_path_factory.mktemp(request.param), arch=request.param)
+    return CausalLM.from_pretrained(path)
+
+
+def tables(seed: int) -> dict[int, list[int]]:
+    """Shuffled, non-contiguous block tables of 8 blocks per slot."""
+    ids = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(seed)).tolist()
+    return {s: ids[8 * s:8 * s + 8] for s in range(NUM_SLOTS)}
+
+
+def assert_close_logits(eager: torch.Tensor, compiled: torch.Tensor) -> None:
+    """The README's float32 tolerance; greedy tokens equal wherever the top two are not a near-tie."""
+    scale = eager.abs().max().item()
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4 * scale)
+    top2 = eager.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-3
+    assert torch.equal(compiled.argmax(-1)[clear], eager.argmax(-1)[clear])
+
+
+def test_compiled_decode_matches_eager(model):
+    eager_caches = make_decode_caches(model, NUM_SLOTS, MAX_LEN, BLOCK, NUM_BLOCKS)
+    caches = make_decode_caches(model, NUM_SLOTS, MAX_LEN, BLOCK, NUM_BLOCKS)
+    decode = CompiledDecode(model, caches, NUM_SLOTS, NUM_BLOCKS, buckets=(4,))
+    table = tables(seed=1)
+    seqs = {s: list(p) for s, p in PROMPTS.items()}  # slot -> tokens so far
+    with torch.inference_mode():  # the prompts, eagerly into both caches
+        slots = list(seqs)
+        layout = BatchLayout.build(slots, [0] * 3, [len(seqs[s]) for s in slots],
+                                   block_tables=[table[s] for s in slots])
+        ids = torch.tensor([t for s in slots for t in seqs[s]])
+        hidden = model(ids, layout, eager_caches)
+        model(ids, layout, caches)
+        for s, t in zip(slots, model.compute_logits(hidden[layout.last_token_index()]).argmax(-1).tolist(),
+                        strict=True):
+            seqs[s].append(t)
+
+    graphs = None
+    for step in range(12):
+        if step == 6:  # slot 0 ends; it and the free slot 1 start one-token prompts on stale blocks
+            del seqs[0]
+            seqs[0], seqs[1] = [42], [7]
+            table = {**table, 0: table[0][::-1], 1: table[1]}
+        slots = sorted(seqs)
+        starts = [len(seqs[s]) - 1 for s in slots]
+        layout = BatchLayout.build(slots, starts, [1] * len(slots), block_tables=[table[s] for s in slots])
+        ids = torch.tensor([seqs[s][-1] for s in slots])
+        assert decode.supports(layout) and decode.bucket(len(slots)) == 4
+        with torch.inference_mode():
+            expected = model.compute_logits(model(ids, layout, eager_caches))
+        got = model.compute_logits(decode(ids, layout))
+        assert_close_logits(expected, got)
+        for s, t in zip(slots, expected.argmax(-1).tolist(), strict=True):
+            seqs[s].append(t)
+        if graphs is None:
+            graphs = counters["stats"]["unique_graphs"]
+    # Context lengths grew across the 16-key granule (up to 18 tokens) without a recompile.
+    assert max(len(t) for t in seqs.values()) > 16
+    assert counters["stats"]["unique_graphs"] == graphs
+    # Real slots' states equal eager's; the padded row wrote only the scratch slot.
+    for e, c in zip(eager_caches, caches, strict=True):
+        if isinstance(c, DeltaNetState):
+            torch.testing.assert_close(c.recurrent[:NUM_SLOTS], e.recurrent[:NUM_SLOTS], rtol=0, atol=1e-5)
+            torch.testing.assert_close(c.conv[:NUM_SLOTS], e.conv[:NUM_SLOTS], rtol=0, atol=1e-5)
+
+
+def test_warm_up_touches_only_the_scratch_room(model):
+    """Warming up (and a CUDA graph's capture) runs steps of padded rows only."""
+    caches = make_decode_caches(model, NUM_SLOTS, MAX_LEN, BLOCK, NUM_BLOCKS)
+    g = torch.Generator().manual_seed(0)
+    # (tensor, rows the engine hands out: all but the scratch block / slot)
+    tensors = [(t, NUM_BLOCKS if isinstance(c, KVCache) else NUM_SLOTS)
+               for c in caches for t in state_tensors(c)]
+    for t, _ in tensors:
+        t.copy_(torch.randn(t.shape, generator=g))
+    before = [t.clone() for t, _ in tensors]
+    decode = CompiledDecode(model, caches, NUM_SLOTS, NUM_BLOCKS, buckets=(4,))
+    decode.warm_up()
+    assert set(decode.compile_seconds) == {4}
+    for (t, real), b in zip(tensors, before, strict=True):
+        assert torch.equal(t[:real], b[:real])
+    assert not all(torch.equal(t, b) for (t, _), b in zip(tensors, before, strict=True))
+
+
+def test_what_the_compiled_step_takes(model):
+    caches = make_decode_caches(model, NUM_SLOTS, MAX_LEN, BLOCK, NUM_BLOCKS)
+    decode = CompiledDecode(model, caches, NUM_SLOTS, NUM_BLOCKS, buckets=(1, 2))
+    assert decode.supports(BatchLayout.build([0, 1], [5, 0], [1, 1]))
+    assert not decode.supports(BatchLayout.build([0, 1], [5, 0], [1, 3]))  # a prefill: eager
+    assert not decode.supports(BatchLayout.build([0, 1, 2], [5, 5, 5], [1, 1, 1]))  # past the buckets
+    with pytest.raises(ValueError, match="make_decode_caches"):
+        CompiledDecode(model, model.make_caches(NUM_SLOTS, MAX_LEN, BLOCK, NUM_BLOCKS), NUM_SLOTS, NUM_BLOCKS)
+    assert default_buckets(1) == (1,) and default_buckets(16) == (1, 2, 4, 8, 16)
+    assert default_buckets(12) == (1, 2, 4, 8, 12)
+
+
+def test_delta_rule_step_matches_recurrence():
+    g = torch.Generator().manual_seed(0)
+    B, H, K, V = 3, 4, 16, 8
+    q = torch.nn.functional.normalize(torch.randn(B, H, K, generator=g), dim=-1)
+    k = torch.nn.functional.normalize(torch.randn(B, H, K, generator=g), dim=-1)
+    v = torch.randn(B, H, V, generator=g)
+    decay, beta = -torch.rand(B, H, generator=g), torch.rand(B, H, generator=g)
+    state = torch.randn(B, H, K, V, generator=g)
+    o, s = gated_delta_rule_step(q, k, v, decay, beta, state)
+    o_ref, s_ref = recurrent_gated_delta_rule(q[:, None], k[:, None], v[:, None], decay[:, None],
+                                              beta[:, None], state)
+    torch.testing.assert_close(o, o_ref[:, 0], rtol=0, atol=2e-5)
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=2e-5)
