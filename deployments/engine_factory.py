@@ -1,18 +1,24 @@
 """The one place that builds an engine from NextserveConfig: the executor (local or cluster,
 imported only when chosen: the cluster one brings Ray), the LLMEngine around it with the expert
-rebalancing policy, and for serving the asyncio wrapper that the HTTP routes stream from. The
+rebalancing policy, and for serving the asyncio face that the HTTP routes stream from: the
+engine loop in a thread, or in an engine core process (engine.engine_process). The
 CLI's `generate` and the Serve app both build through here."""
 
 from __future__ import annotations
 
+import functools
+import logging
 from pathlib import Path
 
 from deployments.config import NextserveConfig
 from engine.async_engine import AsyncLLMEngine
 from engine.config import NextserveConfigError
+from engine.core_client import EngineCoreClient
 from engine.executor import Executor
 from engine.llm_engine import LLMEngine
 from engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def build_executor(config: NextserveConfig) -> Executor:
@@ -53,25 +59,47 @@ def build_llm_engine(config: NextserveConfig, tokenizer: Tokenizer | None) -> LL
         raise
 
 
-def build_engine(config: NextserveConfig) -> tuple[AsyncLLMEngine, Tokenizer, int]:
-    """A serving replica's engine: (async engine, tokenizer, the context length it serves)."""
+def build_engine(config: NextserveConfig) -> tuple[AsyncLLMEngine | EngineCoreClient, Tokenizer, int]:
+    """A serving replica's engine: (async engine, tokenizer, the context length it serves). The
+    engine loop runs where `engine.engine_process` says: a thread here, or a core process."""
     if config.model is None:
         raise NextserveConfigError("model: no checkpoint directory given")
     if not Path(config.model).is_dir():
         raise NextserveConfigError(f"model: {config.model} is not a directory (expected a Hugging Face "
                                    f"checkpoint: config.json, *.safetensors, tokenizer.json)")
+    tokenizer = Tokenizer.from_dir(config.model)
+    if tokenizer is None:  # an HTTP API takes text; token-id-only checkpoints suit `generate`
+        raise NextserveConfigError(f"model: {config.model} has no tokenizer.json, which serving needs")
+    serve = config.serve
+    if config.engine.engine_process == "separate":
+        if config.executor == "local":
+            core = EngineCoreClient(functools.partial(build_core_engine, config), serve.max_queued_requests,
+                                    serve.retry_after_s, serve.request_timeout_s)
+            return core, tokenizer, core.max_seq_len
+        # The core would have to join this replica's Ray cluster from a child process; the
+        # cluster executor's compute runs in its actors anyway.
+        log.warning("engine.engine_process=separate is not supported with the cluster executor; "
+                    "the engine loop runs in the replica's process")
+    _set_torch_threads(config)
+    engine = build_llm_engine(config, tokenizer)
+    try:
+        async_engine = AsyncLLMEngine(engine, serve.max_queued_requests, serve.retry_after_s,
+                                      serve.request_timeout_s)
+        return async_engine, tokenizer, engine.scheduler.max_seq_len
+    except BaseException:
+        engine.executor.shutdown()
+        raise
+
+
+def build_core_engine(config: NextserveConfig) -> LLMEngine:
+    """The LLMEngine of an engine core process (engine/core.py calls it there): it detokenizes
+    and checks stop strings itself, so it loads the tokenizer too."""
+    _set_torch_threads(config)
+    return build_llm_engine(config, Tokenizer.from_dir(config.model))
+
+
+def _set_torch_threads(config: NextserveConfig) -> None:
     if config.serve.torch_threads is not None:
         import torch
 
         torch.set_num_threads(config.serve.torch_threads)
-    tokenizer = Tokenizer.from_dir(config.model)
-    if tokenizer is None:  # an HTTP API takes text; token-id-only checkpoints suit `generate`
-        raise NextserveConfigError(f"model: {config.model} has no tokenizer.json, which serving needs")
-    engine = build_llm_engine(config, tokenizer)
-    try:
-        return (AsyncLLMEngine(engine, config.serve.max_queued_requests, config.serve.retry_after_s,
-                               config.serve.request_timeout_s),
-                tokenizer, engine.scheduler.max_seq_len)
-    except BaseException:
-        engine.executor.shutdown()
-        raise

@@ -8,7 +8,9 @@ from typing import Any
 import torch
 
 from deployments.config import NextserveConfig
+from engine.core_client import EngineCoreClient
 from engine.llm_engine import LLMEngine
+from model.config import ModelConfig
 from model.decoder import CausalLM
 from monitoring.engine_metrics import EngineMetrics
 from monitoring.expert_load import ExpertLoad, active_params_ratio
@@ -19,25 +21,29 @@ from router.placement import ExpertPlacement
 
 class ReplicaMonitor:
     def __init__(self, engine: Any, config: NextserveConfig, sink: MetricsSink | None = None) -> None:
-        """`engine`: the replica's engine (AsyncLLMEngine or a test's fake); the step hook goes on
-        the LLMEngine inside it when there is one."""
+        """`engine`: the replica's engine (AsyncLLMEngine, EngineCoreClient or a test's fake); the
+        step hook goes on the LLMEngine inside it, or on the core client, when there is one."""
         self.sink = sink or process_sink()
         llm = getattr(engine, "engine", None)
         self.engine_metrics: EngineMetrics | None = None
         if isinstance(llm, LLMEngine):
-            self.engine_metrics = EngineMetrics(self.sink, _expert_load(llm, config), _active_params(llm))
+            self.engine_metrics = EngineMetrics(self.sink, _expert_load(llm.config, llm.executor, config),
+                                                _active_params(llm.config))
             llm.step_hooks.append(self.engine_metrics.on_step)
             metrics, executor = self.engine_metrics, llm.executor
             # the cluster executor's per-actor step times and router bytes ([] from the local one)
             llm.step_hooks.append(lambda *_: metrics.record_telemetry(executor.take_step_telemetry()))
+        elif isinstance(engine, EngineCoreClient):  # the core process sends each step's stats
+            self.engine_metrics = EngineMetrics(self.sink, _expert_load(engine.model_config, None, config),
+                                                _active_params(engine.model_config))
+            engine.step_hooks.append(self.engine_metrics.on_step)
         self.engine = MeteredEngine(engine, self.sink)
 
 
-def _expert_load(llm: LLMEngine, config: NextserveConfig) -> ExpertLoad | None:
-    E = llm.config.num_experts
+def _expert_load(model: ModelConfig, executor: Any, config: NextserveConfig) -> ExpertLoad | None:
+    E = model.num_experts
     if E == 0:
         return None
-    executor = llm.executor
     if hasattr(type(executor), "expert_placement"):  # the cluster executor: the placement in force
         return ExpertLoad(E, lambda: executor.expert_placement.shards)
     # One process computes every expert; per shard is what the configured pools would place.
@@ -47,10 +53,9 @@ def _expert_load(llm: LLMEngine, config: NextserveConfig) -> ExpertLoad | None:
     return ExpertLoad(E, placement.shards)
 
 
-def _active_params(llm: LLMEngine) -> float | None:
+def _active_params(c: ModelConfig) -> float | None:
     """From the model's parameter shapes: the model built on the meta device (no memory, no
     weights read), so it is the same for every executor, the cluster's included."""
-    c = llm.config
     if c.num_experts == 0:
         return None
     with torch.device("meta"):

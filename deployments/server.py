@@ -186,9 +186,9 @@ def engine_healthy(engine: Any) -> bool:
 
 
 def _model_vocab_size(engine: Any, tokenizer: Tokenizer) -> int:
-    """Rows of the model's logits: the LLMEngine's config where the engine has one (a test's fake
-    engine may not; then the tokenizer's size)."""
-    config = getattr(getattr(engine, "engine", None), "config", None)
+    """Rows of the model's logits: the model config of the LLMEngine, or of the engine core
+    process, where the engine has one (a test's fake engine may not; then the tokenizer's size)."""
+    config = getattr(engine, "model_config", None) or getattr(getattr(engine, "engine", None), "config", None)
     return getattr(config, "vocab_size", None) or tokenizer.vocab_size
 
 

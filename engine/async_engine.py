@@ -58,8 +58,14 @@ class RequestTimeoutError(TimeoutError):
         self.timeout_s = timeout_s
 
 
-class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, max_queued_requests: int = 64, retry_after_s: float = 1.0,
+class EngineFrontend:
+    """The caller's side of an engine, wherever its loop runs (a thread here, a process in
+    engine/core_client.py): a queue per request stream, admission, time limits, merging for slow
+    readers. A subclass sends "add" and "abort" commands (`_send`) and, back on the event loop,
+    calls `_deliver`, `_deliver_error`, `_answer_add` and, once its loop is gone, sets `_death`
+    and calls `_end_all_streams`."""
+
+    def __init__(self, max_num_seqs: int, max_queued_requests: int = 64, retry_after_s: float = 1.0,
                  request_timeout_s: float | None = None) -> None:
         """At most max_num_seqs requests run and `max_queued_requests` more wait; beyond that,
         `generate` raises QueueFullError at once rather than letting latency grow unbounded. A
@@ -70,45 +76,25 @@ class AsyncLLMEngine:
         if request_timeout_s is not None and not request_timeout_s > 0:
             raise ValueError(f"request_timeout_s must be > 0 or None, got {request_timeout_s}")
         self.request_timeout_s = request_timeout_s
-        self.engine = engine
-        self.capacity = engine.scheduler.config.max_num_seqs + max_queued_requests
+        self.capacity = max_num_seqs + max_queued_requests
         self.retry_after_s = retry_after_s
         self._streams: dict[str, asyncio.Queue] = {}
-        self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self._wakeup = threading.Event()
         self._stopped = False
-        self._death: str | None = None  # why the engine thread died, once it has
+        self._death: str | None = None  # why the engine's loop died, once it has
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = threading.Thread(target=self._run, name="nextserve-engine", daemon=True)
-        self._thread.start()
 
     @property
     def num_in_flight(self) -> int:
         return len(self._streams)
 
-    def is_alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def healthy(self) -> bool:
-        """Whether requests can run: the engine thread lives, is not stopping, and the executor
-        says it is healthy."""
-        if self._stopped or self._death is not None or not self._thread.is_alive():
-            return False
-        try:
-            return bool(getattr(self.engine.executor, "healthy", lambda: True)())
-        except Exception:
-            log.exception("executor health check failed")
-            return False
-
-    def stats(self) -> EngineStats:
-        # Read across threads without a lock: plain counters and queue lengths, a snapshot.
-        return self.engine.stats
+    def _send(self, *command: Any) -> None:
+        raise NotImplementedError
 
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as steps produce them, the last one `finished`. Raises
         ValueError for a prompt the engine refuses, before yielding anything; EngineDeadError
-        once the engine thread has died; RequestFailedError if this request fails alone."""
+        once the engine's loop has died; RequestFailedError if this request fails alone."""
         if self._death is not None:
             raise EngineDeadError(self._death)
         if self._stopped:
@@ -120,10 +106,10 @@ class AsyncLLMEngine:
         self._loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
-        self._send("add", request_id, list(prompt_token_ids), params)
         finished = False
         deadline = None if self.request_timeout_s is None else self._loop.time() + self.request_timeout_s
         try:
+            self._send("add", request_id, list(prompt_token_ids), params)
             # The first item says whether the engine took the request: None, or the error.
             refused = await self._before(deadline, stream.get())
             if refused is not None:
@@ -157,6 +143,66 @@ class AsyncLLMEngine:
             return await asyncio.wait_for(awaitable, max(0.0, deadline - asyncio.get_running_loop().time()))
         except asyncio.TimeoutError:
             raise RequestTimeoutError(self.request_timeout_s) from None
+
+
+    # -- back on the event loop --------------------------------------------------------------
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for o in outputs:
+            stream = self._streams.get(o.request_id)
+            if stream is None:  # the caller left and its abort is on the way
+                continue
+            if o.error is not None:  # after the outputs before it, like any error
+                stream.put_nowait(RequestFailedError(o.request_id, o.error))
+            else:
+                stream.put_nowait(o)
+
+    def _deliver_error(self, request_ids: list[str], error: Exception) -> None:
+        for request_id in request_ids:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.put_nowait(error)
+
+    def _answer_add(self, request_id: str, error: Exception | None) -> None:
+        """The stream's first item: None once the engine took the request, else why not."""
+        stream = self._streams.get(request_id)
+        if stream is not None:  # else the caller was cancelled while waiting
+            stream.put_nowait(error)
+
+    def _end_all_streams(self) -> None:
+        """The engine's loop is dead: every stream, whatever it waits for, ends with the error."""
+        for stream in self._streams.values():
+            stream.put_nowait(EngineDeadError(self._death or "the engine stopped"))
+
+
+class AsyncLLMEngine(EngineFrontend):
+    def __init__(self, engine: LLMEngine, max_queued_requests: int = 64, retry_after_s: float = 1.0,
+                 request_timeout_s: float | None = None) -> None:
+        """The engine's loop in a thread of this process (EngineFrontend says what the limits do)."""
+        super().__init__(engine.scheduler.config.max_num_seqs, max_queued_requests, retry_after_s,
+                         request_timeout_s)
+        self.engine = engine
+        self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nextserve-engine", daemon=True)
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def healthy(self) -> bool:
+        """Whether requests can run: the engine thread lives, is not stopping, and the executor
+        says it is healthy."""
+        if self._stopped or self._death is not None or not self._thread.is_alive():
+            return False
+        try:
+            return bool(getattr(self.engine.executor, "healthy", lambda: True)())
+        except Exception:
+            log.exception("executor health check failed")
+            return False
+
+    def stats(self) -> EngineStats:
+        # Read across threads without a lock: plain counters and queue lengths, a snapshot.
+        return self.engine.stats
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stopped = True
@@ -229,35 +275,6 @@ class AsyncLLMEngine:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(fn, *args)
-
-    # -- back on the event loop --------------------------------------------------------------
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for o in outputs:
-            stream = self._streams.get(o.request_id)
-            if stream is None:  # the caller left and its abort is on the way
-                continue
-            if o.error is not None:  # after the outputs before it, like any error
-                stream.put_nowait(RequestFailedError(o.request_id, o.error))
-            else:
-                stream.put_nowait(o)
-
-    def _deliver_error(self, request_ids: list[str], error: Exception) -> None:
-        for request_id in request_ids:
-            stream = self._streams.get(request_id)
-            if stream is not None:
-                stream.put_nowait(error)
-
-    def _answer_add(self, request_id: str, error: Exception | None) -> None:
-        """The stream's first item: None once the engine took the request, else why not."""
-        stream = self._streams.get(request_id)
-        if stream is not None:  # else the caller was cancelled while waiting
-            stream.put_nowait(error)
-
-    def _end_all_streams(self) -> None:
-        """The engine thread is dead: every stream, whatever it waits for, ends with the error."""
-        for stream in self._streams.values():
-            stream.put_nowait(EngineDeadError(self._death or "the engine stopped"))
-
 
 def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     """One request's two consecutive outputs as one, as if one step had produced both."""

@@ -3,6 +3,8 @@ checked when read, frozen afterwards, errors naming the key path and the value."
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -28,10 +30,15 @@ class EngineLimits(Settings):
                                 "max_model_len / block_size), so no sequence is ever preempted); fewer "
                                 "blocks hold less memory, and sequences are preempted and recomputed "
                                 "when they run out")
+    engine_process: Literal["inline", "separate"] = Field(
+        "separate", description="where a serving replica runs the engine loop: `separate`, an engine core "
+                                "process of its own (engine/core.py), which shares no GIL with HTTP, "
+                                "tokenizing and streaming (faster under load, README: Serving); `inline`, "
+                                "a thread of the replica's process. The cluster executor's loop always "
+                                "runs inline (its compute is in its actors)")
     compile: bool = Field(
         False, description="local executor: run decode steps through torch.compile'd layers (3-6x faster "
                            "steps on small models), one graph per batch-size bucket, compiled on the first "
                            "step of each bucket, which then waits tens of seconds on a small CPU; needs a "
                            "C++ compiler at run time (default off for those two reasons); other steps stay "
                            "eager")
-

@@ -19,7 +19,8 @@ def tiny_dir(tmp_path_factory):
 
 def test_block_settings_reach_the_executor_and_bound_the_context(tiny_dir):
     config = NextserveConfig.from_args({"model": str(tiny_dir), "executor": "local", "engine": {
-        "max_num_seqs": 2, "max_model_len": 64, "block_size": 4, "num_kv_blocks": 10}})
+        "max_num_seqs": 2, "max_model_len": 64, "block_size": 4, "num_kv_blocks": 10,
+        "engine_process": "inline"}})
     engine, _, max_len = build_engine(config)
     try:
         ex = engine.engine.executor
@@ -36,3 +37,54 @@ def test_block_settings_reach_the_executor_and_bound_the_context(tiny_dir):
 def test_bad_block_settings_name_the_key(key):
     with pytest.raises(NextserveConfigError, match=rf"engine\.{key}: .*greater than or equal to 1 \(got 0\)"):
         NextserveConfig.from_args({"engine": {key: 0}})
+
+
+def test_a_separate_engine_process_serves_the_same_tokens_and_exits_on_shutdown(tiny_dir):
+    import asyncio
+    import os
+
+    from engine.core_client import EngineCoreClient
+    from engine.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    async def tokens(engine):
+        return [t async for o in engine.generate("r", [1, 2, 3], params) for t in o.new_token_ids]
+
+    got = {}
+    for process in ("inline", "separate"):
+        config = NextserveConfig.from_args({"model": str(tiny_dir), "executor": "local", "engine": {
+            "max_num_seqs": 2, "max_model_len": 64, "block_size": 4, "num_kv_blocks": 10,
+            "engine_process": process}})
+        engine, _, max_len = build_engine(config)
+        try:
+            assert isinstance(engine, EngineCoreClient) == (process == "separate")
+            assert max_len == 40 and engine.stats().num_kv_blocks == 10
+            got[process] = asyncio.run(tokens(engine))
+        finally:
+            engine.shutdown()
+    assert got["inline"] == got["separate"]
+    with pytest.raises(ProcessLookupError):  # the core process is gone
+        os.kill(engine.pid, 0)
+
+
+def test_a_killed_engine_core_makes_the_replica_unhealthy(tiny_dir):
+    import os
+    import signal
+    import time
+
+    from deployments.server import engine_healthy
+
+    config = NextserveConfig.from_args({"model": str(tiny_dir), "executor": "local", "engine": {
+        "max_num_seqs": 2, "max_model_len": 64, "engine_process": "separate"}})
+    engine, _, _ = build_engine(config)
+    try:
+        assert engine_healthy(engine)
+        os.kill(engine.pid, signal.SIGKILL)
+        for _ in range(200):
+            if not engine_healthy(engine):
+                break
+            time.sleep(0.05)
+        assert not engine_healthy(engine)  # /health answers 503; Serve's check_health fails
+    finally:
+        engine.shutdown()

@@ -82,3 +82,21 @@ def test_a_quantized_checkpoint_stops_nextserve_serve_before_ray_starts(tiny_dir
     assert main(["serve", "--model", model]) == 2
     err = capsys.readouterr().err
     assert "quantization_config.quant_method='fp8' is not supported" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: (d / "config.json").write_text("{oops"),
+    set_config(hidden_size=-3),
+    corrupt_weights,
+])
+def test_an_engine_core_process_fails_start_up_with_the_same_error(tiny_dir, tmp_path, edit):
+    """engine.engine_process=separate: the checkpoint is read in the core process; the replica
+    gets the same exception, with the same text, as when it reads the checkpoint itself."""
+    model = broken(tiny_dir, tmp_path, edit)
+    errors = []
+    for process in ("inline", "separate"):
+        with pytest.raises(ValueError) as e:
+            build_engine(NextserveConfig.from_args({"model": model, "executor": "local",
+                                                    "engine": {"engine_process": process}}))
+        errors.append((type(e.value), str(e.value)))
+    assert errors[0] == errors[1]

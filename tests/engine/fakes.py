@@ -4,10 +4,14 @@ mix-up of slots, positions or chunks changes the generated tokens."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor
 
+from engine.config import NextserveConfigError
 from engine.executor import Executor, StepInput
+from engine.llm_engine import LLMEngine
 from model.config import ModelConfig
 
 EOS = 1
@@ -106,3 +110,26 @@ class PagedFakeExecutor(FakeExecutor):
             offset += n
         rows = [fake_logits(history[i], self.config.vocab_size) for i in step.logits_index]
         return torch.stack(rows) if rows else torch.empty(0, self.config.vocab_size)
+
+
+class SlowFakeExecutor(FakeExecutor):
+    """A fake whose steps take `step_s`, so a test can act while requests are in flight."""
+
+    def __init__(self, step_s: float, **kwargs: int) -> None:
+        super().__init__(**kwargs)
+        self.step_s = step_s
+
+    def execute(self, step: StepInput) -> Tensor:
+        time.sleep(self.step_s)
+        return super().execute(step)
+
+
+def build_fake_engine(num_slots: int = 2, max_model_len: int = 64, step_s: float = 0.0,
+                      fail: str | None = None) -> LLMEngine:
+    """An LLMEngine over a fake executor, for an engine core process to build (picklable through
+    functools.partial); `fail`: raise NextserveConfigError with this text instead."""
+    if fail is not None:
+        raise NextserveConfigError(fail)
+    executor = (SlowFakeExecutor(step_s, num_slots=num_slots, max_model_len=max_model_len) if step_s
+                else FakeExecutor(num_slots=num_slots, max_model_len=max_model_len))
+    return LLMEngine(executor)
