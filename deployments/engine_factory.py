@@ -7,7 +7,6 @@ CLI's `generate` and the Serve app both build through here."""
 from __future__ import annotations
 
 import functools
-import logging
 from pathlib import Path
 
 from deployments.config import NextserveConfig
@@ -17,8 +16,6 @@ from engine.core_client import EngineCoreClient
 from engine.executor import Executor
 from engine.llm_engine import LLMEngine
 from engine.tokenizer import Tokenizer
-
-log = logging.getLogger(__name__)
 
 
 def build_executor(config: NextserveConfig) -> Executor:
@@ -71,15 +68,16 @@ def build_engine(config: NextserveConfig) -> tuple[AsyncLLMEngine | EngineCoreCl
     if tokenizer is None:  # an HTTP API takes text; token-id-only checkpoints suit `generate`
         raise NextserveConfigError(f"model: {config.model} has no tokenizer.json, which serving needs")
     serve = config.serve
-    if config.engine.engine_process == "separate":
-        if config.executor == "local":
-            core = EngineCoreClient(functools.partial(build_core_engine, config), serve.max_queued_requests,
-                                    serve.retry_after_s, serve.request_timeout_s)
-            return core, tokenizer, core.max_seq_len
+    process = config.engine.engine_process
+    if process == "separate" and config.executor == "cluster":
         # The core would have to join this replica's Ray cluster from a child process; the
         # cluster executor's compute runs in its actors anyway.
-        log.warning("engine.engine_process=separate is not supported with the cluster executor; "
-                    "the engine loop runs in the replica's process")
+        raise NextserveConfigError("engine.engine_process: separate runs only with executor: local; use "
+                                   "auto or inline with the cluster executor")
+    if process == "separate" or (process == "auto" and config.executor == "local"):
+        core = EngineCoreClient(functools.partial(build_core_engine, config), serve.max_queued_requests,
+                                serve.retry_after_s, serve.request_timeout_s)
+        return core, tokenizer, core.max_seq_len
     _set_torch_threads(config)
     engine = build_llm_engine(config, tokenizer)
     try:

@@ -30,12 +30,13 @@ class EngineLimits(Settings):
                                 "max_model_len / block_size), so no sequence is ever preempted); fewer "
                                 "blocks hold less memory, and sequences are preempted and recomputed "
                                 "when they run out")
-    engine_process: Literal["inline", "separate"] = Field(
-        "separate", description="where a serving replica runs the engine loop: `separate`, an engine core "
-                                "process of its own (engine/core.py), which shares no GIL with HTTP, "
-                                "tokenizing and streaming (faster under load, README: Serving); `inline`, "
-                                "a thread of the replica's process. The cluster executor's loop always "
-                                "runs inline (its compute is in its actors)")
+    engine_process: Literal["auto", "inline", "separate"] = Field(
+        "auto", description="where a serving replica runs the engine loop: `separate`, an engine core "
+                            "process of its own (engine/core.py), which shares no GIL with HTTP, "
+                            "tokenizing and streaming (faster under load, README: Serving; local "
+                            "executor only); `inline`, a thread of the replica's process; `auto`: "
+                            "separate with the local executor, inline with the cluster executor (whose "
+                            "compute is in its actors)")
     compile: bool = Field(
         False, description="local executor: run decode steps through torch.compile'd layers (3-6x faster "
                            "steps on small models), one graph per batch-size bucket, compiled on the first "

@@ -88,3 +88,11 @@ def test_a_killed_engine_core_makes_the_replica_unhealthy(tiny_dir):
         assert not engine_healthy(engine)  # /health answers 503; Serve's check_health fails
     finally:
         engine.shutdown()
+
+
+def test_a_separate_engine_process_is_refused_for_the_cluster_executor(tiny_dir):
+    config = NextserveConfig.from_args({"model": str(tiny_dir), "executor": "cluster",
+                                        "engine": {"engine_process": "separate"}})
+    with pytest.raises(NextserveConfigError, match=r"engine\.engine_process: separate runs only"):
+        build_engine(config)  # before any Ray starts
+    assert NextserveConfig.from_args({}).engine.engine_process == "auto"
