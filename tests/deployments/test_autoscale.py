@@ -99,9 +99,14 @@ def test_replicas_scale_up_under_load_and_back_down(base_url, tiny_dir):
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     start = time.monotonic()
+    # The burst lasts until the second replica runs (bounded): how long a replica takes to start
+    # (a process, its weights, its engine core) depends on what else the machine is doing.
+    got: list[list[int]] = []
+    deadline = start + 120
     with ThreadPoolExecutor(CONCURRENCY) as pool:
-        got = list(pool.map(complete, range(NUM_REQUESTS)))
-    burst_s = time.monotonic() - start
+        while len(got) < NUM_REQUESTS or (max(seen) < 2 and time.monotonic() < deadline):
+            got += pool.map(complete, range(len(got), len(got) + CONCURRENCY))
+    burst_s, burst = time.monotonic() - start, len(got)
     assert max(seen) == 2, seen
     # One request at a time is below the target, so Serve scales down while requests are in
     # flight: the replica it stops is drained first, so none of them is cut.
@@ -112,8 +117,8 @@ def test_replicas_scale_up_under_load_and_back_down(base_url, tiny_dir):
     down = wait_for_replicas(1, 30)
     stop.set()
     watcher.join()
-    print(f"\nautoscale: {NUM_REQUESTS} requests x {MAX_TOKENS} tokens in {burst_s:.1f}s, then "
-          f"{len(got) - NUM_REQUESTS} one at a time; replicas seen {sorted(set(seen))}; back to {down}")
+    print(f"\nautoscale: {burst} requests x {MAX_TOKENS} tokens in {burst_s:.1f}s, then "
+          f"{len(got) - burst} one at a time; replicas seen {sorted(set(seen))}; back to {down}")
     assert down == 1
 
     executor = LocalExecutor(tiny_dir, dtype="float32", num_slots=1, max_model_len=256)
