@@ -3,7 +3,7 @@
 Ray reads a channel by spinning in C++ (sem_post + sched_yield until the version it wants is
 sealed) and offers no setting for it. With more actors than cores, the idle readers' spinning takes
 the cores from the one actor that computes, and every edge waits for its reader to be scheduled
-(issue 14: ~1.4 ms per edge at 4 actors + driver on 2 cores). Here a read instead tries at once
+(README, "Hops at real depth"). Here a read instead tries at once
 and, while the value is not there, sleeps between tries, backing off from MIN_SLEEP_S to the cap:
 an edge costs at most the cap more, and a waiting process leaves its core to the others. Ray's
 own read loop already retries reads that time out, so a zero-timeout try is a supported call."""
