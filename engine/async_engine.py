@@ -15,6 +15,7 @@ import asyncio
 import logging
 import queue
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
@@ -58,7 +59,7 @@ class RequestTimeoutError(TimeoutError):
         self.timeout_s = timeout_s
 
 
-class EngineFrontend:
+class EngineFrontend(ABC):
     """The caller's side of an engine, wherever its loop runs (a thread here, a process in
     engine/core_client.py): a queue per request stream, admission, time limits, merging for slow
     readers. A subclass sends "add" and "abort" commands (`_send`) and, back on the event loop,
@@ -87,8 +88,9 @@ class EngineFrontend:
     def num_in_flight(self) -> int:
         return len(self._streams)
 
+    @abstractmethod
     def _send(self, *command: Any) -> None:
-        raise NotImplementedError
+        """Hand a command ("add" or "abort") to the engine's loop."""
 
     async def generate(self, request_id: str, prompt_token_ids: Sequence[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:

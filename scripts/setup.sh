@@ -2,8 +2,7 @@
 # Idempotent set-up of a fresh machine: a virtual environment in .venv with torch installed first
 # and pinned (so no package can pull in a different build), then nextserve with its test extras.
 # GPU nodes: TORCH_SPEC='torch==2.13.0' is the CPU build on PyPI-less CPU boxes; override it,
-# e.g. TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128', and add
-# EXTRAS=test,gpu for vLLM's kernels.
+# e.g. TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
