@@ -12,7 +12,8 @@ from pathlib import Path
 
 from model.config import DTYPES
 
-# The built-in model `generate` uses without --model, made on first use (models/ is git-ignored).
+# The built-in model `generate` uses without --model: trained, shipped in the repository
+# (scripts/train_tiny_model.py makes it).
 TINY_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "tiny-qwen3-next"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "ray_config.yaml"
 
@@ -244,10 +245,9 @@ def _prompts(args: argparse.Namespace):
 
 def _builtin_tiny_model() -> Path:
     if not (TINY_MODEL_DIR / "config.json").is_file():
-        from model.tiny import make_tiny_model
-
-        print(f"nextserve: making the built-in tiny model in {TINY_MODEL_DIR}", file=sys.stderr)
-        make_tiny_model(TINY_MODEL_DIR, arch="qwen3_next")
+        raise UsageError(f"--model: the built-in model {TINY_MODEL_DIR} is missing (it ships with the "
+                         f"repository: `git checkout -- models/tiny-qwen3-next`, or retrain it with "
+                         f"scripts/train_tiny_model.py)")
     return TINY_MODEL_DIR
 
 

@@ -176,3 +176,26 @@ def test_rebalance_without_a_server(capsys):
     code, err = run_cli(["rebalance", "--url", "http://127.0.0.1:9"], capsys)
     assert code == 2 and err.strip() == ("nextserve rebalance: error: --url: cannot reach "
                                          "http://127.0.0.1:9 (ConnectionError)")
+
+
+def test_generate_defaults_to_the_builtin_trained_model(capsys):
+    """Without --model: the trained checkpoint shipped in models/tiny-qwen3-next, whose greedy
+    text is English (it learnt the standard library's docstrings), not byte soup."""
+    from deployments.cli import TINY_MODEL_DIR
+
+    if not (TINY_MODEL_DIR / "config.json").is_file():
+        pytest.skip("no built-in model in this checkout")
+    code = main(["generate", "--prompt", "Return the", "--max-tokens", "12", "--temperature", "0"])
+    assert code == 0
+    words = capsys.readouterr().out.split()
+    known = {"the", "a", "of", "to", "is", "and", "in", "file", "object", "return", "string", "name", "if",
+             "value", "list", "be", "for", "or", "this", "that", "an", "new", "with", "by", "as", "not"}
+    assert sum(w.strip(".,:;()'\"`").lower() in known for w in words) >= 3, words
+
+
+def test_missing_builtin_model_names_how_to_restore_it(tmp_path, monkeypatch, capsys):
+    import deployments.cli as cli
+
+    monkeypatch.setattr(cli, "TINY_MODEL_DIR", tmp_path / "tiny-qwen3-next")
+    code, err = run_cli(["generate", "--prompt", "hi"], capsys)
+    assert code == 2 and "--model" in err and "git checkout -- models/tiny-qwen3-next" in err
