@@ -7,7 +7,7 @@ runs under autograd); the MTP layer (model/mtp.py) is trained on the token after
 Qwen3-Next's. Deterministic for a given Python stdlib, seed and thread count.
 
     cd /path/to/nextserve && PYTHONPATH=$PWD nice -n 19 .venv/bin/python scripts/train_tiny_model.py \
-        --out models/tiny-qwen3-next --steps 450 --threads 2
+        --out models/tiny-qwen3-next --steps 300 --threads 1
 
 Writes config.json, model.safetensors (float32, hub tensor names incl. mtp.*), tokenizer.json,
 tokenizer_config.json, generation_config.json, and training/ (loss.csv, loss.png when matplotlib is
@@ -288,15 +288,15 @@ def evaluate(lm: CausalLM, mtp: MultiTokenPredictor, data: torch.Tensor, T: int,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="models/tiny-qwen3-next")
-    ap.add_argument("--steps", type=int, default=450)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=4e-3)
     ap.add_argument("--mtp-weight", type=float, default=0.5, help="weight of the MTP loss")
     ap.add_argument("--chained-weight", type=float, default=0.0,
                     help="weight of the second draft's loss (0: not computed; it costs a third of a step)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=50)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -373,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"mtp {mtp_loss:.3f} balance {aux:.3f} | held-out main {ev[0]:.3f} mtp {ev[1]:.3f}",
                   flush=True)
         rows.append(row)
+        if (step + 1) % 10 == 0 and "heldout_main" not in row:
+            print(f"step {step + 1}/{args.steps} {row['seconds']:.0f}s train main {main_loss:.3f} "
+                  f"mtp {mtp_loss:.3f}", flush=True)
 
     summary = {"python": platform.python_version(), "torch": torch.__version__, "seed": args.seed,
                "threads": args.threads, "steps": args.steps, "batch": args.batch, "seq_len": T,
