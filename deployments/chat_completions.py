@@ -1,5 +1,5 @@
-"""POST /v1/chat/completions: messages through the checkpoint's chat template, streaming or not,
-with per-token logprobs and vLLM's `return_token_ids`."""
+"""POST /v1/chat/completions: messages through the checkpoint's chat template, `n` choices,
+streaming or not, with per-token logprobs and vLLM's `return_token_ids`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
 from deployments.chat import RESERVED_TEMPLATE_VARIABLES, ChatTemplateError, render_chat
 from deployments.protocol import (
@@ -16,6 +17,7 @@ from deployments.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
+    ChatMessage,
     ChatResponseMessage,
     ChatTokenLogprob,
     TopLogprob,
@@ -26,52 +28,59 @@ from engine.llm_engine import TopLogprobs
 from engine.sampling import SamplingParams
 
 
-def prepare(ctx: ServingContext, req: ChatCompletionRequest) -> tuple[Choice, SamplingParams]:
-    """Renders and tokenizes: run it off the event loop (`asyncio.to_thread`)."""
-    ctx.check_model(req.model)
+def render_prompt(ctx: ServingContext, messages: list[ChatMessage], add_generation_prompt: bool,
+                  chat_template_kwargs: dict[str, Any] | None, add_special_tokens: bool = False) -> list[int]:
+    """The messages through the checkpoint's chat template, as token ids (also what /tokenize
+    returns for them). Renders and tokenizes: run it off the event loop."""
     tok = ctx.tokenizer
     if not tok.chat_template:
         raise APIError(400, f"the model `{ctx.model_name}` has no chat template; use /v1/completions",
                        param="messages")
-    kwargs = req.chat_template_kwargs or {}
+    kwargs = chat_template_kwargs or {}
     reserved = next((k for k in kwargs if k in RESERVED_TEMPLATE_VARIABLES), None)
     if reserved is not None:
         raise APIError(400, f"chat_template_kwargs: {reserved!r} is set by the server, not by a request",
                        param="chat_template_kwargs")
-    messages = [m.for_template() for m in req.messages]
     try:
-        text = render_chat(tok.chat_template, messages, req.add_generation_prompt,
+        text = render_chat(tok.chat_template, [m.for_template() for m in messages], add_generation_prompt,
                            {"bos_token": tok.bos_token, "eos_token": tok.eos_token}, **kwargs)
     except ChatTemplateError as e:
         raise APIError(400, str(e), param="messages") from None
-    ids = ctx.encode(text, "messages", add_special_tokens=False)  # the template writes them
+    return ctx.encode(text, "messages", add_special_tokens=add_special_tokens)  # the template writes them
+
+
+def prepare(ctx: ServingContext, req: ChatCompletionRequest) -> tuple[list[Choice], list[SamplingParams]]:
+    """The request's n choices (each an engine request of its own) and their sampling params."""
+    ctx.check_model(req.model)
+    ctx.check_choices(1, req.n)
+    ids = render_prompt(ctx, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
     if not ids:
         raise APIError(400, "messages render to an empty prompt", param="messages")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    params = ctx.sampling_params(req, len(ids), max_tokens, logprobs=req.logprobs,
-                                 top_logprobs=req.top_logprobs if req.logprobs else 0)
-    return Choice(0, ids), params
+    params = [ctx.sampling_params(req, len(ids), max_tokens, choice=i, logprobs=req.logprobs,
+                                  top_logprobs=req.top_logprobs if req.logprobs else 0) for i in range(req.n)]
+    return [Choice(i, ids) for i in range(req.n)], params
 
 
 async def complete(ctx: ServingContext, req: ChatCompletionRequest) -> ChatCompletionResponse:
-    choice, params = await asyncio.to_thread(prepare, ctx, req)
+    choices, params = await asyncio.to_thread(prepare, ctx, req)
     request_id = new_id("chatcmpl")
-    async with aclosing(run_choices(ctx, request_id, [choice], [params])) as outs:
+    async with aclosing(run_choices(ctx, request_id, choices, params)) as outs:
         async for _ in outs:
             pass
-    lp = _logprobs(ctx, choice.token_ids, choice.logprobs, choice.top_logprobs) if req.logprobs else None
-    p, n = len(choice.prompt_token_ids), len(choice.token_ids)
+    out = []
+    for c in choices:
+        lp = _logprobs(ctx, c.token_ids, c.logprobs, c.top_logprobs) if req.logprobs else None
+        out.append(ChatChoice(index=c.index, message=ChatResponseMessage(role="assistant", content=c.text),
+                              logprobs=lp, finish_reason=c.finish_reason,
+                              token_ids=c.token_ids if req.return_token_ids else None))
     return ChatCompletionResponse(
-        id=request_id, created=int(time.time()), model=ctx.model_name,
-        choices=[ChatChoice(index=0, message=ChatResponseMessage(role="assistant", content=choice.text),
-                            logprobs=lp, finish_reason=choice.finish_reason,
-                            token_ids=choice.token_ids if req.return_token_ids else None)],
-        usage=Usage(prompt_tokens=p, completion_tokens=n, total_tokens=p + n),
-        prompt_token_ids=choice.prompt_token_ids if req.return_token_ids else None)
+        id=request_id, created=int(time.time()), model=ctx.model_name, choices=out, usage=_usage(choices),
+        prompt_token_ids=choices[0].prompt_token_ids if req.return_token_ids else None)
 
 
 async def stream(ctx: ServingContext, req: ChatCompletionRequest) -> AsyncIterator[str]:
-    choice, params = await asyncio.to_thread(prepare, ctx, req)
+    choices, params = await asyncio.to_thread(prepare, ctx, req)
     request_id, created = new_id("chatcmpl"), int(time.time())
 
     def chunk(c: ChatChunkChoice | None, **kw) -> str:
@@ -79,24 +88,31 @@ async def stream(ctx: ServingContext, req: ChatCompletionRequest) -> AsyncIterat
                                        choices=[c] if c else [], **kw))
 
     first = True
-    async with aclosing(run_choices(ctx, request_id, [choice], [params])) as outs:
-        async for _, out in outs:
-            if first:  # OpenAI opens with the role; vLLM adds the prompt's ids there
+    async with aclosing(run_choices(ctx, request_id, choices, params)) as outs:
+        async for choice, out in outs:
+            if first:  # OpenAI opens each choice with the role; vLLM adds the prompt's ids there
                 first = False
-                yield chunk(ChatChunkChoice(index=0, delta=ChatResponseMessage(role="assistant", content="")),
-                            prompt_token_ids=choice.prompt_token_ids if req.return_token_ids else None)
+                for c in choices:
+                    yield chunk(ChatChunkChoice(index=c.index,
+                                                delta=ChatResponseMessage(role="assistant", content="")),
+                                prompt_token_ids=c.prompt_token_ids if req.return_token_ids else None)
             lp = None
             if req.logprobs:
                 lp = _logprobs(ctx, list(out.new_token_ids), list(out.new_logprobs or ()),
                                list(out.new_top_logprobs or ()))
             yield chunk(ChatChunkChoice(
-                index=0, delta=ChatResponseMessage(content=out.new_text), logprobs=lp,
+                index=choice.index, delta=ChatResponseMessage(content=out.new_text), logprobs=lp,
                 finish_reason=choice.finish_reason if out.finished else None,
                 token_ids=list(out.new_token_ids) if req.return_token_ids else None))
     if req.stream_options is None or req.stream_options.include_usage:
-        p, n = len(choice.prompt_token_ids), len(choice.token_ids)
-        yield chunk(None, usage=Usage(prompt_tokens=p, completion_tokens=n, total_tokens=p + n))
+        yield chunk(None, usage=_usage(choices))
     yield SSE_DONE
+
+
+def _usage(choices: list[Choice]) -> Usage:
+    """The prompt once, as OpenAI and vLLM count it; every choice's output."""
+    p, n = len(choices[0].prompt_token_ids), sum(len(c.token_ids) for c in choices)
+    return Usage(prompt_tokens=p, completion_tokens=n, total_tokens=p + n)
 
 
 def _logprobs(ctx: ServingContext, token_ids: list[int], logprobs: list[float],

@@ -1,22 +1,25 @@
 """The OpenAI API's request and response bodies, as far as nextserve serves them, with vLLM's
-extensions (`top_k`, `ignore_eos`, `stop_token_ids`, `return_token_ids`). Requests are checked
+extensions (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`,
+`return_token_ids`) and vLLM's /tokenize and /detokenize bodies. Requests are checked
 here; a bad field becomes an HTTP 400 that names it. Nothing is ignored silently: a field this
 server does not implement is refused unless it has its neutral value, and an unknown field is
 refused as OpenAI refuses it."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from engine.sampling import MAX_TOP_LOGPROBS
+from engine.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 
 MAX_STOP_STRINGS = 16  # OpenAI takes 4; enough for chat formats' end markers
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS_TOKENS = 1024  # entries of logit_bias; each step adds them to the logits
 
 
 def _neutral(*values: Any) -> Callable[[Any], bool]:
@@ -27,10 +30,9 @@ _OFF = _neutral(None)
 # OpenAI and vLLM request fields that nextserve does not implement: accepted only at the value
 # that means "not used", refused with a 400 naming them otherwise.
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "presence_penalty": _neutral(None, 0), "frequency_penalty": _neutral(None, 0),
-    "repetition_penalty": _neutral(None, 1), "length_penalty": _neutral(None, 1),
-    "min_p": _neutral(None, 0), "min_tokens": _neutral(None, 0), "best_of": _neutral(None, 1),
-    "logit_bias": _neutral(None, {}), "response_format": _neutral(None, {"type": "text"}),
+    # best_of > 1 as vLLM V1 refuses it: sample n instead
+    "length_penalty": _neutral(None, 1), "best_of": _neutral(None, 1),
+    "response_format": _neutral(None, {"type": "text"}),
     "tools": _neutral(None, []), "tool_choice": _neutral(None, "none", "auto"),
     "functions": _neutral(None, []), "function_call": _neutral(None, "none", "auto"),
     "use_beam_search": _neutral(None, False), "logits_processors": _neutral(None, []),
@@ -126,7 +128,13 @@ class _SamplingFields(_TopLevelRequest):
     temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: int = Field(-1, ge=-1, description="vLLM extension; -1 or 0: off; at least the vocabulary: off")
-    n: int = Field(1, ge=1, le=1, description="one choice per prompt")
+    min_p: float = Field(0.0, ge=0, le=1, allow_inf_nan=False, description="vLLM extension; 0: off")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False, description="vLLM extension; 1: off")
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS_TOKENS)
+    min_tokens: int = Field(0, ge=0, description="vLLM extension: no EOS or stop before this many tokens")
+    n: int = Field(1, ge=1, description="choices per prompt, each an engine request of its own")
     seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="what torch.Generator takes")
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
@@ -146,6 +154,21 @@ class _SamplingFields(_TopLevelRequest):
             raise ValueError(f"stop strings of at most {MAX_STOP_STRING_CHARS} characters, got one of "
                              f"{longest}")
         return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not re.fullmatch(r"[0-9]+", key.strip()):  # JSON keys are strings; OpenAI's are token ids
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise ValueError(f"biases must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got {value} for "
+                                 f"token {key}")
+        return bias
+
+    @property
+    def logit_bias_ids(self) -> dict[int, float]:
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -219,6 +242,31 @@ class ChatCompletionRequest(_SamplingFields):
     _neutral_overrides: ClassVar[dict[str, Callable[[Any], bool]]] = {
         "add_special_tokens": _neutral(None, False),  # the template writes the special tokens
         "echo": _neutral(None, False)}
+
+
+class TokenizeCompletionRequest(_TopLevelRequest):
+    """vLLM's /tokenize body for text."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_TopLevelRequest):
+    """vLLM's /tokenize body for messages, rendered as /v1/chat/completions renders them."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # the template writes them
+    return_token_strs: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class DetokenizeRequest(_TopLevelRequest):
+    model: str | None = None
+    tokens: list[int]
 
 
 # -- responses --------------------------------------------------------------------------------
@@ -310,6 +358,17 @@ class ChatCompletionChunk(_Response):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     prompt_token_ids: list[int] | None = None
+
+
+class TokenizeResponse(_Response):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(_Response):
+    prompt: str
 
 
 class ModelCard(_Response):
