@@ -199,12 +199,19 @@ class Sampler:
         whenever one applies: the raw ones still give the logprobs). A step that masks tokens
         (structured outputs) belongs after these and before temperature, as in vLLM."""
         histories = histories if histories is not None else [History()] * len(params)
-        if any(p.logit_bias for p in params):
-            logits = apply_logit_bias(logits.clone(), params)
-        if any(p.min_tokens > len(h.output_token_ids) for p, h in zip(params, histories, strict=True)):
-            logits = apply_min_tokens(logits.clone(), params, histories, self.eos_token_ids)
-        if any(p.penalized for p in params):
-            logits = apply_penalties(logits.clone(), params, histories)
+        bias = any(p.logit_bias for p in params)
+        min_tokens = any(p.min_tokens > len(h.output_token_ids)
+                         for p, h in zip(params, histories, strict=True))
+        penalties = any(p.penalized for p in params)
+        if not (bias or min_tokens or penalties):
+            return logits
+        logits = logits.clone()  # the steps below work in place
+        if bias:
+            apply_logit_bias(logits, params)
+        if min_tokens:
+            apply_min_tokens(logits, params, histories, self.eos_token_ids)
+        if penalties:
+            apply_penalties(logits, params, histories)
         return logits
 
 
@@ -239,44 +246,48 @@ def apply_min_tokens(logits: Tensor, params: Sequence[SamplingParams], histories
     return logits
 
 
-def token_counts(token_lists: Sequence[Sequence[int]], V: int, device: torch.device) -> Tensor:
-    """[len(token_lists), V] float32: how often each token occurs in each list. Built afresh each
-    step from the lists (as vLLM does): cheap next to a forward pass, and always right after a
-    preemption or a recompute. Ids outside [0, V) are not counted."""
-    lengths = [len(t) for t in token_lists]
-    counts = torch.zeros(len(token_lists), V + 1, dtype=torch.float32, device=device)
-    if sum(lengths):
-        ids = torch.tensor([t for ts in token_lists for t in ts], dtype=torch.long, device=device)
-        ids = ids.masked_fill((ids < 0) | (ids >= V), V)  # column V: thrown away below
-        rows = torch.repeat_interleave(torch.arange(len(token_lists), device=device),
-                                       torch.tensor(lengths, device=device))
-        counts.index_put_((rows, ids), torch.ones_like(ids, dtype=torch.float32), accumulate=True)
-    return counts[:, :V]
+def flat_tokens(token_lists: Sequence[Sequence[int]], rows: Sequence[int], V: int, device: torch.device,
+                unique: bool = False) -> tuple[Tensor, Tensor]:
+    """(row, token id) of every token of each list, as two [N] long tensors: list j's tokens
+    belong to batch row rows[j]; with `unique`, each pair once. Built afresh each step from the
+    sequences' lists (as vLLM does), so it is right after a preemption or a recompute, and it
+    costs O(tokens), not O(rows x V). Ids outside [0, V) are left out."""
+    ids = torch.tensor([t for ts in token_lists for t in ts], dtype=torch.long, device=device)
+    row = torch.repeat_interleave(torch.tensor(list(rows), dtype=torch.long, device=device),
+                                  torch.tensor([len(ts) for ts in token_lists], device=device))
+    keep = (ids >= 0) & (ids < V)
+    ids, row = ids[keep], row[keep]
+    if unique and ids.numel():
+        key = torch.unique(row * V + ids)
+        row, ids = key // V, key % V
+    return row, ids
 
 
 def apply_penalties(logits: Tensor, params: Sequence[SamplingParams], histories: Sequence[TokenHistory],
                     ) -> Tensor:
-    """vLLM's penalties, in place on the rows that have any: the repetition penalty on every
-    token seen in the prompt or the output (divide a positive logit, multiply a negative one),
-    then OpenAI's frequency and presence penalties on the output tokens' counts."""
-    rows = [i for i, p in enumerate(params) if p.penalized]
-    dev = logits.device
-    x = logits[rows]  # [b, V]
-    V = x.shape[-1]
+    """vLLM's penalties, in place, touching only the tokens seen: the repetition penalty on each
+    token of the prompt or the output (divide a positive logit, multiply a negative one), then
+    OpenAI's frequency penalty once per output occurrence and presence penalty once per
+    distinct output token."""
+    V, dev = logits.shape[-1], logits.device
 
-    def column(name: str) -> Tensor:
-        values = [getattr(params[i], name) for i in rows]
-        return torch.tensor(values, dtype=torch.float32, device=dev)[:, None]  # [b, 1]
+    def per_row(name: str) -> Tensor:  # [B]
+        return torch.tensor([getattr(p, name) for p in params], dtype=torch.float32, device=dev)
 
-    out_counts = token_counts([histories[i].output_token_ids for i in rows], V, dev)  # [b, V]
-    repetition = column("repetition_penalty")  # [b, 1]
-    if bool((repetition != 1).any()):
-        prompts = [histories[i].prompt_token_ids if params[i].repetition_penalty != 1 else () for i in rows]
-        seen = (token_counts(prompts, V, dev) > 0) | (out_counts > 0)  # [b, V]
-        penalty = torch.where(seen, repetition, 1.0)
-        x = torch.where(x > 0, x / penalty, x * penalty)
-    x = x - column("frequency_penalty") * out_counts - column("presence_penalty") * (out_counts > 0)
-    logits[rows] = x
+    rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1]
+    if rep_rows:
+        seen = [[*histories[i].prompt_token_ids, *histories[i].output_token_ids] for i in rep_rows]
+        row, ids = flat_tokens(seen, rep_rows, V, dev, unique=True)
+        penalty = per_row("repetition_penalty")[row]
+        values = logits[row, ids]
+        logits[row, ids] = torch.where(values > 0, values / penalty, values * penalty)
+    rows = [i for i, p in enumerate(params) if p.frequency_penalty != 0 or p.presence_penalty != 0]
+    if rows:
+        outputs = [histories[i].output_token_ids for i in rows]
+        row, ids = flat_tokens(outputs, rows, V, dev)
+        logits.index_put_((row, ids), -per_row("frequency_penalty")[row], accumulate=True)
+        row, ids = flat_tokens(outputs, rows, V, dev, unique=True)
+        logits.index_put_((row, ids), -per_row("presence_penalty")[row], accumulate=True)
     return logits
 
 
