@@ -211,6 +211,18 @@ class ChatMessage(_Request):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+    # Keys of OpenAI's response message that clients send back as they got them (a message
+    # object dumped whole): accepted empty, refused by name otherwise.
+    _EMPTY_RESPONSE_KEYS: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "refusal": (None,), "annotations": (None, []), "audio": (None,), "function_call": (None,)}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_empty_response_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items()
+                    if not any(v == e for e in cls._EMPTY_RESPONSE_KEYS.get(k, ())) or k in cls.model_fields}
+        return data
 
     @field_validator("content", mode="before")
     @classmethod

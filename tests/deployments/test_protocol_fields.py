@@ -43,3 +43,17 @@ def test_rows_that_say_works_name_implemented_fields():
         if status.startswith("400 unless"):
             assert all(f in UNSUPPORTED or any(f in r._neutral_overrides for r in ROUTES)
                        for f in fields), (fields, status)
+
+
+def test_a_response_message_sent_back_whole_is_accepted_when_its_extra_keys_are_empty():
+    import pytest
+    from pydantic import ValidationError
+
+    from deployments.protocol import ChatMessage
+
+    echoed = {"role": "assistant", "content": "hi", "refusal": None, "annotations": [], "audio": None,
+              "function_call": None, "tool_calls": None}
+    assert ChatMessage.model_validate(echoed).for_template() == {"role": "assistant", "content": "hi"}
+    for key, value in (("refusal", "no"), ("audio", {"id": "a"}), ("mood", None)):
+        with pytest.raises(ValidationError, match=key):
+            ChatMessage.model_validate({**echoed, key: value})
