@@ -9,6 +9,7 @@ deltas."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,9 @@ class ScriptedExecutor(Executor):
     logits request after a new prompt marks where the prompt ends, and each later one returns
     logits that pick the script's next token, then EOS."""
 
-    def __init__(self, model_dir: str | Path, num_slots: int = 4, max_model_len: int = 512) -> None:
+    def __init__(self, model_dir: str | Path, num_slots: int = 4, max_model_len: int = 512,
+                 step_s: float = 0.005) -> None:
+        self.step_s = step_s  # a step takes this long, so a stream's reader keeps up with it
         self.tokenizer = Tokenizer(model_dir)
         self.config = ModelConfig.from_dir(model_dir)
         self.num_slots, self.max_model_len = num_slots, max_model_len
@@ -70,6 +73,7 @@ class ScriptedExecutor(Executor):
         return [t for p in pieces for t in self.tokenizer.encode(p, add_special_tokens=False)] + [self.eos]
 
     def execute(self, step: StepInput) -> Tensor:
+        time.sleep(self.step_s)
         owner: list[int] = []
         offset = 0
         for slot, start, n in zip(step.slots, step.starts, step.lengths, strict=True):
