@@ -52,8 +52,8 @@ def test_tool_call_and_the_turn_after_it(client):
     assert call.id.startswith("call_") and call.type == "function" and call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "celsius"}
     # the agent runs the tool and sends the call and its result back
-    history = ask("plain") + [m.model_dump(exclude_none=True),
-                              {"role": "tool", "tool_call_id": call.id, "content": "21 C, sunny"}]
+    history = [*ask("plain"), m.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "21 C, sunny"}]
     r2 = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER, TIME])
     assert r2.choices[0].message.content == "Hello there!" and r2.choices[0].finish_reason == "stop"
     assert r2.usage.prompt_tokens > r.usage.prompt_tokens  # the call and the result are in the prompt
@@ -93,7 +93,8 @@ def test_streamed_reasoning(client):
                 content += d.content
                 order.append("c")
     assert (reasoning, content) == ("Two plus two.", "It is 4.")
-    assert order == sorted(order, reverse=True) and order.count("r") > 2  # reasoning streamed, then the answer
+    # reasoning streamed, then the answer
+    assert order == sorted(order, reverse=True) and order.count("r") > 2
 
 
 def test_tool_errors_name_the_field(client):
