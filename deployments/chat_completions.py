@@ -51,6 +51,7 @@ class OutputPlan:
     tool_names: frozenset[str] | None  # parse tool calls to these functions; None: no parsing
     max_calls: int | None  # 1 with parallel_tool_calls false
     named: bool  # tool_choice named a function
+    include_reasoning: bool = True  # false: the reasoning is split off and dropped (vLLM's)
 
     def parser(self) -> OutputParser:
         return OutputParser(self)
@@ -73,6 +74,8 @@ class OutputParser:
             if final:
                 r, c = self.reasoning.finish()
                 reasoning, content = reasoning + r, content + c
+            if not self.plan.include_reasoning:
+                reasoning = ""
         if self.tools is None:
             return reasoning, [Content(content)] if content else []
         events = self.tools.feed(content) if content else []
@@ -122,6 +125,7 @@ def prepare(ctx: ServingContext, req: ChatCompletionRequest) -> tuple[Choice, Sa
     params = ctx.sampling_params(req, len(ids), max_tokens, logprobs=req.logprobs,
                                  top_logprobs=req.top_logprobs if req.logprobs else 0)
     plan = OutputPlan(prompt_text=text, reasoning=ctx.reasoning_parser == "qwen3", tool_names=tool_names,
+                      include_reasoning=req.include_reasoning,
                       max_calls=None if req.parallel_tool_calls else 1,
                       named=isinstance(req.effective_tool_choice, NamedToolChoice))
     return Choice(0, ids), params, plan
@@ -185,7 +189,7 @@ def _message(plan: OutputPlan, choice: Choice) -> tuple[ChatResponseMessage, str
     calls = parser.tools.valid_calls if parser.tools else []
     for i, c in enumerate(calls):
         c.index = i
-    reasoning_text = reasoning if parser.had_reasoning else None
+    reasoning_text = reasoning if parser.had_reasoning and plan.include_reasoning else None
     if not content and (calls or reasoning_text is not None):
         content = None
     message = ChatResponseMessage(role="assistant", content=content, reasoning_content=reasoning_text,

@@ -293,6 +293,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: ToolChoice | None = None  # OpenAI's default: auto with tools, none without
     parallel_tool_calls: bool = True
+    include_reasoning: bool = Field(True, description="vLLM's: false drops reasoning_content from the answer")
 
     @property
     def effective_tool_choice(self) -> Literal["none", "auto", "required"] | NamedToolChoice:

@@ -172,6 +172,11 @@ def test_reasoning_streamed_then_content(engine):
     assert last_reasoning < first_content
     m = complete(ctx, request("think_answer"))["choices"][0]["message"]
     assert (m["reasoning_content"], m["content"]) == ("Two plus two.", "It is 4.")
+    # include_reasoning false (vLLM's): the reasoning is dropped, not moved into content
+    for req_kw in ({}, {"stream": True}):
+        req = request("think_answer", include_reasoning=False, **req_kw)
+        got = assemble(stream(ctx, req)) if req.stream else complete(ctx, req)["choices"][0]
+        assert got["message"]["content"] == "It is 4." and not got["message"].get("reasoning_content")
     # parser off: the tags stay in the text
     m = complete(context(engine, reasoning_parser="none"), request("think_answer"))["choices"][0]["message"]
     assert m["content"] == "<think>\nTwo plus two.\n</think>\n\nIt is 4." and "reasoning_content" not in m
