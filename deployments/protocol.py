@@ -200,6 +200,7 @@ class MessageToolCall(_Request):
     id: str | None = None
     type: Literal["function"] = "function"
     function: ToolCallFunction
+    index: int | None = None  # kept by clients that rebuilt the call from a stream; not rendered
 
 
 class ChatMessage(_Request):
@@ -238,7 +239,7 @@ class ChatMessage(_Request):
             extra["reasoning_content"] = self.reasoning
         if self.tool_calls is not None:
             # as vLLM and transformers hand them to templates: arguments as an object
-            extra["tool_calls"] = [{**c.model_dump(exclude_none=True), "function": {
+            extra["tool_calls"] = [{**c.model_dump(exclude={"index"}, exclude_none=True), "function": {
                 "name": c.function.name, "arguments": _arguments_object(c.function.arguments)}}
                 for c in self.tool_calls]
         return {"role": self.role, "content": self.text(), **extra}

@@ -214,7 +214,7 @@ def test_tool_turns_render_as_transformers_renders_them(engine, tiny_dir):
     object, as transformers documents them)."""
     from transformers import AutoTokenizer
 
-    call = {"id": "call_1", "type": "function",
+    call = {"id": "call_1", "type": "function", "index": 0,  # a client that rebuilt it from a stream
             "function": {"name": "get_weather", "arguments": '{"city": "Köln", "unit": "celsius"}'}}
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Köln?"},
                 {"role": "assistant", "content": None, "tool_calls": [call],
