@@ -17,8 +17,9 @@ One limit of streaming: a call whose header went out and whose arguments then tu
 be JSON cannot be taken back; it ends with the arguments sent so far (`broken` marks it, and
 a non-streamed answer shows its text as answer text instead).
 
-Whitespace next to a call is not answer text (Qwen3's template writes a newline between the
-answer and its calls when it renders a past turn back)."""
+The answer text is the output with the calls cut out; whitespace where it meets a call at its
+start or end is not part of it (Qwen3's template writes a newline between the answer and its
+calls when it renders a past turn back), whitespace between two pieces of text stays."""
 
 from __future__ import annotations
 
@@ -121,7 +122,8 @@ class HermesToolParser:
         self._opaque = False  # the open call is not written header first: checked whole at its end
         self._head_len = 0  # where the open call's arguments start in its text
         self._calls_seen = 0
-        self._after_call = False  # whitespace here is not text
+        self._ws = ""  # held whitespace of the answer text
+        self._text_sent = False
 
     @property
     def valid_calls(self) -> list[ToolCall]:
@@ -144,26 +146,32 @@ class HermesToolParser:
                 continue
             i = self._buf.find(OPEN)
             if i >= 0:
-                self._text(self._buf[:i].rstrip(), events)
+                self._text(self._buf[:i], events)
                 self._buf = self._buf[i + len(OPEN):]
                 self._open_call()
                 continue
-            if final:  # trailing whitespace after a call is not text; without calls it is
-                self._text(self._buf.rstrip() if self._calls_seen else self._buf, events)
-                self._buf = ""
+            if final:
+                self._text(self._buf, events)
+                if self._ws and not self._calls_seen:  # a plain answer keeps its trailing whitespace
+                    events.append(Content(self._ws))
+                self._buf = self._ws = ""
                 return events
-            # hold what may become <tool_call>, and the whitespace before it
-            body = self._buf[:len(self._buf) - partial_suffix(self._buf, OPEN)].rstrip()
-            self._buf = self._buf[len(body):]
-            self._text(body, events)
+            keep = partial_suffix(self._buf, OPEN)  # what may become <tool_call>
+            self._text(self._buf[:len(self._buf) - keep], events)
+            self._buf = self._buf[len(self._buf) - keep:]
             return events
 
     def _text(self, text: str, events: list[Event]) -> None:
-        if self._after_call:
-            text = text.lstrip()
-        if text:
-            events.append(Content(text))
-            self._after_call = False
+        """Answer text. Whitespace is held until text follows it: whitespace that only touches
+        calls (before, between, after them) is not part of the answer."""
+        text = self._ws + text
+        body = text.rstrip()
+        self._ws = text[len(body):]
+        if body and self._calls_seen and not self._text_sent:
+            body = body.lstrip()  # the answer starts after calls: no separator before it
+        if body:
+            events.append(Content(body))
+            self._text_sent = True
 
     def _open_call(self) -> None:
         self._in_call, self._call, self._args, self._args_text = True, None, None, ""
@@ -215,7 +223,6 @@ class HermesToolParser:
         self._buf = "" if end < 0 else buf[end + len(CLOSE):]
         self._in_call = False
         self._finish_call(body, raw, events)
-        self._after_call = True
         return True
 
     def _full(self) -> bool:
@@ -233,7 +240,7 @@ class HermesToolParser:
         if self._full() and parsed is not None and parsed[0] in self.allowed:
             return  # a valid call past parallel_tool_calls=false's one: dropped
         if parsed is None or parsed[0] not in self.allowed:
-            events.append(Content(raw))  # not a call this request can take: it stays text
+            self._text(raw, events)  # not a call this request can take: it stays text
             return
         name, arguments = parsed
         call = ToolCall(len(self.calls), new_call_id(), name, arguments, raw)

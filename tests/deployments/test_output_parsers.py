@@ -100,7 +100,7 @@ def test_malformed_or_refused_calls_stay_text():
     assert whole_tools(text) == (text, [])
     # a function the request did not offer: text, verbatim
     assert whole_tools(script_text("two_calls"), allowed={"get_time"})[0] == (
-        "I'll check both."
+        "I'll check both.\n"
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
     # unclosed but complete JSON (max_tokens cut the end tag): a call, as vLLM's parser has it
     content, calls = whole_tools('<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n')
@@ -135,7 +135,7 @@ def test_text_between_and_after_calls():
     text = 'A\n<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\n B \n<tool_call>' \
            '{"name": "get_time", "arguments": {}}</tool_call>\n\n'
     content, calls = whole_tools(text)
-    assert content == "AB" and len(calls) == 2
+    assert content == "A\n\n B" and len(calls) == 2
     for deltas in splits(text, random.Random(1)):
         assert same(stream_tools(deltas), (content, calls))
     # no calls: the answer is untouched, trailing whitespace and half-tags included
