@@ -66,7 +66,6 @@ class OutputParser:
         self.tools = HermesToolParser(set(plan.tool_names), plan.max_calls) if plan.tool_names else None
 
     def feed(self, text: str, final: bool) -> tuple[str, list[Content | CallHeader | CallArguments]]:
-        reasoning, content = text, ""
         if self.reasoning is None:
             reasoning, content = "", text
         else:
@@ -88,8 +87,9 @@ class OutputParser:
         return self.reasoning is not None and self.reasoning.reasoning_seen
 
     def finish_reason(self, engine_reason: str | None) -> str | None:
-        """"tool_calls" when the model stopped after calling (not for a named function: OpenAI
-        answers those with "stop"); a call cut off by max_tokens keeps "length"."""
+        """The engine's reason, or "tool_calls" where the model stopped after calling (not for a
+        named function: OpenAI answers those with "stop"); a call cut off by max_tokens keeps
+        "length"."""
         called = self.tools is not None and self.tools.valid_calls
         if called and engine_reason == "stop" and not self.plan.named:
             return "tool_calls"
