@@ -216,7 +216,9 @@ class NextserveServer:
         self.monitor = ReplicaMonitor(engine, self.config)
         self.ctx = ServingContext(engine=self.monitor.engine, tokenizer=tokenizer,
                                   max_model_len=max_model_len, model_name=served_model_name(self.config),
-                                  vocab_size=_model_vocab_size(engine, tokenizer), max_prompts=max_prompts)
+                                  vocab_size=_model_vocab_size(engine, tokenizer), max_prompts=max_prompts,
+                                  reasoning_parser=self.config.serve.reasoning_parser,
+                                  tool_call_parser=self.config.serve.tool_call_parser)
 
     @api.get("/health")
     async def health(self) -> Response:

@@ -50,6 +50,8 @@ class ServingContext:
     max_model_len: int
     vocab_size: int  # the model's: rows of its logits
     max_prompts: int = 64  # prompts in one completion request (serve.max_prompts_per_request)
+    reasoning_parser: str = "none"  # serve.reasoning_parser
+    tool_call_parser: str = "none"  # serve.tool_call_parser
 
     @property
     def token_id_limit(self) -> int:

@@ -31,8 +31,9 @@ def _tokenize(ctx: ServingContext, req: TokenizeRequest) -> TokenizeResponse:
     if req.model is not None:
         ctx.check_model(req.model)
     if isinstance(req, TokenizeChatRequest):
-        ids = render_prompt(ctx, req.messages, req.add_generation_prompt, req.chat_template_kwargs,
-                            add_special_tokens=req.add_special_tokens)
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        _, ids = render_prompt(ctx, req.messages, req.add_generation_prompt, req.chat_template_kwargs,
+                               add_special_tokens=req.add_special_tokens, tools=tools)
     else:
         ids = ctx.encode(req.prompt, "prompt", add_special_tokens=req.add_special_tokens)
     return TokenizeResponse(count=len(ids), max_model_len=ctx.max_model_len, tokens=ids,
