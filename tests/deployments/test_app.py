@@ -433,6 +433,13 @@ def test_tokenize_and_detokenize(base_url, offline, tiny_dir):
         chat = requests.post(f"{base_url}/tokenize", json=body, timeout=10).json()
         want = hf.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True, return_dict=False)
         assert chat["tokens"] == list(want), gen
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    body = {"messages": messages, "tools": tools}
+    chat = requests.post(f"{base_url}/tokenize", json=body, timeout=10).json()
+    want = hf.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
+                                  return_dict=False)
+    assert chat["tokens"] == list(want) and "get_weather" in hf.decode(want)
     back = requests.post(f"{base_url}/detokenize", json={"model": MODEL, "tokens": r["tokens"]}, timeout=10)
     assert back.json() == {"prompt": text}
     ids = hf.apply_chat_template(messages, tokenize=True, return_dict=False)
