@@ -136,8 +136,9 @@ def _gathered_experts(ex: Experts, x: Tensor, j: Tensor, w: Tensor) -> Tensor:
     the tiny experts computing every expert densely was no faster at batch 16; on bench's wide
     checkpoint (hidden 1024, 64 experts of 256, top-8) gathering gave 0.79x / 0.92x at batch 1 / 8,
     the eager grouped GEMM called between two graphs 0.98x / 1.10x."""
-    gate, up = torch.einsum("bh,bkoh->bko", x, ex.gate_up[j]).chunk(2, dim=-1)  # [Bp, k, I] x2
-    y = torch.einsum("bki,bkhi->bkh", F.silu(gate) * up, ex.down[j])  # [Bp, k, hidden]
+    gate_up, down = ex.gathered(j)  # [Bp, k, 2I, hidden], [Bp, k, hidden, I]; FP8 experts dequantize
+    gate, up = torch.einsum("bh,bkoh->bko", x, gate_up).chunk(2, dim=-1)  # [Bp, k, I] x2
+    y = torch.einsum("bki,bkhi->bkh", F.silu(gate) * up, down)  # [Bp, k, hidden]
     return (y * w[..., None]).sum(1)
 
 
