@@ -56,7 +56,7 @@ def test_set_kernels_reaches_every_module_with_a_choice(tmp_path):
     model = CausalLM.from_pretrained(make_tiny_model(tmp_path / "m"))
     set_kernels(model, "reference")
     modes = {type(m).__name__: m.kernels for m in model.modules() if hasattr(m, "kernels")}
-    assert modes == {"GatedDeltaNet": "reference", "Experts": "reference"}
+    assert modes == {"GatedDeltaNet": "reference", "Experts": "reference", "Attention": "reference"}
     with pytest.raises(ValueError, match="kernels mode"):
         set_kernels(model, "triton")
 
