@@ -14,6 +14,7 @@ from model.attention import Attention
 from model.batch import BatchLayout
 from model.cache import DeltaNetState, KVCache
 from model.config import ModelConfig
+from model.fp8 import resolve_fp8_kernels
 from model.gated_deltanet import GatedDeltaNet
 from model.loading import fp8_mode, keep_fp8, load_module, materialize
 from model.moe import MLP, SparseMoeBlock
@@ -88,9 +89,12 @@ class CausalLM(nn.Module):
         with torch.device("meta"):
             lm = cls(config)
         reader = CheckpointReader(path)
-        if fp8_mode(fp8, device) == "keep" and config.quantization is not None:
+        keep = fp8_mode(fp8, device) == "keep" and config.quantization is not None
+        if keep:
             keep_fp8(lm, reader, prefix="", dtype=config.torch_dtype)
         materialize(lm, device, config.torch_dtype)
+        if keep:
+            resolve_fp8_kernels(lm, config.torch_dtype)
         skip = ("lm_head.weight",) if config.tie_word_embeddings else ()
         load_module(lm, reader, prefix="", skip=skip)
         if config.tie_word_embeddings:

@@ -9,6 +9,8 @@ intermediate size, H hidden, M tokens."""
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -16,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.moe import Experts, local_expert_index
+
+log = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
@@ -77,22 +81,60 @@ def block_scaled_mm_supported(x: Tensor, n: int, k: int, block: tuple[int, int])
     """Whether `block_scaled_linear` can run: a CUDA device of compute capability 9.x (the
     DeepSeek-recipe CUTLASS kernel), torch's scaled_mm with block recipes, 128x128 tiles and
     whole tiles along N and K."""
-    if not x.is_cuda or not hasattr(F, "scaled_mm") or block != (128, 128):
+    if not x.is_cuda or not (hasattr(F, "scaled_mm") or hasattr(torch, "_scaled_mm")) or block != (128, 128):
         return False
     if n % 128 or k % 128:
         return False
     return torch.cuda.get_device_capability(x.device)[0] == 9
 
 
+@functools.cache
+def block_scaled_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch build's block-scaled GEMM runs on `device` and agrees with dequantizing
+    (probed once per device on a [128, 256] @ [256, 256] product): a build without the DeepSeek
+    recipe raises, and then every Fp8Linear dequantizes instead."""
+    x = torch.randn(128, 256, device=device).to(dtype)
+    if not block_scaled_mm_supported(x, 256, 256, (128, 128)) or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    w, s = quantize_blockwise(torch.randn(256, 256, device=device) / 16, (128, 128))
+    try:
+        out = block_scaled_linear(x, w, s, (128, 128))
+    except RuntimeError as e:
+        log.warning("block-scaled FP8 GEMM unavailable on %s (%s): FP8 weights dequantize per call",
+                    device, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return False
+    ref = F.linear(x, dequantize_blockwise(w, s, (128, 128), dtype)).float()
+    err = float((out.float() - ref).abs().max() / ref.abs().max())
+    if err > 6e-2:
+        log.warning("block-scaled FP8 GEMM disagrees with dequantizing on %s (%.3g relative): not used",
+                    device, err)
+    return err <= 6e-2
+
+
+def resolve_fp8_kernels(module: nn.Module, dtype: torch.dtype) -> None:
+    """Fix each "auto" Fp8Linear of `module` (allocated on its device) to "scaled_mm" or
+    "dequantize" now, so that a compiled graph never has to ask the device."""
+    for m in module.modules():
+        if isinstance(m, Fp8Linear) and m.kernel == "auto":
+            x = torch.empty(0, device=m.weight.device, dtype=dtype)
+            ok = (block_scaled_mm_supported(x, m.out_features, m.in_features, m.block)
+                  and block_scaled_mm_works(m.weight.device, dtype))
+            m.kernel = "scaled_mm" if ok else "dequantize"
+
+
 def block_scaled_linear(x: Tensor, w: Tensor, scale_inv: Tensor, block: tuple[int, int]) -> Tensor:
     """x [M, K] @ dequantize(w [N, K]).T through one block-scaled FP8 GEMM: activations in 1x128
-    groups, weights in 128x128 tiles (the DeepSeek recipe). Output in x's dtype (bf16 or fp16)."""
-    from torch.nn.functional import ScalingType
-
+    groups, weights in 128x128 tiles (the DeepSeek recipe). Output in x's dtype (bf16 or fp16).
+    torch's scaled_mm names its recipes BlockWise1x128 (2.13) or Blockwise_1x128 (2.9-2.10);
+    without it, torch._scaled_mm infers the same recipe from the scales' shapes."""
     xq, xs = quantize_activations(x, block[1])
-    out = F.scaled_mm(xq, w.t(), xs, ScalingType.Blockwise_1x128, scale_inv.float().t(),
-                      ScalingType.Blockwise_128x128, output_dtype=x.dtype)
-    return out
+    ws = scale_inv.float().t()  # [K / 128, N / 128]
+    if hasattr(F, "scaled_mm"):
+        kinds = F.ScalingType
+        a_kind = getattr(kinds, "BlockWise1x128", None) or kinds.Blockwise_1x128
+        b_kind = getattr(kinds, "BlockWise128x128", None) or kinds.Blockwise_128x128
+        return F.scaled_mm(xq, w.t(), xs, a_kind, ws, b_kind, output_dtype=x.dtype)
+    return torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=ws, out_dtype=x.dtype)
 
 
 class Fp8Linear(nn.Module):

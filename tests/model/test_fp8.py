@@ -109,6 +109,8 @@ def test_kept_fp8_dequantized_on_the_fly_matches_the_dequantized_copy(checkpoint
     kept = CausalLM.from_pretrained(fp8, fp8="keep")
     fp8_modules = [m for m in kept.modules() if isinstance(m, (Fp8Linear, Fp8Experts))]
     assert any(isinstance(m, Fp8Experts) for m in fp8_modules) and len(fp8_modules) > 10
+    # resolved at load: a CPU has no block-scaled GEMM, so each Linear dequantizes per call
+    assert {m.kernel for m in fp8_modules if isinstance(m, Fp8Linear)} == {"dequantize"}
     assert isinstance(kept.model.layers[0].mlp.gate, torch.nn.Module)  # the router stays float
     assert kept.model.layers[0].mlp.gate.weight.dtype == torch.float32
     assert kept.model.layers[0].mlp.experts.gate_up.dtype == FP8_DTYPE  # half bf16's bytes
@@ -186,3 +188,15 @@ def test_bad_fp8_tensors_name_the_tensor(checkpoints, tmp_path):
     (broken / "config.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match="has no quantization_config"):
         CheckpointReader(broken).get(name)
+
+
+def test_activation_groups_for_the_block_scaled_gemm():
+    """Per-token groups of 128 with decoding scales laid out outer-dim-major [M, K/128], the
+    layout torch's block-scaled GEMM takes for its 1x128 operand."""
+    from model.fp8 import quantize_activations
+
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(1))
+    q, s = quantize_activations(x, 128)
+    assert q.dtype == FP8_DTYPE and s.shape == (5, 2) and s.stride() == (1, 5)
+    back = q.float().view(5, 2, 128) * s[..., None]
+    assert (back.view(5, 256) - x).abs().max() <= x.abs().max() / 16
