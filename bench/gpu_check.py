@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.kernel_checks import REAL, SMALL, TOLERANCES, Widths, rel_err, run_checks
+from bench.kernel_checks import REAL, SMALL, TOLERANCES, Widths, randomize_, rel_err, run_checks
 from model import kernels
 from model.batch import BatchLayout
 from model.compiled import CompiledDecode, make_decode_caches
@@ -81,20 +81,6 @@ def copy_bandwidth(device: torch.device) -> float:
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     return 2 * n / timed(lambda: dst.copy_(src), device, repeats=5)
-
-
-def randomize_(module: nn.Module, seed: int) -> None:
-    """Fill in place on the module's device: weights ~ N(0, 1/fan_in), 1-D parameters small,
-    DeltaNet's A_log as in the checkpoints' range."""
-    g = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("A_log"):
-                p.uniform_(0, math.log(16), generator=g)
-            elif p.dim() > 1:
-                p.normal_(0, p.shape[-1] ** -0.5, generator=g)
-            else:
-                p.normal_(0, 0.1, generator=g)
 
 
 def build_ours(w: Widths, layers: int, device: torch.device, dtype: torch.dtype) -> CausalLM:
@@ -190,6 +176,59 @@ def time_ours(lm: CausalLM, batch: int, prompt: int, steps: int, device: torch.d
     return out
 
 
+def time_fp8(w: Widths, device: torch.device, dtype: torch.dtype, sizes: list[int]) -> list[dict[str, Any]]:
+    """FP8 weights kept in memory, both ways, beside bf16: DeltaNet's in_proj_qkvz as a Linear
+    (block-scaled GEMM where it runs, dequantized per call) and a layer's routed experts
+    (dequantized per expert on the fly), at `sizes` tokens. Milliseconds per call."""
+    from model.fp8 import Fp8Experts, Fp8Linear, block_scaled_mm_works, quantize_blockwise
+    from model.moe import Experts
+
+    block = (128, 128) if w is REAL else (16, 16)
+    g = torch.Generator().manual_seed(7)
+    K = w.hidden
+    N = w.key_heads * (2 * w.key_dim) + 2 * w.value_heads * w.value_dim
+    weight = (torch.randn(N, K, generator=g) / K ** 0.5).to(device)
+    dense = nn.Linear(K, N, bias=False, device=device, dtype=dtype)
+    fp8 = Fp8Linear(K, N, block).to(device)
+    q, s = quantize_blockwise(weight, block)
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        fp8.weight.copy_(q)
+        fp8.weight_scale_inv.copy_(s)
+    scaled_ok = block_scaled_mm_works(device, dtype) if device.type == "cuda" else False
+    rows = []
+    with torch.inference_mode():
+        for m in sizes:
+            x = torch.randn(m, K, generator=g).to(device=device, dtype=dtype)
+            r: dict[str, Any] = {"op": f"linear {K}->{N}", "tokens": m,
+                                 "bf16_ms": 1e3 * timed(lambda x=x: dense(x), device, repeats=20)}
+            fp8.kernel = "dequantize"
+            r["fp8_dequantize_ms"] = 1e3 * timed(lambda x=x: fp8(x), device, repeats=20)
+            if scaled_ok:
+                fp8.kernel = "scaled_mm"
+                r["fp8_scaled_mm_ms"] = 1e3 * timed(lambda x=x: fp8(x), device, repeats=20)
+            rows.append(r)
+        E, I = w.experts, w.expert_dim
+        plain = Experts(K, I, range(E), E).to(device=device, dtype=dtype)
+        kept = Fp8Experts(K, I, range(E), E, block, dtype).to(device)
+        for j in range(0, E, 64):  # quantized in slices: a float32 copy of all experts may not fit
+            sl = slice(j, j + 64)
+            gu = torch.randn(min(64, E - j), 2 * I, K, device=device) / K ** 0.5
+            dn = torch.randn(min(64, E - j), K, I, device=device) / I ** 0.5
+            (kept.gate_up[sl], kept.gate_up_scale_inv[sl]) = quantize_blockwise(gu, block)
+            (kept.down[sl], kept.down_scale_inv[sl]) = quantize_blockwise(dn, block)
+            plain.gate_up[sl], plain.down[sl] = gu.to(dtype), dn.to(dtype)
+        for m in sizes:
+            x = torch.randn(m, K, generator=g).to(device=device, dtype=dtype)
+            ids = torch.stack([torch.randperm(E, generator=g)[:w.top_k] for _ in range(m)]).to(device)
+            wts = torch.rand(m, w.top_k, generator=g).to(device=device, dtype=dtype)
+            rows.append({"op": f"experts {E}x{I} top-{w.top_k}", "tokens": m,
+                         "bf16_ms": 1e3 * timed(lambda x=x, i=ids, v=wts: plain(x, i, v), device, repeats=10),
+                         "fp8_dequantize_ms": 1e3 * timed(lambda x=x, i=ids, v=wts: kept(x, i, v), device,
+                                                          repeats=10)})
+    return rows
+
+
 def build_hf(w: Widths, layers: int, device: torch.device, dtype: torch.dtype):
     from transformers import Qwen3NextConfig
     from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextModel
@@ -221,18 +260,21 @@ def time_hf(model, batch: int, prompt: int, steps: int, device: torch.device, dt
     xs = torch.randn(steps, batch, 1, hidden, generator=g).to(device=device, dtype=dtype)
     from transformers import DynamicCache
 
+    def new_cache():
+        return DynamicCache(config=model.cache_config)
+
     out: dict[str, Any] = {}
     # Positions given: a stack of DeltaNet layers only has no attention cache to count them from.
     positions = torch.arange(prompt + steps, device=device)[None]
     with torch.inference_mode():
         out["prefill_ms"] = 1e3 * timed(lambda: model(
             inputs_embeds=x, use_cache=True, position_ids=positions[:, :prompt],
-            past_key_values=DynamicCache(config=model.cache_config)), device)
+            past_key_values=new_cache()), device)
         state: dict[str, Any] = {}
 
         def decode_all() -> None:
             cache = model(inputs_embeds=x, use_cache=True, position_ids=positions[:, :prompt],
-                          past_key_values=DynamicCache(config=model.cache_config)).past_key_values
+                          past_key_values=new_cache()).past_key_values
             sync(device)
             state["t0"] = time.perf_counter()
             for i in range(steps):
@@ -334,6 +376,17 @@ def main(argv: list[str] | None = None) -> int:
     del lm, stack
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+    if clock.allows("fp8"):
+        try:
+            results["fp8"] = time_fp8(w, device, dtype, batches)
+            for r in results["fp8"]:
+                print(f"[{clock.elapsed():6.1f}s] fp8 {json.dumps(r)}", flush=True)
+        except Exception as e:  # recorded: the rest of the results stand without it
+            results["fp8"] = [{"error": f"{type(e).__name__}: {str(e)[:300]}"}]
+        save()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     hf_rows: list[dict[str, Any]] = results.setdefault("transformers", [])
     if not a.no_hf:

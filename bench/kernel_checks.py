@@ -142,15 +142,19 @@ def check_delta_rule_recurrent(w: Widths, device, dtype, seed: int = 1) -> dict[
     return row("delta_rule_recurrent", max(rel_err(o, o_ref), rel_err(s, s_ref)), f"batch {len(lengths)}")
 
 
-def _randomize(module: torch.nn.Module, g: torch.Generator) -> None:
+def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Fill in place, on the module's own device: weights ~ N(0, 1/fan_in), 1-D parameters
+    small, DeltaNet's A_log = log U(1, 16) as in the checkpoints. Returns `module`."""
+    g = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             if name.endswith("A_log"):
-                p.copy_(torch.empty(p.shape).uniform_(1, 16, generator=g).log())
+                p.uniform_(1, 16, generator=g).log_()
             elif p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+                p.normal_(0, p.shape[-1] ** -0.5, generator=g)
             else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+                p.normal_(0, 0.1, generator=g)
+    return module
 
 
 def check_deltanet_layer(w: Widths, device, dtype, seed: int = 2) -> dict[str, Any]:
@@ -160,9 +164,8 @@ def check_deltanet_layer(w: Widths, device, dtype, seed: int = 2) -> dict[str, A
         return skip
     config = ModelConfig.from_hf(w.hub_config(1))
     g = torch.Generator().manual_seed(seed)
-    layer = GatedDeltaNet(config)
-    _randomize(layer, g)
-    layer = layer.to(device=device, dtype=dtype).eval()
+    with torch.device(device):
+        layer = randomize_(GatedDeltaNet(config), seed).to(dtype).eval()
     states = [layer.make_state(3, dtype, device) for _ in range(2)]
     errs = []
     steps = [([0], [0], [40]), ([0, 1, 2], [40, 0, 0], [25, 130, 3]), ([0, 1, 2], [65, 130, 3], [1, 1, 1])]
@@ -182,9 +185,8 @@ def check_deltanet_layer(w: Widths, device, dtype, seed: int = 2) -> dict[str, A
 
 def check_moe_grouped_mm(w: Widths, device, dtype, seed: int = 3) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
-    ex = Experts(w.hidden, w.expert_dim, range(w.experts), w.experts)
-    _randomize(ex, g)
-    ex = ex.to(device=device, dtype=dtype)
+    with torch.device(device):  # built where it runs: 512 float32 experts are 6 GiB
+        ex = randomize_(Experts(w.hidden, w.expert_dim, range(w.experts), w.experts), seed).to(dtype)
     T = 64
     x = torch.randn(T, w.hidden, generator=g).to(device=device, dtype=dtype)
     ids = torch.stack([torch.randperm(w.experts, generator=g)[:w.top_k] for _ in range(T)]).to(device)
@@ -205,12 +207,8 @@ def check_decode_attention(w: Widths, device, dtype, seed: int = 4) -> dict[str,
 
     config = ModelConfig.from_hf(w.hub_config(4))
     g = torch.Generator().manual_seed(seed)
-    attn = Attention(config)
-    _randomize(attn, g)
-    attn = attn.to(device=device, dtype=dtype)
-    from model.rope import rope_frequencies
-
-    attn.rotary.inv_freq = rope_frequencies(attn.rotary.rope)[0].to(device)
+    with torch.device(device):
+        attn = randomize_(Attention(config), seed).to(dtype)
     B, blocks, bs = 8, 64, 16
     k_cache = torch.randn(blocks + 1, bs, w.kv_heads, w.head_dim, generator=g).to(device=device, dtype=dtype)
     v_cache = torch.randn(blocks + 1, bs, w.kv_heads, w.head_dim, generator=g).to(device=device, dtype=dtype)

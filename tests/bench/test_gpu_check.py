@@ -25,3 +25,22 @@ def test_dry_run_writes_every_section(tmp_path):
     (hf,) = r["transformers"]
     assert hf["decode_ms"] > 0 and ours["vs_transformers_decode"] > 0
     assert r["copy_bandwidth_gbs"] > 0 and r["skipped"] == []
+    assert {f["op"].split()[0] for f in r["fp8"]} == {"linear", "experts"}
+    assert all(f["fp8_dequantize_ms"] > 0 and "fp8_scaled_mm_ms" not in f for f in r["fp8"])
+
+
+def test_every_check_runs_with_stand_in_fla(monkeypatch):
+    """The fla rows' own code (inputs, layouts, references) with pure-torch stand-ins for fla's
+    ops: on the GPU only the kernels themselves are new."""
+    import torch
+
+    from bench.kernel_checks import SMALL, run_checks
+    from model import kernels
+    from tests.model.test_kernels import FAKE_FLA
+
+    monkeypatch.setattr(kernels, "fla_ops", lambda: FAKE_FLA)
+    rows = {r["check"]: r for r in run_checks(SMALL, "cpu", torch.float32)}
+    for name in ("delta_rule_chunk", "delta_rule_recurrent", "deltanet_layer", "moe_grouped_mm",
+                 "decode_attention_sdpa", "fp8_experts_on_the_fly"):
+        assert rows[name]["ok"] is True, rows[name]
+    assert rows["fp8_block_scaled_mm"]["ok"] is None  # no block-scaled FP8 GEMM on a CPU
