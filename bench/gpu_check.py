@@ -301,6 +301,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         except Exception as e:  # absent, or fails to import without a GPU
             env[pkg] = f"not importable ({type(e).__name__})"
     env["fla_kernels"] = kernels.fla_ops() is not None
+    env["fla_import_error"] = kernels.fla_import_error()
     return env
 
 
@@ -374,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{clock.elapsed():6.1f}s] ours {json.dumps(r)}", flush=True)
             save()
     del lm, stack
+    torch._dynamo.reset()  # drops the compiled graphs (and with them the CUDA graphs' pool)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

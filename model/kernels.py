@@ -38,16 +38,25 @@ def check_mode(mode: str) -> str:
 @functools.cache
 def fla_ops() -> SimpleNamespace | None:
     """flash-linear-attention's ops used here, or None where fla-core is not installed (or does
-    not import: it needs triton, which a CPU-only torch may lack)."""
+    not import: it needs triton, which a CPU-only torch may lack); `fla_import_error()` says why."""
     try:
         gdr = importlib.import_module("fla.ops.gated_delta_rule")
         conv = importlib.import_module("fla.modules.causal_conv1d")
-    except Exception:  # ImportError, or triton's own errors on a machine without a GPU
+    except Exception as e:  # ImportError, or triton's own errors on a machine without a GPU
+        _fla_error.append(f"{type(e).__name__}: {e}")
         return None
     return SimpleNamespace(chunk_gated_delta_rule=gdr.chunk_gated_delta_rule,
                            fused_recurrent_gated_delta_rule=gdr.fused_recurrent_gated_delta_rule,
                            causal_conv1d=conv.causal_conv1d,
                            causal_conv1d_update=conv.causal_conv1d_update)
+
+
+_fla_error: list[str] = []
+
+
+def fla_import_error() -> str | None:
+    """Why fla-core did not import (None if it did, or was not tried yet)."""
+    return _fla_error[-1] if _fla_error else None
 
 
 def deltanet_backend(x: Tensor, mode: str = "auto") -> str:
