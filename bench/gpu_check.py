@@ -155,25 +155,37 @@ def time_ours(lm: CausalLM, batch: int, prompt: int, steps: int, device: torch.d
             out[f"decode_ms_{key}"] = 1e3 * timed(decode_all, device, repeats=1) / steps
         kernels.set_kernels(lm, "auto")
         if compiled:
-            lm(ids, prefill, caches)
-            twin = [copy.deepcopy(c) for c in caches]  # the same caches, for the compiled step
-            t0 = time.perf_counter()
-            decode = CompiledDecode(lm, twin, batch, batch * bps, buckets=(batch,))
-            decode.warm_up()
-            out["compile_s"] = time.perf_counter() - t0
-            eager = lm.compute_logits(lm(tokens[0], decodes[0], caches))
-            got = lm.compute_logits(decode(tokens[0], decodes[0]))
-            err = rel_err(got, eager)
-            out["cuda_graph_decode_rel_err"] = err
-            out["cuda_graph_decode_ok"] = bool(err <= TOLERANCES["cuda_graph_decode"])
-            out["cuda_graphs"] = decode.cuda_graphs
-
-            def compiled_all() -> None:
-                for i in range(1, steps):
-                    decode(tokens[i], decodes[i])
-
-            out["decode_ms_compiled"] = 1e3 * timed(compiled_all, device, repeats=1) / (steps - 1)
+            try:
+                time_compiled(lm, caches, ids, prefill, decodes, tokens, batch, batch * bps, device, out)
+            except Exception as e:  # recorded beside the eager figures, which stand without it
+                out["compiled_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return out
+
+
+def time_compiled(lm: CausalLM, caches, ids, prefill, decodes, tokens, batch: int, num_blocks: int,
+                  device: torch.device, out: dict[str, Any]) -> None:
+    """The compiled decode step (under CUDA graphs on CUDA): its first step against eager, then
+    the mean of the remaining steps."""
+    steps = len(decodes)
+    with torch.inference_mode():
+        lm(ids, prefill, caches)
+        twin = [copy.deepcopy(c) for c in caches]  # the same caches, for the compiled step
+        t0 = time.perf_counter()
+        decode = CompiledDecode(lm, twin, batch, num_blocks, buckets=(batch,))
+        decode.warm_up()
+        out["compile_s"] = time.perf_counter() - t0
+        eager = lm.compute_logits(lm(tokens[0], decodes[0], caches))
+        got = lm.compute_logits(decode(tokens[0], decodes[0]))
+        err = rel_err(got, eager)
+        out["cuda_graph_decode_rel_err"] = err
+        out["cuda_graph_decode_ok"] = bool(err <= TOLERANCES["cuda_graph_decode"])
+        out["cuda_graphs"] = decode.cuda_graphs
+
+        def compiled_all() -> None:
+            for i in range(1, steps):
+                decode(tokens[i], decodes[i])
+
+        out["decode_ms_compiled"] = 1e3 * timed(compiled_all, device, repeats=1) / (steps - 1)
 
 
 def time_fp8(w: Widths, device: torch.device, dtype: torch.dtype, sizes: list[int]) -> list[dict[str, Any]]:
@@ -363,9 +375,14 @@ def main(argv: list[str] | None = None) -> int:
         for b in batches:
             if not clock.allows(f"ours layers={n} batch={b}"):
                 continue
-            r = {"layers": n, **time_ours(stack, b, prompt, steps, device,
-                                          compiled and n in a.compiled_layers and clock.allows(
-                                              f"compiled layers={n} batch={b}"))}
+            try:
+                r = {"layers": n, **time_ours(stack, b, prompt, steps, device,
+                                              compiled and n in a.compiled_layers and clock.allows(
+                                                  f"compiled layers={n} batch={b}"))}
+            except Exception as e:  # e.g. out of memory: recorded, and the next size is tried
+                rows.append({"layers": n, "batch": b, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                print(f"ours layers={n} batch={b} failed: {e}", flush=True)
+                continue
             floor_s = decode_bytes(stack, w, b, prompt + steps) / (results["copy_bandwidth_gbs"] * 1e9)
             r["decode_ms_hbm_floor"] = 1e3 * floor_s
             r["floor_fraction_kernels"] = r["decode_ms_hbm_floor"] / r["decode_ms_kernels"]
@@ -410,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"transformers layers={n} failed: {e}", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        for r in rows:
+        for r in (r for r in rows if "error" not in r):
             hf = next((h for h in hf_rows if (h.get("layers"), h.get("batch")) == (r["layers"], r["batch"])),
                       None)
             if hf and "decode_ms" in hf:
@@ -432,6 +449,9 @@ def summary(results: dict[str, Any]) -> str:
              f"{'hf':>8} | {'prefill':>8} {'hf pre':>8}   (ms per decode step / per prefill)"]
     hf = {(h["layers"], h["batch"]): h for h in results.get("transformers", []) if "decode_ms" in h}
     for r in results.get("ours", []):
+        if "error" in r:
+            lines.append(f"{r['layers']:>6} {r['batch']:>5} | error: {r['error'][:80]}")
+            continue
         h = hf.get((r["layers"], r["batch"]), {})
 
         def f(v: float | None) -> str:

@@ -31,7 +31,7 @@ from model.cache import DeltaNetState, KVCache
 from model.decoder import Cache, CausalLM, DecoderLayer
 from model.delta_rule import gated_delta_rule_step
 from model.gated_deltanet import GatedDeltaNet, l2norm
-from model.kernels import decode_attention_backend
+from model.kernels import decode_attention_backend, decode_moe_backend
 from model.moe import Experts, SparseMoeBlock
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,10 @@ def moe_decode(moe: SparseMoeBlock, x: Tensor) -> tuple[Tensor, Tensor]:
     local = moe.experts.local_index[ids]  # [Bp, k], -1 where the expert is held elsewhere
     w = weights * (local >= 0).to(weights.dtype)  # such pairs run on stacked expert 0, weighted 0
     j = local.clamp(min=0)
-    out = _gathered_experts(moe.experts, x, j, w)
+    if decode_moe_backend(x, moe.experts) == "grouped_mm":
+        out = grouped_experts(moe.experts, x, j, w)
+    else:
+        out = _gathered_experts(moe.experts, x, j, w)
     shared = moe.shared(x)
     return (out if shared is None else out + shared), ids
 
@@ -138,14 +141,32 @@ def _gathered_experts(ex: Experts, x: Tensor, j: Tensor, w: Tensor) -> Tensor:
     where the eager path's grouping by expert has data-dependent ones (and F.grouped_mm has no
     float32 CPU meta kernel to trace). For small experts inductor fuses gather and product into
     one loop; wide experts would copy Bp·k experts' weights per layer, so a real checkpoint wants
-    a grouped-GEMM kernel here (model/kernels/, DESIGN.md). Measured, one step against eager: on
-    the tiny experts computing every expert densely was no faster at batch 16; on bench's wide
+    a grouped GEMM (`grouped_experts`, chosen on CUDA by model/kernels.py). Measured on CPU, one
+    step against eager: on the tiny experts computing every expert densely was no faster at batch
+    16; on bench's wide
     checkpoint (hidden 1024, 64 experts of 256, top-8) gathering gave 0.79x / 0.92x at batch 1 / 8,
     the eager grouped GEMM called between two graphs 0.98x / 1.10x."""
     gate_up, down = ex.gathered(j)  # [Bp, k, 2I, hidden], [Bp, k, hidden, I]; FP8 experts dequantize
     gate, up = torch.einsum("bh,bkoh->bko", x, gate_up).chunk(2, dim=-1)  # [Bp, k, I] x2
     y = torch.einsum("bki,bkhi->bkh", F.silu(gate) * up, down)  # [Bp, k, hidden]
     return (y * w[..., None]).sum(1)
+
+
+def grouped_experts(ex: Experts, x: Tensor, j: Tensor, w: Tensor) -> Tensor:
+    """The same sum through one grouped GEMM per projection, in static shapes: all Bp·k pairs,
+    sorted by stacked expert (a pair of an expert held elsewhere runs on expert 0 with weight 0),
+    each expert's weights read once however many rows chose it. x [Bp, hidden], j, w [Bp, k]."""
+    k, E = j.shape[1], ex.gate_up.shape[0]
+    flat = j.flatten()  # [P]
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))  # [E], not bincount: its size is static
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    rows = order // k
+    gate, up = F.grouped_mm(x[rows], ex.gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)  # [P, I] x2
+    y = F.grouped_mm(F.silu(gate) * up, ex.down.transpose(-2, -1), offs=offs)  # [P, hidden]
+    y = y * w.flatten()[order, None]
+    return torch.zeros_like(x).index_add_(0, rows, y.to(x.dtype))
 
 
 def decode_layer(layer: DecoderLayer, h: Tensor, inp: DecodeInputs, state: tuple[Tensor, Tensor]

@@ -92,6 +92,18 @@ def moe_backend(x: Tensor, weight: Tensor, mode: str = "auto") -> str:
     return "loop"
 
 
+def decode_moe_backend(x: Tensor, experts: torch.nn.Module, mode: str | None = None) -> str:
+    """The compiled decode step's routed experts: "grouped_mm" (all the step's pairs through one
+    grouped GEMM, each expert read once) on CUDA where torch has it, else "gather" (each row
+    gathers its k experts' weights: static and fused by inductor on CPU, where grouped_mm has no
+    float32 meta kernel; Bp·k experts' bytes per layer). FP8 experts gather (and dequantize) the
+    pairs' experts. `mode` defaults to the experts' own."""
+    mode = check_mode(mode or getattr(experts, "kernels", "auto"))
+    if mode == "reference" or experts.gate_up.dtype != x.dtype or not x.is_cuda:
+        return "gather"
+    return "grouped_mm" if grouped_mm_supported(x, experts.gate_up) else "gather"
+
+
 def decode_attention_backend(x: Tensor, mode: str = "auto") -> str:
     """The compiled decode step's attention: "sdpa" (fused kernels on CUDA) or "einsum" (the
     float32 reference, which inductor fuses well on CPU)."""

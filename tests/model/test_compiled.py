@@ -174,3 +174,26 @@ def test_fixed_key_width_of_cuda_graphs_matches_eager_on_cpu(model):
             seqs[s].append(t)
     with pytest.raises(ValueError, match="CUDA device"):
         CompiledDecode(model, caches, NUM_SLOTS, NUM_BLOCKS, cuda_graphs=True)
+
+
+def test_grouped_decode_experts_equal_the_gathered_ones():
+    """The compiled step's grouped-GEMM experts (its CUDA choice), run eagerly here: the same sum
+    as each row gathering its own experts, pairs of experts held elsewhere weighing nothing."""
+    from model.compiled import _gathered_experts, grouped_experts
+    from model.moe import Experts
+
+    if not hasattr(torch.nn.functional, "grouped_mm"):
+        pytest.skip("this torch has no grouped_mm")
+    g = torch.Generator().manual_seed(0)
+    ex = Experts(24, 16, range(6), 6)
+    with torch.no_grad():
+        ex.gate_up.copy_(torch.randn(ex.gate_up.shape, generator=g))
+        ex.down.copy_(torch.randn(ex.down.shape, generator=g))
+    x = torch.randn(5, 24, generator=g)
+    j = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(5)])
+    w = torch.rand(5, 3, generator=g)
+    w[1, 2] = 0  # a pair whose expert is held elsewhere (run on stacked expert j, weighted 0)
+    with torch.no_grad():
+        want = _gathered_experts(ex, x, j, w)
+        got = grouped_experts(ex, x, j, w)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * want.abs().max().item())
