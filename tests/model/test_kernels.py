@@ -49,6 +49,8 @@ def test_kernel_mode_without_fla_is_a_clear_error(monkeypatch):
 
 def test_fla_is_not_installed_here():
     """The CPU venv must not have fla-core (transformers would then call its GPU kernels)."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine may have fla-core (pyproject's gpu extra)")
     assert kernels.fla_ops() is None
 
 
