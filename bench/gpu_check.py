@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from bench.kernel_checks import REAL, SMALL, TOLERANCES, Widths, randomize_, rel_err, run_checks
 from model import kernels
@@ -241,6 +241,42 @@ def time_fp8(w: Widths, device: torch.device, dtype: torch.dtype, sizes: list[in
     return rows
 
 
+def time_attention(w: Widths, device: torch.device, dtype: torch.dtype, batches: list[int],
+                   context: int) -> list[dict[str, Any]]:
+    """The decode step's attention over the paged cache (gathered blocks), eagerly: SDPA (the
+    CUDA choice) against the float32 einsum, every row at `context` keys. Milliseconds per call."""
+    from model.attention import Attention
+    from model.compiled import DecodeInputs, attention_decode
+
+    config = ModelConfig.from_hf(w.hub_config(4))
+    with torch.device(device):
+        attn = randomize_(Attention(config), 0).to(dtype)
+    rows = []
+    bs = 16
+    per_row = -(-context // bs)
+    with torch.inference_mode():
+        for b in batches:
+            shape = (b * per_row + 1, bs, w.kv_heads, w.head_dim)
+            k_cache = torch.randn(shape, device=device, dtype=dtype)
+            v_cache = torch.randn(shape, device=device, dtype=dtype)
+            read_at = torch.arange(b * per_row * bs, device=device).view(b, -1)[:, :context]
+            inp = DecodeInputs(positions=torch.full((b,), context - 1, device=device),
+                               slots=torch.arange(b, device=device),
+                               fresh=torch.zeros(b, dtype=torch.bool, device=device),
+                               write_at=read_at[:, -1].contiguous(), read_at=read_at,
+                               kv_len=torch.full((b,), context, device=device))
+            x = torch.randn(b, w.hidden, device=device, dtype=dtype)
+            r: dict[str, Any] = {"batch": b, "context": context}
+            for mode, key in (("kernel", "sdpa_ms"), ("reference", "einsum_ms")):
+                attn.kernels = mode
+                def call(x=x, i=inp, kc=k_cache, vc=v_cache) -> Tensor:
+                    return attention_decode(attn, x, i, kc, vc)
+
+                r[key] = 1e3 * timed(call, device, repeats=10)
+            rows.append(r)
+    return rows
+
+
 def build_hf(w: Widths, layers: int, device: torch.device, dtype: torch.dtype):
     from transformers import Qwen3NextConfig
     from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextModel
@@ -395,6 +431,14 @@ def main(argv: list[str] | None = None) -> int:
     torch._dynamo.reset()  # drops the compiled graphs (and with them the CUDA graphs' pool)
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+    if clock.allows("attention"):
+        try:
+            results["attention"] = time_attention(w, device, dtype, batches, prompt)
+            for r in results["attention"]:
+                print(f"[{clock.elapsed():6.1f}s] attention {json.dumps(r)}", flush=True)
+        except Exception as e:  # recorded: the rest of the results stand without it
+            results["attention"] = [{"error": f"{type(e).__name__}: {str(e)[:300]}"}]
 
     if clock.allows("fp8"):
         try:

@@ -26,6 +26,8 @@ def test_dry_run_writes_every_section(tmp_path):
     assert hf["decode_ms"] > 0 and ours["vs_transformers_decode"] > 0
     assert r["copy_bandwidth_gbs"] > 0 and r["skipped"] == []
     assert {f["op"].split()[0] for f in r["fp8"]} == {"linear", "experts"}
+    (att,) = r["attention"]
+    assert att["sdpa_ms"] > 0 and att["einsum_ms"] > 0 and att["context"] == 8
     assert all(f["fp8_dequantize_ms"] > 0 and "fp8_scaled_mm_ms" not in f for f in r["fp8"])
 
 
