@@ -200,3 +200,18 @@ def test_activation_groups_for_the_block_scaled_gemm():
     assert q.dtype == FP8_DTYPE and s.shape == (5, 2) and s.stride() == (1, 5)
     back = q.float().view(5, 2, 128) * s[..., None]
     assert (back.view(5, 256) - x).abs().max() <= x.abs().max() / 16
+
+
+def test_nextserve_generate_serves_the_fp8_checkpoint(checkpoints, capsys):
+    """Through the engine (`nextserve generate`, local executor): the FP8 checkpoint's greedy
+    tokens and logprobs are its dequantized copy's."""
+    from deployments.cli import main
+
+    fp8, plain, _ = checkpoints
+    replies = []
+    for model in (fp8, plain):
+        code = main(["generate", "--model", str(model), "--max-tokens", "6", "--temperature", "0", "--json",
+                     "--prompt-token-ids", "5,9,13,2,77", "--prompt-token-ids", "101,7"])
+        assert code == 0
+        replies.append([json.loads(line) for line in capsys.readouterr().out.splitlines()])
+    assert replies[0] == replies[1] and len(replies[0]) == 2
