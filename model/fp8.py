@@ -1,8 +1,8 @@
 """Block-wise FP8 weights (config.json's quant_method fp8): quantize and dequantize a weight by
 [bn, bk] tiles with one float32 scale each, and the modules that keep FP8 weights in memory
 (`Fp8Linear`, `Fp8Experts`) for a GPU, whose products dequantize on the fly or run a
-block-scaled GEMM (`torch.nn.functional.scaled_mm`, Hopper). On CPU the loader dequantizes at
-load instead (model/weights.py) and none of this runs in the model.
+block-scaled GEMM (`torch.nn.functional.scaled_mm`, Hopper). By default only CUDA keeps FP8
+weights (model/loading.py `fp8_mode`); elsewhere the reader dequantizes at load (model/weights.py).
 
 Legend: N output rows, K input columns, bn / bk rows / columns per tile, E experts, I expert
 intermediate size, H hidden, M tokens."""
