@@ -135,13 +135,13 @@ def test_token_ids_below_the_models_vocab_size(tiny_dir, capsys):
 def test_quantized_checkpoint_is_refused(tiny_dir, tmp_path, capsys):
     import shutil
 
-    d = tmp_path / "fp8"
+    d = tmp_path / "awq"
     shutil.copytree(tiny_dir, d)
     config = json.loads((d / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
     (d / "config.json").write_text(json.dumps(config))
     code, err = run_cli(["generate", "--model", str(d), "--prompt-token-ids", "3"], capsys)
-    assert code == 2 and "quantization_config.quant_method='fp8'" in err and err.count("\n") == 1
+    assert code == 2 and "quantization_config.quant_method='awq'" in err and err.count("\n") == 1
 
 
 def test_rebalance_sends_the_admin_key(monkeypatch, capsys):
