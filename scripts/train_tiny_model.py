@@ -42,11 +42,12 @@ from model.config import ModelConfig
 from model.decoder import CausalLM
 from model.moe import Experts, SparseMoeBlock
 from model.mtp import MultiTokenPredictor
-from model.tiny import PRETOKENIZE_REGEX
+from model.tiny import CHAT_TEMPLATE, PRETOKENIZE_REGEX
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-# Qwen's order after the BPE vocab: <|endoftext|>, <|im_start|>, <|im_end|>, ..., then the
-# non-special added tokens of Qwen3 (<think>, </think>, <tool_call>, </tool_call>).
+# Qwen's order after the BPE vocab: <|endoftext|>, <|im_start|>, <|im_end|>, then non-special added
+# tokens of Qwen3 (<think>, </think>, <tool_call>, </tool_call>; its <tool_response> tags are
+# BPE pieces here).
 SPECIAL = (ENDOFTEXT, IM_START, IM_END)
 ADDED = ("<think>", "</think>", "<tool_call>", "</tool_call>")
 VOCAB_SIZE = 4096  # BPE vocab + the 7 added tokens, a multiple of 64 as Qwen pads its vocab
@@ -62,8 +63,6 @@ ARCH: dict[str, Any] = dict(
     num_nextn_predict_layers=1,
 )
 
-# Qwen3's chat template (tools, <think> blocks, enable_thinking), as in its tokenizer_config.json.
-CHAT_TEMPLATE_FILE = Path(__file__).with_name("qwen3_chat_template.jinja")
 
 GREETING = ("Hello! I am a tiny language model, trained for a few minutes on the docstrings of Python's "
             "standard library. Ask me what a module, class or function does.")
@@ -169,7 +168,8 @@ def tokenizer_config(tok: Tokenizer) -> dict[str, Any]:
     return {
         "tokenizer_class": "Qwen2Tokenizer", "added_tokens_decoder": added, "bos_token": None,
         "eos_token": IM_END, "pad_token": ENDOFTEXT, "unk_token": None,
-        "chat_template": CHAT_TEMPLATE_FILE.read_text().rstrip("\n"),
+        # model/tiny.py's: renders what Qwen3's own template renders (tools, <think>, enable_thinking)
+        "chat_template": CHAT_TEMPLATE,
         "model_max_length": 4096, "add_prefix_space": False, "clean_up_tokenization_spaces": False,
         "errors": "replace", "split_special_tokens": False,
         "additional_special_tokens": [IM_START, IM_END],
