@@ -211,3 +211,26 @@ def test_builtin_model_drafts_are_accepted():
     docs = (BUILTIN / "training" / "heldout.txt").read_text().split("<|endoftext|>\n")[:20]
     accepted, total = teacher_forced_acceptance(lm, proposer, [tok.encode(d).ids for d in docs if d.strip()])
     assert total > 500 and accepted / total >= 0.5
+
+
+def test_propose_after_partial_acceptance_equals_a_fresh_pass(tiny):
+    """The engine's cycle: draft 3, the target accepts 1 and adds its own token, the proposer runs
+    over the 2 verified positions: the chained drafts' stale cache entries are rewritten, so the
+    new drafts equal those of a fresh cache over the whole sequence."""
+    _, lm, proposer = tiny
+    seq = torch.randint(0, 400, (17,), generator=torch.Generator().manual_seed(5))
+    P = 16  # prompt seq[:16]; seq[16] is the token the target just chose
+    cache = proposer.make_cache(1, 64, block_size=4, num_blocks=16)
+    table = [[3, 9, 1, 14, 6, 0, 11]]
+    hidden = target_hidden(lm, seq)
+    drafts, _ = proposer.propose(hidden[:P], seq[1:], BatchLayout.build([0], [0], [P], block_tables=table),
+                                 cache, 3)
+    bonus = torch.tensor([123])
+    full = torch.cat([seq, drafts[0, :1], bonus])  # first draft accepted, then the target's token
+    hidden = target_hidden(lm, full)
+    layout = BatchLayout.build([0], [P], [2], block_tables=table)
+    ids, logits = proposer.propose(hidden[P:P + 2], full[P + 1:P + 3], layout, cache, 2)
+    fresh, fresh_cache = BatchLayout.build([0], [0], [P + 2]), proposer.make_cache(1, 64)
+    fresh_ids, fresh_logits = proposer.propose(hidden[:P + 2], full[1:P + 3], fresh, fresh_cache, 2)
+    close(logits, fresh_logits)
+    assert ids.tolist() == fresh_ids.tolist()
