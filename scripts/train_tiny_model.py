@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-import model.moe
 from model.batch import BatchLayout
 from model.config import ModelConfig
 from model.decoder import CausalLM
@@ -301,8 +300,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    # torch 2.13's CPU grouped GEMM has no backward; the per-expert loop is the same math.
-    model.moe._grouped_mm = None
     t_start = time.time()
 
     rng = random.Random(args.seed)
@@ -321,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     config = ModelConfig.from_hf(config_dict)
     lm, mtp = CausalLM(config), MultiTokenPredictor(config)
     init_weights(lm, mtp, args.seed)
+    for m in [*lm.modules(), *mtp.modules()]:
+        if isinstance(m, Experts):
+            # torch 2.13's CPU grouped GEMM fails in backward on some group sizes ("Invalid
+            # strides/sizes"); the per-expert loop (model/kernels.py's reference) is the same math.
+            m.kernels = "reference"
     lm.train()
     mtp.train()
     balance = RouterBalance([m for m in [*lm.modules(), *mtp.modules()] if isinstance(m, SparseMoeBlock)])
