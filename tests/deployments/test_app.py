@@ -463,3 +463,14 @@ def test_tokenize_and_detokenize(base_url, offline, tiny_dir):
 def test_tokenize_errors_name_the_field(base_url, route, body, status, param):
     r = requests.post(f"{base_url}/{route}", json=body, timeout=10)
     assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+
+
+def test_missing_builtin_model_is_a_config_error_naming_the_fix(tmp_path, monkeypatch):
+    """The built-in model ships with the repository; without it the app refuses to start rather
+    than serve random weights in its place."""
+    import deployments.app as app
+    from engine.config import NextserveConfigError
+
+    monkeypatch.setattr(app, "TINY_MODEL_DIR", tmp_path / "tiny-qwen3-next")
+    with pytest.raises(NextserveConfigError, match="git checkout -- models/tiny-qwen3-next"):
+        app.resolve_model(None)
