@@ -97,14 +97,17 @@ class BlockManager:
     def free(self, seq: Hashable) -> None:
         """Give back every block of `seq` (none held: nothing to do). Its registered blocks stay
         cached, the last ones first in line for eviction (a longer prefix is shared less)."""
-        for block in reversed(self._tables.pop(seq, ())):
+        table = self._tables.pop(seq, [])
+        for block in table:
             self._refs[block] -= 1
-            if self._refs[block] == 0:
+        for block in reversed(table):
+            if self._refs[block] == 0 and block in self._hash_of:
                 del self._refs[block]
-                if block in self._hash_of:
-                    self._evictable[block] = None
-                else:
-                    self._free.append(block)
+                self._evictable[block] = None
+        for block in table:
+            if self._refs.get(block) == 0:
+                del self._refs[block]
+                self._free.append(block)
 
     def table(self, seq: Hashable) -> tuple[int, ...]:
         return tuple(self._tables.get(seq, ()))
