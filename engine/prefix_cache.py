@@ -9,9 +9,10 @@ table of saved states (snapshot entries in the executor, model/cache.py StateSna
 where to save them and which to load:
 - along every prompt, each `state_interval` blocks (chunked prefill ends a chunk there), so
   requests that share a long system prompt resume at the last interval point inside it;
-- at the last block boundary a sequence reaches (its prompt's, then each boundary its output
-  crosses), one entry per sequence overwritten as it goes: a finished request leaves the state at
-  the last boundary of its prompt + output, where the next turn of a chat resumes.
+- at its prompt's last block boundary, where the same prompt sent again resumes;
+- at each block boundary its output crosses, one entry per sequence overwritten as it goes: a
+  finished request leaves the state at the last boundary of its prompt + output, where the next
+  turn of a chat resumes.
 A sequence resumes from the longest prefix of whole blocks that has its KV blocks and (for a model
 with DeltaNet layers) a saved state at its end, never past its last token, whose logits it needs.
 Entries are evicted least recently used. Saves ride on the next step, before its tokens run (the
@@ -140,7 +141,9 @@ class PrefixCache:
         if h in self._entry_of:  # saved already (e.g. the same prompt ran before)
             self._entry_of.move_to_end(h)
             return
-        if full % self.state_interval == 0:  # an interval point: an entry of its own
+        # Interval points and the prompt's last boundary (where the same prompt sent again
+        # resumes) get an entry of their own; later boundaries overwrite the sequence's last one.
+        if full % self.state_interval == 0 or c == seq.num_prompt_tokens // bs * bs:
             entry = self._new_entry()
             if previous is not None:
                 self._rolling[seq] = previous  # still this sequence's to overwrite
