@@ -9,7 +9,8 @@ table of saved states (snapshot entries in the executor, model/cache.py StateSna
 where to save them and which to load:
 - along every prompt, each `state_interval` blocks (chunked prefill ends a chunk there), so
   requests that share a long system prompt resume at the last interval point inside it;
-- at its prompt's last block boundary, where the same prompt sent again resumes;
+- at its prompt's last block boundary (where the same prompt sent again resumes) when its output
+  is too short to reach another;
 - at each block boundary its output crosses, one entry per sequence overwritten as it goes: a
   finished request leaves the state at the last boundary of its prompt + output, where the next
   turn of a chat resumes.
@@ -116,11 +117,17 @@ class PrefixCache:
 
     def chunk_limit(self, seq: Sequence, start: int, num_tokens: int) -> int:
         """`num_tokens` from `start`, or fewer so the chunk ends where a state is saved: the next
-        interval point or the last block boundary of the sequence's tokens."""
+        interval point, or the last block boundary of the sequence's tokens where its output will
+        cross no later one (else the output's boundary is saved, which costs no extra step; an
+        extra step of a few tokens costs about a decode step, a fixed cost that would eat much of
+        a chat turn's gain)."""
         if not (self.needs_state and self.num_states) or num_tokens <= 1:
             return num_tokens
-        end, interval = start + num_tokens, self.state_interval * self.block_size
-        points = ((start // interval + 1) * interval, seq.num_tokens // self.block_size * self.block_size)
+        bs, end, interval = self.block_size, start + num_tokens, self.state_interval * self.block_size
+        points = [(start // interval + 1) * interval]
+        last = seq.num_tokens // bs * bs
+        if (seq.num_prompt_tokens + seq.params.max_tokens - 1) // bs * bs <= last:
+            points.append(last)
         inside = [p for p in points if start < p < end]
         return min(inside) - start if inside else num_tokens
 

@@ -74,12 +74,16 @@ def compute(pc: PrefixCache, seq: Sequence, n: int) -> None:
 
 def test_chunks_end_at_interval_points_and_the_last_block_boundary():
     pc = prefix_cache(interval=2)
-    seq = Sequence("s", list(range(3, 26)), GREEDY)  # 23 tokens: boundaries 8, 16 and the last at 20
+    # 23 tokens and one to generate: boundaries 8, 16 and the last at 20
+    seq = Sequence("s", list(range(3, 26)), SamplingParams(max_tokens=1))
     assert pc.chunk_limit(seq, 0, 23) == 8
     assert pc.chunk_limit(seq, 8, 15) == 8
     assert pc.chunk_limit(seq, 16, 7) == 4
     assert pc.chunk_limit(seq, 20, 3) == 3
     assert pc.chunk_limit(seq, 17, 1) == 1  # a decode token is never cut
+    # 12 to generate: the output crosses 24, whose state is saved, so no step is spent at 20
+    longer = Sequence("s", list(range(3, 26)), GREEDY)
+    assert pc.chunk_limit(longer, 16, 7) == 7
     off = PrefixCache(BlockManager(32, BS), BS, 4, needs_state=False, state_interval=2)
     assert off.chunk_limit(seq, 0, 23) == 23  # no DeltaNet: no states to save, no cuts
 
@@ -224,7 +228,8 @@ def test_concurrent_requests_sharing_a_prefix(next_dir):
     on.generate([prompt], GREEDY)
     before = on.stats.prefix_cache_hit_tokens
     assert_same(on.generate([prompt] * 4, GREEDY), off.generate([prompt] * 4, GREEDY))
-    assert on.stats.prefix_cache_hit_tokens - before == 4 * 28
+    # Each resumes at 24, the last interval point inside the prompt (its output went past 28).
+    assert on.stats.prefix_cache_hit_tokens - before == 4 * 24
 
 
 def test_eviction_under_pressure_keeps_outputs_exact(next_dir):
