@@ -1,6 +1,8 @@
 """The caches of the token mixers: the paged KV cache of a full-attention layer and the per-slot
-conv/recurrent state of a Gated DeltaNet layer. A sequence whose start is 0 ignores whatever an
-earlier owner left in its blocks or slot, so freeing them needs no clearing.
+conv/recurrent state of a Gated DeltaNet layer, with a pool of saved states for prefix caching. A
+sequence whose start is 0 ignores whatever an earlier owner left in its blocks or slot, so freeing
+them needs no clearing; one that starts past 0 reads what its slot holds (its own state, or one
+loaded from the pool).
 
 Legend: S slots, M max tokens per slot, NB blocks, BS tokens per block, P blocks in a table,
 B sequences, T packed tokens, Lk longest cached+new run, N heads, D head dim, C conv channels,
