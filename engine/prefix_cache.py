@@ -78,12 +78,13 @@ class PrefixCache:
         return len(self._entry_of)
 
     def hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
-        """The chained hashes of `seq`'s first `num_blocks` full blocks (kept on the sequence)."""
+        """The chained hashes of `seq`'s full blocks, at least its first `num_blocks` (the list kept
+        on the sequence, computed as far as asked)."""
         bs, h = self.block_size, seq.block_hashes
         while len(h) < num_blocks:
             i = len(h)
             h.append(block_hash(h[-1] if h else b"", seq.token_slice(i * bs, (i + 1) * bs)))
-        return h[:num_blocks]
+        return h
 
     # -- admission -----------------------------------------------------------------------------
     def match(self, seq: Sequence) -> Hit | None:
@@ -92,7 +93,8 @@ class PrefixCache:
         (prompt_logprobs) needs every position's logits, so it computes them all."""
         if seq.params.prompt_logprobs is not None:
             return None
-        hashes = self.hashes(seq, (seq.num_tokens - 1) // self.block_size)
+        most = (seq.num_tokens - 1) // self.block_size
+        hashes = self.hashes(seq, most)[:most]
         cached = self.blocks.lookup(hashes) if self.blocks.limited else []
         k = len(cached) if self.blocks.limited else len(hashes)
         if self.needs_state:
@@ -139,11 +141,11 @@ class PrefixCache:
         full = c // bs
         if full > seq.num_registered_blocks and self.blocks.limited:
             hashes = self.hashes(seq, full)
-            self.blocks.register(seq, seq.num_registered_blocks, hashes[seq.num_registered_blocks:])
+            self.blocks.register(seq, seq.num_registered_blocks, hashes[seq.num_registered_blocks:full])
         seq.num_registered_blocks = max(seq.num_registered_blocks, full)
         if not (self.needs_state and self.num_states) or c == 0 or c % bs:
             return
-        h = self.hashes(seq, full)[-1]
+        h = self.hashes(seq, full)[full - 1]
         previous = self._rolling.pop(seq, None)
         if h in self._entry_of:  # saved already (e.g. the same prompt ran before)
             self._entry_of.move_to_end(h)
