@@ -1,6 +1,7 @@
 """Prefix caching over the cluster executor: the DeltaNet actors save and load the states the
 engine names, the attention actors read the shared blocks; a chat's turns give the tokens of the
-local executor without the cache. Then the DeltaNet actor is killed between turns: its saved
+local executor without the cache, in one micro-batch lane and in two (the state copies travel in
+lane 0, which reaches every layer first). Then the DeltaNet actor is killed between turns: its saved
 states are gone with it, and the next turn is recomputed, never resumed from a lost state.
 
 Starts Ray: run inside a loopback-only network namespace,
@@ -39,6 +40,9 @@ def test_cluster_turns_hit_and_a_killed_deltanet_actor_means_recompute(hf_next_d
         rng = random.Random(0)
         histories = [[rng.randrange(3, 380) for _ in range(13)] for _ in range(2)]
         for turn in range(3):
+            if turn == 1:  # two micro-batch lanes: lane 1's sequences load their states in lane 0
+                cluster.configure_step(micro_batch_tokens=4)
+                assert cluster.num_lanes == 2
             if turn == 2:  # the states saved so far die with the actor that held them
                 name = next(m.name for m in cluster.placement.mixers if m.name.startswith("deltanet"))
                 ray.kill(cluster.actors.mixers[cluster.actor_names().index(name)], no_restart=True)
