@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0, help="0 or -1: off")
+    gen.add_argument("--min-p", type=float, default=0.0, help="0: off")
+    gen.add_argument("--presence-penalty", type=float, default=0.0)
+    gen.add_argument("--frequency-penalty", type=float, default=0.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
+    gen.add_argument("--min-tokens", type=int, default=0, help="no EOS or stop before this many tokens")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt and line")
@@ -218,7 +223,10 @@ def _sampling_params(args: argparse.Namespace):
 
     try:
         return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, logprobs=True)
+                              top_k=args.top_k, min_p=args.min_p, presence_penalty=args.presence_penalty,
+                              frequency_penalty=args.frequency_penalty,
+                              repetition_penalty=args.repetition_penalty, min_tokens=args.min_tokens,
+                              seed=args.seed, ignore_eos=args.ignore_eos, logprobs=True)
     except SamplingParamsError as e:
         raise UsageError(f"--{e.field.replace('_', '-')}: {e}") from None
 

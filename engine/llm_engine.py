@@ -112,7 +112,7 @@ class LLMEngine:
         if eos_token_ids is None:
             eos_token_ids = [*self.config.eos_token_ids, *(tokenizer.eos_token_ids if tokenizer else ())]
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.eos_token_ids)  # min_tokens masks them
         self.processor = OutputProcessor(self.eos_token_ids, self.scheduler.max_seq_len)
         self._requests: dict[str, Sequence] = {}  # unfinished requests
         self.max_state_recoveries = max_state_recoveries
@@ -137,9 +137,15 @@ class LLMEngine:
         if bad is not None:
             raise ValueError(f"request {request_id!r}: token id {bad!r} is out of range for "
                              f"vocab_size {vocab}")
-        seq = Sequence(request_id, ids, params or SamplingParams())
+        params = params or SamplingParams()
+        bad = next((t for t, _ in params.logit_bias if t >= vocab), None)
+        if bad is not None:  # the sampler indexes the logits with them
+            raise ValueError(f"request {request_id!r}: logit_bias names token id {bad}, out of range for "
+                             f"vocab_size {vocab}")
+        seq = Sequence(request_id, ids, params)
         if self.tokenizer is not None:
-            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.params.stop)
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.params.stop,
+                                                     min_tokens=seq.params.min_tokens)
         elif seq.params.stop:
             raise ValueError(f"request {request_id!r}: stop strings need a tokenizer; the model has none")
         self.scheduler.add(seq)
@@ -309,7 +315,7 @@ class LLMEngine:
                 generators.append(g := self._generator(seq, logits.device))
                 if g is not None:
                     states.append(g.get_state())
-            out = self.sampler(logits, [s.params for s in seqs], generators)
+            out = self.sampler(logits, [s.params for s in seqs], generators, seqs)
             return list(zip(out.token_ids.tolist(), out.logprobs.tolist(), strict=True))
         except Exception:
             log.exception("sampling %d rows failed; sampling them one by one", len(seqs))
@@ -318,7 +324,8 @@ class LLMEngine:
         sampled: list[Sampled] = []
         for i, seq in enumerate(seqs):
             try:
-                out = self.sampler(logits[i:i + 1], [seq.params], [self._generator(seq, logits.device)])
+                gen = self._generator(seq, logits.device)
+                out = self.sampler(logits[i:i + 1], [seq.params], [gen], [seq])
                 sampled.append((int(out.token_ids[0]), float(out.logprobs[0])))
             except Exception as e:
                 log.warning("request %s: sampling failed: %s: %s", seq.request_id, type(e).__name__, e)
