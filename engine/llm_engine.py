@@ -109,6 +109,11 @@ class LLMEngine:
                                    num_prefix_states=executor.num_state_snapshots if caching else None,
                                    needs_state=bool(self.config.deltanet_layers),
                                    state_interval=prefix_cache_state_interval)
+        if self.scheduler.prefix is not None and self.config.deltanet_layers:
+            n = executor.num_state_snapshots
+            log.info("prefix caching: %d saved DeltaNet states of %.2f MiB each (%.1f MiB), one along a "
+                     "prompt each %d blocks", n, state_bytes(self.config) / 2**20,
+                     n * state_bytes(self.config) / 2**20, prefix_cache_state_interval)
         if eos_token_ids is None:
             eos_token_ids = [*self.config.eos_token_ids, *(tokenizer.eos_token_ids if tokenizer else ())]
         self.eos_token_ids = frozenset(eos_token_ids)
