@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prefix-cache-state-interval", type=int, default=32,
                      help="KV-cache blocks between DeltaNet states saved along a prompt "
                           "(default: %(default)s)")
+    gen.add_argument("--speculative-tokens", type=int, default=0,
+                     help="MTP speculative decoding: draft tokens per step from the checkpoint's MTP layer "
+                          "(0: off; local executor)")
     gen.add_argument("--compile", action="store_true",
                      help="local executor: decode steps through torch.compile (the first step of each batch "
                           "size waits for its compile)")
@@ -160,7 +163,8 @@ def _engine_limits(args: argparse.Namespace):
                             num_kv_blocks=args.num_kv_blocks, compile=args.compile,
                             enable_prefix_caching=args.enable_prefix_caching,
                             prefix_cache_states=args.prefix_cache_states,
-                            prefix_cache_state_interval=args.prefix_cache_state_interval)
+                            prefix_cache_state_interval=args.prefix_cache_state_interval,
+                            speculative_tokens=args.speculative_tokens)
     except ValidationError as e:
         first = e.errors()[0]
         flag = "--" + str(first["loc"][0]).replace("_", "-")

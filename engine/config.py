@@ -45,6 +45,12 @@ class EngineLimits(Settings):
                               "chunks end there): a request sharing a prefix with an earlier one resumes "
                               "at the last such point inside it; smaller: closer hits, more saves and "
                               "shorter chunks")
+    speculative_tokens: int = Field(
+        0, ge=0, le=8, description="MTP speculative decoding: draft tokens per sequence and step from the "
+                                   "checkpoint's multi-token-prediction layer (Qwen3-Next's `mtp.*`), verified "
+                                   "by one target step of k+1 tokens; greedy output is unchanged, sampled "
+                                   "output keeps its distribution (rejection sampling); 0: off. Local "
+                                   "executor only")
     engine_process: Literal["auto", "inline", "separate"] = Field(
         "auto", description="where a serving replica runs the engine loop: `separate`, an engine core "
                             "process of its own (engine/core.py), which shares no GIL with HTTP, "

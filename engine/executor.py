@@ -5,6 +5,7 @@ tokens over cache slots) and return logits. `local` runs the whole model in this
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -42,7 +43,10 @@ class StepInput:
     blocks, which needs the executor's default num_kv_blocks.
     Prefix caching (engine/prefix_cache.py): before the step's tokens run, `state_saves` copies the
     DeltaNet state of slot s into snapshot entry j for each (s, j), then `state_loads` copies entry
-    j into slot s for each (j, s); a sequence resumed from a snapshot starts past 0."""
+    j into slot s for each (j, s); a sequence resumed from a snapshot starts past 0.
+    Speculative decoding: `num_drafts[b]` of sequence b's new tokens, at the end of its chunk, are
+    draft tokens to verify (empty: none); the executor then keeps the DeltaNet state after each of
+    them until `propose` rolls back to the accepted ones."""
 
     token_ids: tuple[int, ...]
     slots: tuple[int, ...]
@@ -52,6 +56,7 @@ class StepInput:
     block_tables: tuple[tuple[int, ...], ...] | None = None
     state_saves: tuple[tuple[int, int], ...] = ()  # (slot, snapshot entry)
     state_loads: tuple[tuple[int, int], ...] = ()  # (snapshot entry, slot)
+    num_drafts: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not (len(self.slots) == len(self.starts) == len(self.lengths)):
@@ -69,6 +74,15 @@ class StepInput:
             raise ValueError(f"state_saves {self.state_saves} name a snapshot entry twice")
         if len({s for _, s in self.state_loads}) < len(self.state_loads):
             raise ValueError(f"state_loads {self.state_loads} name a slot twice")
+        if self.num_drafts and (len(self.num_drafts) != len(self.slots) or any(
+                not 0 <= d < n for d, n in zip(self.num_drafts, self.lengths, strict=True))):
+            raise ValueError(f"num_drafts {self.num_drafts} needs one count per sequence, each below its "
+                             f"length {self.lengths}")
+
+    @property
+    def keep_states(self) -> int:
+        """New tokens per sequence whose DeltaNet states a verify step keeps (0: not one)."""
+        return max(self.num_drafts) + 1 if any(self.num_drafts) else 0
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,9 @@ class Executor(ABC):
     # loaded state) and carries state_saves / state_loads: the engine caches prefixes only then.
     supports_prefix_caching: bool = False
     num_state_snapshots: int = 0  # DeltaNet snapshot entries (0 for a model without DeltaNet)
+    # Speculative decoding: most draft tokens `propose` makes per sequence (engine.speculative_tokens;
+    # 0: the executor has no drafter).
+    speculative_tokens: int = 0
 
     def __init__(self, config: ModelConfig, num_slots: int, max_model_len: int | None, block_size: int,
                  num_kv_blocks: int | None, num_state_snapshots: int = 0) -> None:
@@ -136,6 +153,15 @@ class Executor(ABC):
     @abstractmethod
     def execute(self, step: StepInput) -> Tensor:
         """Float32 logits [len(step.logits_index), vocab_size]."""
+
+    def propose(self, accepted: Sequence[int], next_token_ids: Sequence[int], num_drafts: Sequence[int],
+                ) -> list[list[int]]:
+        """Speculative decoding, after each `execute` (prefill chunks included: the drafter caches
+        them too): sequence b of that step keeps its first `accepted[b]` new tokens (0: it ended;
+        fewer than its length: rejected drafts, whose DeltaNet states are rolled back), the token
+        after them is `next_token_ids[b]`, and it gets `num_drafts[b]` draft tokens to verify
+        next (<= speculative_tokens). Returns them, one list per sequence of the step."""
+        raise NotImplementedError(f"{type(self).__name__} has no drafter (engine.speculative_tokens)")
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Free what the executor started (actors, placement groups)."""

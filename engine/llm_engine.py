@@ -4,6 +4,7 @@ returns. A request whose data breaks a step fails alone; the others go on unchan
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -18,8 +19,9 @@ from engine.executor import Executor, ExecutorStateLostError, StepInput
 from engine.output_processor import OutputProcessor, PromptRow, RequestOutput, Sampled, TopLogprobs
 from engine.prefix_cache import state_bytes
 from engine.sampling import Sampler, SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from engine.sequence import Sequence
+from engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
+from engine.sequence import Sequence, SequenceStatus
+from engine.spec_decode import verify
 from engine.tokenizer import Tokenizer
 
 # RequestOutput and TopLogprobs are defined with the output processor and imported from here.
@@ -67,6 +69,13 @@ class EngineStats:
     prefix_cache_state_entries: int = 0
     prefix_cache_state_bytes: int = 0
     prefix_cache_state_evictions: int = 0
+    # Speculative decoding (engine.speculative_tokens; all 0 when off), as vLLM's spec-decode
+    # metrics: verify chunks (one per sequence and step with drafts), draft tokens proposed to them,
+    # drafts accepted, and drafts accepted at each draft position (first draft, second, ...).
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
+    spec_decode_accepted_per_pos: tuple[int, ...] = ()
 
 
 StepHook = Callable[[EngineStats, float, dict[int, list[int]]], None]
@@ -108,7 +117,9 @@ class LLMEngine:
                                    executor.num_slots,
                                    num_prefix_states=executor.num_state_snapshots if caching else None,
                                    needs_state=bool(self.config.deltanet_layers),
-                                   state_interval=prefix_cache_state_interval)
+                                   state_interval=prefix_cache_state_interval,
+                                   num_speculative_tokens=executor.speculative_tokens)
+        self.speculative_tokens = executor.speculative_tokens
         if self.scheduler.prefix is not None and self.config.deltanet_layers:
             n = executor.num_state_snapshots
             log.info("prefix caching: %d saved DeltaNet states of %.2f MiB each (%.1f MiB), one along a "
@@ -127,6 +138,9 @@ class LLMEngine:
         self.step_hooks: list[StepHook] = []
         self._counters = dict(num_steps=0, num_prompt_tokens=0, num_generated_tokens=0, num_finished=0,
                               last_step_num_tokens=0, last_step_num_seqs=0)
+        self._spec = dict(spec_decode_num_drafts=0, spec_decode_num_draft_tokens=0,
+                          spec_decode_num_accepted_tokens=0)
+        self._accepted_per_pos = [0] * self.speculative_tokens
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: Seq[int],
@@ -182,7 +196,8 @@ class LLMEngine:
         return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting),
                            num_slots_used=s.slots.num_used, num_slots=s.slots.num_slots,
                            num_preemptions=s.num_preemptions, num_kv_blocks_used=s.blocks.num_used,
-                           num_kv_blocks=s.blocks.num_blocks or 0, **cache, **self._counters)
+                           num_kv_blocks=s.blocks.num_blocks or 0, **cache, **self._counters, **self._spec,
+                           spec_decode_accepted_per_pos=tuple(self._accepted_per_pos))
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -203,15 +218,22 @@ class LLMEngine:
         self._state_losses = 0
         for chunk in sched.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
-        self.scheduler.computed(sched.chunks)
+        plain = tuple(c for c in sched.chunks if not c.num_drafts)
+        self.scheduler.computed(plain)  # verify chunks: once their accepted drafts are known
         if prompt_rows:
             self.processor.score_prompts(logits, prompt_rows)
-        sampling = [c.seq for c in sched.chunks if c.samples]
+        sampling = [c for c in sched.chunks if c.samples]
         outputs = []
+        emitted: dict[Sequence, int] = {}
         if sampling:
-            logits = logits[sample_rows]  # [len(sampling), V]
-            outputs = self.processor.process(sampling, logits, self._sample(sampling, logits))
+            outputs = self._sample_and_process(sampling, logits, sample_rows, emitted)
             self._finish(outputs)
+        verified = tuple(c for c in sched.chunks if c.num_drafts and not c.seq.is_finished)
+        for c in verified:  # the accepted drafts are in the output now: computed
+            c.seq.num_computed_tokens += emitted[c.seq] - 1
+        self.scheduler.computed(verified)
+        if self.speculative_tokens:
+            self._propose(sched, emitted)
         self._count(sched, outputs)
         if self.step_hooks:  # metrics (monitoring/engine_metrics.py), after the step's bookkeeping
             counts = self.executor.take_expert_counts()
@@ -275,7 +297,11 @@ class LLMEngine:
                 for j in range(first, min(c.start + c.num_tokens, c.seq.num_prompt_tokens - 1)):
                     prompt_rows.append((c.seq, len(logits_index), j))
                     logits_index.append(offset + j - c.start)
-            if c.samples:
+            if c.num_drafts:  # a verify chunk: the real token's row and each draft's
+                token_ids += c.seq.draft_token_ids[:c.num_drafts]
+                sample_rows.append(len(logits_index))
+                logits_index += range(len(token_ids) - 1 - c.num_drafts, len(token_ids))
+            elif c.samples:
                 sample_rows.append(len(logits_index))
                 logits_index.append(len(token_ids) - 1)
         blocks, prefix = self.scheduler.blocks, self.scheduler.prefix
@@ -284,9 +310,11 @@ class LLMEngine:
         step = StepInput(token_ids=tuple(token_ids),
                          slots=tuple(c.seq.slot for c in sched.chunks),
                          starts=tuple(c.start for c in sched.chunks),
-                         lengths=tuple(c.num_tokens for c in sched.chunks),
+                         lengths=tuple(c.num_tokens + c.num_drafts for c in sched.chunks),
                          logits_index=tuple(logits_index),
-                         block_tables=tables, state_saves=saves, state_loads=loads)
+                         block_tables=tables, state_saves=saves, state_loads=loads,
+                         num_drafts=tuple(c.num_drafts for c in sched.chunks)
+                         if any(c.num_drafts for c in sched.chunks) else ())
         return step, sample_rows, prompt_rows
 
     def _execute_failed(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
@@ -309,6 +337,110 @@ class LLMEngine:
                     type(error).__name__, error, exc_info=error)
         self.scheduler.isolate(sched.chunks)
         return []
+
+    def _sample_and_process(self, chunks: list[ScheduledChunk], logits: torch.Tensor, sample_rows: list[int],
+                            emitted: dict[Sequence, int]) -> list[RequestOutput]:
+        """Sample the chunks that reach their sequence's newest token (verify chunks: verify their
+        drafts) and turn the tokens into outputs, one per sequence. `emitted` receives the tokens
+        each verify chunk's sequence took (accepted drafts + 1)."""
+        plain = [(c, r) for c, r in zip(chunks, sample_rows, strict=True) if not c.num_drafts]
+        spec = [(c, r) for c, r in zip(chunks, sample_rows, strict=True) if c.num_drafts]
+        outputs: dict[Sequence, RequestOutput] = {}
+        if plain:
+            seqs = [c.seq for c, _ in plain]
+            rows = logits[[r for _, r in plain]]  # [len(plain), V]
+            processed = self.processor.process(seqs, rows, self._sample(seqs, rows))
+            outputs.update(zip(seqs, processed, strict=True))
+        if spec:
+            tokens = self._verify([c for c, _ in spec], [logits[r:r + c.num_drafts + 1] for c, r in spec])
+            # Each emitted token goes through the output processor as if sampled in a step of its
+            # own (stop checks, text, logprobs); a sequence that stops drops the rest.
+            for j in range(self.speculative_tokens + 1):
+                live = [(c, r, t) for (c, r), t in zip(spec, tokens, strict=True)
+                        if not isinstance(t, Exception) and j < len(t[0]) and not c.seq.is_finished
+                        and not (c.seq in outputs and outputs[c.seq].finished)]
+                failed = [(c, t) for (c, _), t in zip(spec, tokens, strict=True) if isinstance(t, Exception)]
+                if j == 0:
+                    for c, t in failed:
+                        outputs[c.seq] = self.processor.failed(c.seq, f"sampling failed: "
+                                                                      f"{type(t).__name__}: {t}")
+                if not live:
+                    break
+                seqs = [c.seq for c, _, _ in live]
+                rows = logits[[r + j for _, r, _ in live]]
+                sampled: list[Sampled] = [(t[0][j], t[1][j]) for _, _, t in live]
+                for seq, o in zip(seqs, self.processor.process(seqs, rows, sampled), strict=True):
+                    outputs[seq] = o if seq not in outputs else _merged(outputs[seq], o)
+            for (c, _), t in zip(spec, tokens, strict=True):
+                if not isinstance(t, Exception):
+                    emitted[c.seq] = len(t[0])
+                    self._count_spec(c.num_drafts, len(t[0]) - 1)
+        return [outputs[c.seq] for c in chunks]
+
+    def _verify(self, chunks: list[ScheduledChunk], rows: list[torch.Tensor],
+                ) -> list[tuple[list[int], list[float]] | Exception]:
+        """engine/spec_decode.py over the verify chunks, batched; if that raises, one by one, so
+        only the sequences that raise fail (seeded generators restart where the step found them)."""
+        seqs = [c.seq for c in chunks]
+        drafts = [c.seq.draft_token_ids[:c.num_drafts] for c in chunks]
+        generators = [self._generator(s, rows[0].device) for s in seqs]
+        states = [g.get_state() if g is not None else None for g in generators]
+        try:
+            return list(verify(self.sampler, torch.cat(rows), [s.params for s in seqs], seqs, drafts,
+                               generators))
+        except Exception:
+            log.exception("verifying %d sequences' drafts failed; verifying them one by one", len(seqs))
+        results: list[tuple[list[int], list[float]] | Exception] = []
+        for seq, r, d, g, state in zip(seqs, rows, drafts, generators, states, strict=True):
+            if g is not None and state is not None:
+                g.set_state(state)
+            try:
+                results.append(verify(self.sampler, r, [seq.params], [seq], [d], [g])[0])
+            except Exception as e:
+                log.warning("request %s: verifying drafts failed: %s: %s", seq.request_id,
+                            type(e).__name__, e)
+                results.append(e)
+        return results
+
+    def _count_spec(self, num_drafts: int, accepted: int) -> None:
+        self._spec["spec_decode_num_drafts"] += 1
+        self._spec["spec_decode_num_draft_tokens"] += num_drafts
+        self._spec["spec_decode_num_accepted_tokens"] += accepted
+        for j in range(accepted):
+            self._accepted_per_pos[j] += 1
+
+    def _propose(self, sched: SchedulerOutput, emitted: dict[Sequence, int]) -> None:
+        """Draft tokens for the step's sequences from the executor's drafter, which also caches
+        every chunk's tokens. A sequence drafts only where its next step could use them all: below
+        max_tokens and the longest sequence."""
+        accepted, next_ids, num_drafts = [], [], []
+        limit = self.scheduler.max_seq_len
+        for c in sched.chunks:
+            seq = c.seq
+            if seq.status is not SequenceStatus.RUNNING:  # finished (or failed) this step
+                accepted.append(0)
+                next_ids.append(0)
+                num_drafts.append(0)
+                continue
+            accepted.append(c.num_tokens + (emitted.get(seq, 1) - 1 if c.num_drafts else 0))
+            end = c.start + accepted[-1]
+            next_ids.append(seq.token_slice(end, end + 1)[0])
+            if end == seq.num_tokens - 1:  # it took a new token this step
+                left = seq.params.max_tokens - seq.num_output_tokens - 1
+                num_drafts.append(max(0, min(self.speculative_tokens, left, limit - seq.num_tokens)))
+            else:
+                num_drafts.append(0)
+        try:
+            drafts = self.executor.propose(accepted, next_ids, num_drafts)
+        except Exception as e:
+            # The rollback may not have run: the sequences are recomputed from their tokens alone.
+            log.exception("drafting failed (%s); recomputing the step's sequences", e)
+            running = tuple(ScheduledChunk(c.seq, 0, c.seq.num_computed_tokens) for c in sched.chunks
+                            if c.seq.status is SequenceStatus.RUNNING)
+            self.scheduler.isolate(running)
+            return
+        for c, d in zip(sched.chunks, drafts, strict=True):
+            c.seq.draft_token_ids = list(d)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Sampled]:
         """Each row's (token, logprob). If the batched sampler raises, rows are sampled one by one
@@ -368,3 +500,14 @@ class LLMEngine:
                           token_ids=tuple(seq.output_token_ids),
                           logprobs=tuple(seq.output_logprobs) if seq.params.logprobs else None,
                           finish_reason=seq.finish_reason or "abort", text=text, error=seq.error)
+
+
+def _merged(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """One output for two tokens of the same request in one step (speculative decoding)."""
+    cat = (lambda a, b: None if a is None or b is None else a + b)  # noqa: E731
+    return dataclasses.replace(then, new_token_ids=first.new_token_ids + then.new_token_ids,
+                               new_logprobs=cat(first.new_logprobs, then.new_logprobs),
+                               new_text=first.new_text + then.new_text,
+                               new_top_logprobs=cat(first.new_top_logprobs, then.new_top_logprobs),
+                               prompt_logprobs=first.prompt_logprobs,
+                               prompt_top_logprobs=first.prompt_top_logprobs)

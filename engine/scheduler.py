@@ -10,7 +10,10 @@ policy: prompt + output prefilled again, the next token sampled from that). The 
 step the executor failed are isolated: each is recomputed in steps of its own, so a request whose
 data breaks the model fails alone (`isolate`). With prefix caching (engine/prefix_cache.py) an
 admitted sequence resumes after its longest cached prefix, and prefill chunks end where DeltaNet
-states are saved."""
+states are saved. Speculative decoding (`num_speculative_tokens` k > 0): a decoding sequence brings its
+draft tokens after its newest token (ScheduledChunk.num_drafts, cut to the step's budget), and
+every chunk reserves KV-cache blocks for k positions past its end, where the drafter writes
+its own cache before the next step verifies."""
 
 from __future__ import annotations
 
@@ -81,11 +84,13 @@ class SlotAllocator:
 
 @dataclass(frozen=True)
 class ScheduledChunk:
-    """`num_tokens` new tokens of `seq`, from its `start`-th token on."""
+    """`num_tokens` new tokens of `seq`, from its `start`-th token on, then `num_drafts` of its
+    draft tokens to verify."""
 
     seq: Sequence
     start: int
     num_tokens: int
+    num_drafts: int = 0
 
     @property
     def samples(self) -> bool:
@@ -99,7 +104,7 @@ class SchedulerOutput:
 
     @property
     def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
+        return sum(c.num_tokens + c.num_drafts for c in self.chunks)
 
     @property
     def is_empty(self) -> bool:
@@ -113,25 +118,27 @@ class _StepPlan:
         self.budget = budget
         self.chunks: list[ScheduledChunk] = []
 
-    def add(self, seq: Sequence, num_tokens: int) -> None:
-        self.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
-        self.budget -= num_tokens
+    def add(self, seq: Sequence, num_tokens: int, num_drafts: int = 0) -> None:
+        self.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens, num_drafts))
+        self.budget -= num_tokens + num_drafts
 
     def drop(self, seq: Sequence) -> None:
         for chunk in self.chunks:
             if chunk.seq is seq:
                 self.chunks.remove(chunk)
-                self.budget += chunk.num_tokens
+                self.budget += chunk.num_tokens + chunk.num_drafts
                 return
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, num_slots: int, num_prefix_states: int | None = None,
-                 needs_state: bool = False, state_interval: int = 32) -> None:
+                 needs_state: bool = False, state_interval: int = 32,
+                 num_speculative_tokens: int = 0) -> None:
         """`num_prefix_states` None: no prefix caching; else the DeltaNet snapshot entries the
         executor keeps (`needs_state`: the model has DeltaNet layers; `state_interval`: blocks
-        between saved states along a prompt)."""
+        between saved states along a prompt). `num_speculative_tokens`: most drafts per sequence."""
         self.config = config
+        self.num_speculative_tokens = num_speculative_tokens
         self.slots = SlotAllocator(num_slots)
         self.blocks = BlockManager(config.num_kv_blocks, config.block_size)
         self.prefix: PrefixCache | None = None
@@ -177,6 +184,7 @@ class Scheduler:
         and blocks, which already cover that far, so recomputing needs no preemption."""
         for c in chunks:
             c.seq.num_computed_tokens = 0
+            c.seq.draft_token_ids = []
             self.isolated[c.seq] = c.start + c.num_tokens
 
     def is_isolated(self, seq: Sequence) -> bool:
@@ -189,10 +197,14 @@ class Scheduler:
             return SchedulerOutput((ScheduledChunk(alone, alone.num_computed_tokens, n),))
         plan = _StepPlan(self.config.max_num_batched_tokens)
         preempted_before = self.num_preemptions
-        # Decode first: one token each; the config guarantees the budget, blocks may preempt.
-        for seq in [s for s in self.running if not s.is_prefilling]:
-            if seq.status is SequenceStatus.RUNNING and self._reserve(seq, 1, plan):
-                plan.add(seq, 1)
+        # Decode first: one token each (and its drafts while the budget leaves every later decoding
+        # sequence its token); the config guarantees the budget, blocks may preempt.
+        decoding = [s for s in self.running if not s.is_prefilling]
+        for i, seq in enumerate(decoding):
+            drafts = min(len(seq.draft_token_ids), max(0, plan.budget - (len(decoding) - i)))
+            del seq.draft_token_ids[drafts:]
+            if seq.status is SequenceStatus.RUNNING and self._reserve(seq, 1 + drafts, plan):
+                plan.add(seq, 1, drafts)
         # Then prefills already under way, oldest first.
         for seq in [s for s in self.running if s.is_prefilling]:
             if seq.status is SequenceStatus.RUNNING and plan.budget > 0:
@@ -207,7 +219,7 @@ class Scheduler:
             hit = self.prefix.match(seq) if self.prefix is not None else None
             start = hit.num_blocks * self.config.block_size if hit else seq.num_computed_tokens
             n = self._chunk(seq, start, min(seq.num_tokens - start, plan.budget))
-            if not self.blocks.can_allocate(seq, start + n, hit.blocks if hit else ()):
+            if not self.blocks.can_allocate(seq, self._reach(start + n), hit.blocks if hit else ()):
                 break
             self.waiting.popleft()
             seq.slot = self.slots.allocate()
@@ -215,7 +227,7 @@ class Scheduler:
             self.running.append(seq)
             if self.prefix is not None:
                 self.prefix.resume(seq, hit)
-            self.blocks.allocate(seq, seq.num_computed_tokens + n)
+            self.blocks.allocate(seq, self._reach(seq.num_computed_tokens + n))
             plan.add(seq, n)
         return SchedulerOutput(tuple(plan.chunks))
 
@@ -238,6 +250,7 @@ class Scheduler:
         for seq in self.running:
             seq.num_computed_tokens = 0
             seq.num_registered_blocks = 0
+            seq.draft_token_ids = []
             if self.prefix is not None:
                 self.prefix.forget(seq)
 
@@ -252,7 +265,7 @@ class Scheduler:
     def _reserve(self, seq: Sequence, num_tokens: int, plan: _StepPlan) -> bool:
         """Blocks for `seq` to compute `num_tokens` more tokens, preempting the newest running
         sequences until they are free; False if `seq` itself had to be preempted."""
-        total = seq.num_computed_tokens + num_tokens
+        total = self._reach(seq.num_computed_tokens + num_tokens)
         while not self.blocks.can_allocate(seq, total):
             victim = self.running[-1]
             self._preempt(victim, plan)
@@ -260,6 +273,11 @@ class Scheduler:
                 return False
         self.blocks.allocate(seq, total)
         return True
+
+    def _reach(self, num_tokens: int) -> int:
+        """Tokens whose blocks a chunk ending at `num_tokens` needs: with speculative decoding, k
+        more, where the drafter writes its cache (never past a sequence's longest)."""
+        return max(num_tokens, min(num_tokens + self.num_speculative_tokens, self.max_seq_len))
 
     def _preempt(self, seq: Sequence, plan: _StepPlan) -> None:
         """Give back `seq`'s slot and blocks and queue it first for recompute: its prompt and
@@ -273,6 +291,7 @@ class Scheduler:
         self.slots.free(seq.slot)
         seq.slot = None
         seq.num_computed_tokens = 0
+        seq.draft_token_ids = []
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

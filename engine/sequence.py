@@ -35,6 +35,9 @@ class Sequence:
         self.block_hashes: list[bytes] = []
         self.num_registered_blocks = 0
         self.num_cached_tokens = 0
+        # Speculative decoding: draft tokens for the next step to verify (engine/spec_decode.py);
+        # never part of the output until accepted.
+        self.draft_token_ids: list[int] = []
         self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
         self.error: str | None = None  # why it failed, with finish_reason "error"
         self.generator: torch.Generator | None = None  # made on first draw, on the logits' device

@@ -25,6 +25,10 @@ class BatchLayout:
     # [B, P] long: KV-cache block ids of each sequence in token order, -1 past its own table;
     # None: each slot owns a fixed run of blocks (model/cache.py).
     block_tables: Tensor | None = None
+    # Speculative decoding: the DeltaNet layers keep their state after each of the first
+    # `keep_states` new tokens of every sequence (model/cache.py DeltaNetState.kept), so the
+    # engine can roll a sequence back to its last accepted token. 0: only the final state.
+    keep_states: int = 0
     # Index tensors derived from the fields above, made once per layout by their user and shared
     # by every layer of the step (model/cache.py: the checked block tables); a cache, not state.
     derived: dict[Hashable, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -32,7 +36,7 @@ class BatchLayout:
     @classmethod
     def build(cls, slots: list[int], starts: list[int], lengths: list[int],
               device: torch.device | str = "cpu",
-              block_tables: Sequence[Sequence[int]] | None = None) -> BatchLayout:
+              block_tables: Sequence[Sequence[int]] | None = None, keep_states: int = 0) -> BatchLayout:
         if not (len(slots) == len(starts) == len(lengths)) or not slots:
             raise ValueError("BatchLayout needs one (slot, start, length) per sequence, at least one")
         if min(lengths) < 1:
@@ -56,6 +60,7 @@ class BatchLayout:
             pad_index=pad_index.to(device),
             valid=valid.to(device),
             block_tables=tables,
+            keep_states=keep_states,
         )
 
     @property
@@ -88,7 +93,8 @@ class BatchLayout:
     def to(self, device: torch.device | str) -> BatchLayout:
         return BatchLayout(*(t.to(device) for t in (self.slots, self.starts, self.lengths,
                                                    self.positions, self.pad_index, self.valid)),
-                           block_tables=None if self.block_tables is None else self.block_tables.to(device))
+                           block_tables=None if self.block_tables is None else self.block_tables.to(device),
+                           keep_states=self.keep_states)
 
 
 def _padded_tables(tables: Sequence[Sequence[int]], num_seqs: int) -> Tensor:

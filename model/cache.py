@@ -121,6 +121,9 @@ class DeltaNetState:
         self.conv = torch.zeros(num_slots, conv_dim, conv_kernel - 1, dtype=dtype, device=device)
         self.recurrent = torch.zeros(num_slots, num_v_heads, k_head_dim, v_head_dim,
                                      dtype=torch.float32, device=device)
+        # Speculative decoding: the last step's slots [B] and per-position states, conv
+        # [B, n, C, K-1] and recurrent [B, n, Hv, Dk, Dv], after each of its first n tokens.
+        self.kept: tuple[Tensor, Tensor, Tensor] | None = None
 
     def read(self, layout: BatchLayout) -> tuple[Tensor, Tensor]:
         """Conv [B, C, K-1] and recurrent [B, Hv, Dk, Dv] state of each sequence; zeros for a
@@ -136,6 +139,21 @@ class DeltaNetState:
     def write(self, layout: BatchLayout, conv: Tensor, recurrent: Tensor) -> None:
         self.conv[layout.slots] = conv.to(self.conv.dtype)
         self.recurrent[layout.slots] = recurrent.float()
+
+    def keep(self, layout: BatchLayout, conv: Tensor, recurrent: Tensor) -> None:
+        """Hold the step's per-position states (layout.keep_states) until `rollback` or the next keep."""
+        self.kept = (layout.slots, conv.to(self.conv.dtype), recurrent.float())
+
+    def rollback(self, rows: Tensor, num_tokens: Tensor) -> None:
+        """Set sequence rows[i] of the last kept step back to its state after its first
+        num_tokens[i] new tokens (1 <= num_tokens[i] <= kept positions): the rejected draft tokens
+        after them leave no trace."""
+        if self.kept is None:
+            raise RuntimeError("no per-position DeltaNet states kept: the step had no keep_states")
+        slots, conv, rec = self.kept
+        index = num_tokens - 1
+        self.conv[slots[rows]] = conv[rows, index]
+        self.recurrent[slots[rows]] = rec[rows, index]
 
 
 class StateSnapshots:

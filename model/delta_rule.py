@@ -14,9 +14,10 @@ from torch import Tensor
 
 
 def recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
-                               state: Tensor) -> tuple[Tensor, Tensor]:
+                               state: Tensor, kept: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """S ← exp(g)·S; δ = β(v − Sᵀk); S ← S + k δᵀ; o = Sᵀq. Returns o [B, T, H, V] (dtype of v)
-    and the final state [B, H, K, V] float32."""
+    and the final state [B, H, K, V] float32. `kept` [B, n, H, K, V] float32 (speculative
+    decoding): receives the state after each of the first n tokens."""
     out_dtype = v.dtype
     q, k, v = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, *]
     g, beta = g.float().transpose(1, 2), beta.float().transpose(1, 2)  # [B, H, T]
@@ -32,6 +33,8 @@ def recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta:
         delta = beta[:, :, t, None] * (v[:, :, t] - (k_t @ S).squeeze(-2))  # [B, H, V]
         S.view(B * H, K, V).baddbmm_(k_t.reshape(B * H, K, 1), delta.reshape(B * H, 1, V))
         out[:, :, t] = (q[:, :, t, None, :] @ S).squeeze(-2)
+        if kept is not None and t < kept.shape[1]:
+            kept[:, t] = S
     return out.transpose(1, 2).to(out_dtype), S
 
 

@@ -58,24 +58,30 @@ class GatedDeltaNet(nn.Module):
         """a, b [T, H] -> log-decay g = -exp(A_log)·softplus(a + dt_bias) (float32), beta = sigmoid(b)."""
         return -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias), b.sigmoid()
 
-    def _conv(self, mixed: Tensor, conv_state: Tensor, layout: BatchLayout) -> tuple[Tensor, Tensor]:
-        """mixed [B, L, C] (right-padded), conv_state [B, C, W-1] -> silu(conv) [B, L, C], new state."""
+    def _conv(self, mixed: Tensor, conv_state: Tensor, layout: BatchLayout,
+              ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """mixed [B, L, C] (right-padded), conv_state [B, C, W-1] -> silu(conv) [B, L, C], new state,
+        and with layout.keep_states = n the state after each of the first n tokens [B, n, C, W-1]."""
         x = torch.cat([conv_state.to(mixed.dtype), mixed.transpose(1, 2)], dim=-1)  # [B, C, W-1+L]
         y = F.conv1d(x, self.conv1d.weight, groups=self.conv_dim)  # [B, C, L]
         # The new state is the last W-1 inputs of each sequence's own (unpadded) run.
         idx = layout.lengths[:, None] + torch.arange(self.W - 1, device=x.device)[None, :]  # [B, W-1]
         new_state = torch.gather(x, 2, idx[:, None, :].expand(-1, self.conv_dim, -1))
-        return F.silu(y).transpose(1, 2), new_state
+        kept = None
+        if layout.keep_states:  # after token t: inputs t+1 .. t+W-1 of x
+            n = min(layout.keep_states, mixed.shape[1])
+            kept = x.unfold(2, self.W - 1, 1)[:, :, 1:n + 1].transpose(1, 2).clone()  # [B, n, C, W-1]
+        return F.silu(y).transpose(1, 2), new_state, kept
 
     def forward(self, x: Tensor, layout: BatchLayout, state: DeltaNetState) -> Tensor:
         """x [T, hidden] -> [T, hidden]; reads and writes `state` at the layout's slots."""
-        if deltanet_backend(x, self.kernels) == "fla":
+        if deltanet_backend(x, self.kernels) == "fla" and not layout.keep_states:
             return self._forward_fla(x, layout, state)
         T = x.shape[0]
         q, k, v, z, b, a = self.split_projections(x)
         mixed = layout.to_padded(torch.cat([q, k, v], dim=-1))  # [B, L, C]
         conv_state, rec_state = state.read(layout)
-        mixed, conv_state = self._conv(mixed, conv_state, layout)
+        mixed, conv_state, kept_conv = self._conv(mixed, conv_state, layout)
         B, L = mixed.shape[:2]
         q, k, v = torch.split(mixed, [self.G * self.K, self.G * self.K, self.H * self.V], dim=-1)
         q = l2norm(q.reshape(B, L, self.G, self.K).float())
@@ -86,8 +92,25 @@ class GatedDeltaNet(nn.Module):
 
         g, beta = self.decay_and_beta(a, b)
         beta, g = layout.to_padded(beta), layout.to_padded(g)  # padded tokens: beta = g = 0, exact
-        rule = recurrent_gated_delta_rule if layout.is_decode else chunk_gated_delta_rule
-        o, rec_state = rule(q, k, v, g, beta, rec_state)  # [B, L, H, V]
+        if layout.keep_states:
+            # Speculative decoding's verify step (a few tokens per sequence): the state after each
+            # of the first n tokens is kept for the rollback to the last accepted one. The
+            # recurrence is what a decode step runs, so accepted tokens see the same arithmetic as
+            # without speculation; a long prefill chunk in the same step runs it too, once more
+            # for its first n tokens only.
+            n = min(layout.keep_states, L)
+            kept_rec = rec_state.new_empty(B, n, *rec_state.shape[1:])
+            if n == L:
+                o, new_rec = recurrent_gated_delta_rule(q, k, v, g, beta, rec_state, kept_rec)
+            else:
+                o, new_rec = chunk_gated_delta_rule(q, k, v, g, beta, rec_state)
+                recurrent_gated_delta_rule(q[:, :n], k[:, :n], v[:, :n], g[:, :n], beta[:, :n], rec_state,
+                                           kept_rec)
+            rec_state = new_rec
+            state.keep(layout, kept_conv, kept_rec)
+        else:
+            rule = recurrent_gated_delta_rule if layout.is_decode else chunk_gated_delta_rule
+            o, rec_state = rule(q, k, v, g, beta, rec_state)  # [B, L, H, V]
         state.write(layout, conv_state, rec_state)
 
         o = self.norm(layout.to_packed(o), z)  # [T, H, V]

@@ -143,13 +143,22 @@ class MTPProposer:
             raise ValueError(f"next_ids {tuple(next_ids.shape)} and hidden {tuple(hidden.shape)} need one "
                              f"row per packed token of the layout ({layout.num_tokens})")
         out = self.step(next_ids, hidden, layout, cache)
-        B, V = layout.num_seqs, self.lm.lm_head.weight.shape[0]
-        ids = torch.empty(B, num_drafts, dtype=torch.long, device=hidden.device)
-        logits = torch.empty(B, num_drafts, V, dtype=torch.float32, device=hidden.device)
-        if num_drafts == 0:
+        return self.draft(out, layout, cache, num_drafts, torch.arange(layout.num_seqs, device=hidden.device))
+
+    @torch.inference_mode()
+    def draft(self, out: Tensor, layout: BatchLayout, cache: KVCache, num_drafts: int, rows: Tensor,
+              ) -> tuple[Tensor, Tensor]:
+        """After `step` gave `out` [T, H] over the layout: k = num_drafts drafts for the sequences
+        `rows` [R] of the layout -> ids [R, k] long, logits [R, k, V] float32. The MTP's cache
+        entries for positions end .. end + k - 2 are written (the block tables must reach them)."""
+        R, V = rows.shape[0], self.lm.lm_head.weight.shape[0]
+        ids = torch.empty(R, num_drafts, dtype=torch.long, device=out.device)
+        logits = torch.empty(R, num_drafts, V, dtype=torch.float32, device=out.device)
+        if num_drafts == 0 or R == 0:
             return ids, logits
-        h = out[layout.last_token_index()]  # [B, H]
-        ends = layout.starts + layout.lengths  # [B] position of the first draft's input
+        h = out[layout.last_token_index()[rows]]  # [R, H]
+        ends = (layout.starts + layout.lengths)[rows]  # [R] position of the first draft's input
+        tables = None if layout.block_tables is None else layout.block_tables[rows]
         for j in range(num_drafts):
             logits[:, j] = self.lm.compute_logits(h)
             ids[:, j] = logits[:, j].argmax(-1)
@@ -157,9 +166,9 @@ class MTPProposer:
                 break
             # The next draft: the MTP's own output as h, the draft just made as the token.
             draft_layout = BatchLayout(
-                slots=layout.slots, starts=ends + j, lengths=torch.ones_like(ends),
-                positions=ends + j, pad_index=torch.arange(B, device=ends.device)[:, None],
-                valid=torch.ones(B, 1, dtype=torch.bool, device=ends.device),
-                block_tables=layout.block_tables)
+                slots=layout.slots[rows], starts=ends + j, lengths=torch.ones_like(ends),
+                positions=ends + j, pad_index=torch.arange(R, device=ends.device)[:, None],
+                valid=torch.ones(R, 1, dtype=torch.bool, device=ends.device),
+                block_tables=tables)
             h = self.step(ids[:, j], h, draft_layout, cache)
         return ids, logits
