@@ -233,8 +233,9 @@ class NextserveServer:
                                          max_model_len=self.ctx.max_model_len)])
 
     @api.get("/stats")
-    async def stats(self) -> dict[str, int]:
-        """The engine's counters and slot use (not part of the OpenAI API)."""
+    async def stats(self) -> dict[str, int | list[int]]:
+        """The engine's counters and slot use (not part of the OpenAI API); spec_decode_accepted_per_pos
+        is a list, one count per draft position."""
         return dataclasses.asdict(self.engine.stats())
 
     @api.get("/metrics")

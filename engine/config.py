@@ -47,7 +47,7 @@ class EngineLimits(Settings):
                               "shorter chunks")
     speculative_tokens: int = Field(
         0, ge=0, le=8, description="MTP speculative decoding: draft tokens per sequence and step from the "
-                                   "checkpoint's multi-token-prediction layer (Qwen3-Next's `mtp.*`), verified "
+                                   "checkpoint's multi-token-prediction layer (Qwen3-Next's mtp.*), verified "
                                    "by one target step of k+1 tokens; greedy output is unchanged, sampled "
                                    "output keeps its distribution (rejection sampling); 0: off. Local "
                                    "executor only")

@@ -80,6 +80,18 @@ METRICS: tuple[MetricDef, ...] = (
                                             "cached KV block reused for other tokens; state: a saved "
                                             "DeltaNet state).", ("what",),
        values={"what": ("block", "state")}),
+    # -- speculative decoding (engine stats hook; vLLM's spec_decode_* metrics) -------------------
+    _m("spec_decode_num_drafts", "counter", "Verify chunks: a sequence's draft tokens checked by one "
+                                            "target step (engine.speculative_tokens)."),
+    _m("spec_decode_num_draft_tokens", "counter", "Draft tokens the MTP layer proposed and a target step "
+                                                  "verified."),
+    _m("spec_decode_num_accepted_tokens", "counter", "Of those, draft tokens accepted (each saves a target "
+                                                     "step)."),
+    _m("spec_decode_num_accepted_tokens_per_pos", "counter", "Draft tokens accepted, by draft position "
+                                                             "(0: the first draft); divided by "
+                                                             "spec_decode_num_drafts, the acceptance "
+                                                             "rate per position.", ("position",),
+       values={"position": tuple(str(i) for i in range(8))}),  # engine.speculative_tokens <= 8
     _m("step_tokens", "gauge", "Tokens in the last engine step (prefill chunks + decodes)."),
     _m("time_to_first_token_seconds", "histogram", "From a request's arrival to its first output token.",
        buckets=LATENCY_BUCKETS),

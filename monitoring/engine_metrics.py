@@ -33,6 +33,10 @@ class StatsLike(Protocol):
     prefix_cache_state_entries: int
     prefix_cache_state_bytes: int
     prefix_cache_state_evictions: int
+    spec_decode_num_drafts: int
+    spec_decode_num_draft_tokens: int
+    spec_decode_num_accepted_tokens: int
+    spec_decode_accepted_per_pos: tuple[int, ...]
 
 
 class TelemetryLike(Protocol):
@@ -48,7 +52,10 @@ _COUNTERS = (("num_prompt_tokens", "nextserve_prompt_tokens"),
              ("num_steps", "nextserve_engine_steps"),
              ("num_preemptions", "nextserve_preemptions"),
              ("prefix_cache_queried_tokens", "nextserve_prefix_cache_queried_tokens"),
-             ("prefix_cache_hit_tokens", "nextserve_prefix_cache_hit_tokens"))
+             ("prefix_cache_hit_tokens", "nextserve_prefix_cache_hit_tokens"),
+             ("spec_decode_num_drafts", "nextserve_spec_decode_num_drafts"),
+             ("spec_decode_num_draft_tokens", "nextserve_spec_decode_num_draft_tokens"),
+             ("spec_decode_num_accepted_tokens", "nextserve_spec_decode_num_accepted_tokens"))
 _EVICTIONS = (("prefix_cache_block_evictions", "block"), ("prefix_cache_state_evictions", "state"))
 
 
@@ -69,6 +76,11 @@ class EngineMetrics:
             now = getattr(stats, field)
             s.inc(name, now - self._last.get(field, 0))
             self._last[field] = now
+        for pos, now in enumerate(stats.spec_decode_accepted_per_pos):
+            key = f"spec_decode_accepted_per_pos.{pos}"
+            s.inc("nextserve_spec_decode_num_accepted_tokens_per_pos", now - self._last.get(key, 0),
+                  position=str(pos))
+            self._last[key] = now
         for field, what in _EVICTIONS:
             now = getattr(stats, field)
             s.inc("nextserve_prefix_cache_evictions", now - self._last.get(field, 0), what=what)

@@ -106,6 +106,10 @@ function render() {
   if (!queried) { queried = d.counters.prefix_cache_queried_tokens; hits = d.counters.prefix_cache_hit_tokens; }
   document.getElementById("prefix-cache").textContent = (queried ? fmt(100 * hits / queried, 0) + " %" : "–") +
     ` / ${d.gauges.prefix_cache_states} of ${d.gauges.prefix_cache_state_entries}`;
+  // Draft tokens accepted / drafted over the last minute (all time if none came; – without drafts).
+  let drafted = rate("spec_decode_num_draft_tokens", 60), accepted = rate("spec_decode_num_accepted_tokens", 60);
+  if (!drafted) { drafted = d.counters.spec_decode_num_draft_tokens; accepted = d.counters.spec_decode_num_accepted_tokens; }
+  document.getElementById("spec-decode").textContent = drafted ? fmt(100 * accepted / drafted, 0) + " %" : "–";
   drawThroughput();
   drawHeatmap(d.expert_load);
 }

@@ -35,6 +35,10 @@ class Stats:
     prefix_cache_state_entries: int = 0
     prefix_cache_state_bytes: int = 0
     prefix_cache_state_evictions: int = 0
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
+    spec_decode_accepted_per_pos: tuple[int, ...] = ()
 
 
 def test_hook_takes_the_increase_of_preemptions_and_sets_block_gauges():

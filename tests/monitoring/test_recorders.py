@@ -41,6 +41,10 @@ class Stats:
     prefix_cache_state_entries: int = 0
     prefix_cache_state_bytes: int = 0
     prefix_cache_state_evictions: int = 0
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
+    spec_decode_accepted_per_pos: tuple[int, ...] = ()
 
 
 def sink() -> MetricsSink:
@@ -190,3 +194,17 @@ def test_dashboard_data_shape():
     assert d["expert_load"]["counts"] == [[2, 1]]
     assert d["histograms"]["time_to_first_token_seconds"][-1][0] is None
     json.dumps(d, allow_nan=False)  # what a JSON response must carry
+
+
+def test_spec_decode_counters_take_increases_per_draft_position():
+    s = sink()
+    hook = EngineMetrics(s)
+    hook.on_step(Stats(spec_decode_num_drafts=2, spec_decode_num_draft_tokens=6,
+                       spec_decode_num_accepted_tokens=3, spec_decode_accepted_per_pos=(2, 1, 0)), 0.01)
+    hook.on_step(Stats(spec_decode_num_drafts=3, spec_decode_num_draft_tokens=9,
+                       spec_decode_num_accepted_tokens=6, spec_decode_accepted_per_pos=(3, 2, 1)), 0.01)
+    assert s.value("nextserve_spec_decode_num_drafts") == 3
+    assert s.value("nextserve_spec_decode_num_draft_tokens") == 9
+    assert s.value("nextserve_spec_decode_num_accepted_tokens") == 6
+    assert [s.value("nextserve_spec_decode_num_accepted_tokens_per_pos", position=str(p)) for p in range(3)] \
+        == [3, 2, 1]
