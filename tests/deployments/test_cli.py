@@ -131,6 +131,26 @@ def test_generate_with_and_without_prefix_caching(tiny_dir, capsys):
             assert g["logprobs"] == pytest.approx(w["logprobs"], abs=5e-4)
 
 
+def test_generate_with_speculative_tokens(tiny_dir, tmp_path, capsys):
+    """--speculative-tokens K drafts with the checkpoint's MTP layer: the same greedy tokens; a
+    checkpoint without one is a usage error naming the key."""
+    argv = ["generate", "--model", str(tiny_dir), "--max-tokens", "9", "--temperature", "0", "--json",
+            "--prompt-token-ids", "5,9,13,2,77,31,8", "--prompt-token-ids", "3,3,3,250,17"]
+    assert main(argv) == 0
+    want = [json.loads(line) for line in capsys.readouterr().out.strip().split("\n")]
+    assert main([*argv, "--speculative-tokens", "2"]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.strip().split("\n")]
+    assert [g["token_ids"] for g in got] == [w["token_ids"] for w in want]
+    code, err = run_cli([*argv, "--speculative-tokens", "-1"], capsys)
+    assert code == 2 and "--speculative-tokens" in err
+    from model.tiny import make_tiny_model
+
+    moe = make_tiny_model(tmp_path / "moe", arch="qwen3_moe")
+    code, err = run_cli(["generate", "--model", str(moe), "--prompt-token-ids", "1",
+                         "--speculative-tokens", "2"], capsys)
+    assert code == 2 and "speculative_tokens=2" in err
+
+
 def test_generate_text_prompts(tiny_dir, capsys):
     argv = ["generate", "--model", str(tiny_dir), "--prompt", "hello world", "--prompt", "a",
             "--max-tokens", "3", "--temperature", "0.8", "--seed", "1"]

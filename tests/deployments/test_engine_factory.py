@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from deployments.config import NextserveConfig
-from deployments.engine_factory import build_engine
+from deployments.engine_factory import build_engine, build_llm_engine
 from engine.config import NextserveConfigError
 
 
@@ -115,3 +115,19 @@ def test_a_separate_engine_process_is_refused_for_the_cluster_executor(tiny_dir)
     with pytest.raises(NextserveConfigError, match=r"engine\.engine_process: separate runs only"):
         build_engine(config)  # before any Ray starts
     assert NextserveConfig.from_args({}).engine.engine_process == "auto"
+
+
+def test_speculative_tokens_are_refused_without_an_mtp_layer_and_with_the_cluster_executor(tiny_dir):
+    # tiny_dir is a Qwen3 MoE checkpoint: no MTP layer to draft with.
+    config = NextserveConfig.from_args({"model": str(tiny_dir), "executor": "local",
+                                        "engine": {"speculative_tokens": 2}})
+    with pytest.raises(NextserveConfigError, match=r"engine\.speculative_tokens=2 needs the checkpoint"):
+        build_llm_engine(config, None)
+    config = NextserveConfig.from_args({"model": str(tiny_dir), "executor": "cluster",
+                                        "engine": {"speculative_tokens": 1}})
+    with pytest.raises(NextserveConfigError, match=r"engine\.speculative_tokens=1: speculative decoding runs "
+                                                   r"only with executor: local"):
+        build_llm_engine(config, None)  # before any Ray starts
+    with pytest.raises(NextserveConfigError, match="speculative_tokens"):
+        NextserveConfig.from_args({"engine": {"speculative_tokens": -1}})
+    assert NextserveConfig.from_args({}).engine.speculative_tokens == 0
