@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from engine.structured_output import StructuredOutputsParams, TokenMask, apply_token_mask
+
 
 class SamplingParamsError(ValueError):
     """An invalid sampling parameter; `field` names it so a CLI or HTTP layer can point at it."""
@@ -37,6 +39,8 @@ class SamplingParams:
     top_logprobs: int = 0  # with logprobs: also the n likeliest tokens of each step
     prompt_logprobs: int | None = None  # None: off; n >= 0: each prompt token's logprob and top n
     stop: tuple[str, ...] = ()  # stop strings; the output text ends before the first match
+    # Output held to a JSON schema / regex / choice / grammar (engine/structured_output.py).
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         # Lists are welcome from callers; a frozen params object keeps a tuple.
@@ -68,6 +72,9 @@ class SamplingParams:
         _require(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs)
                                                   and 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS),
                  "prompt_logprobs", f"must be None or in [0, {MAX_TOP_LOGPROBS}]", self.prompt_logprobs)
+        so = self.structured_outputs
+        _require(so is None or isinstance(so, StructuredOutputsParams), "structured_outputs",
+                 "must be None or StructuredOutputsParams", so)
 
     @property
     def greedy(self) -> bool:
@@ -104,19 +111,23 @@ class Sampler:
     row's own generator. Logprobs are those of the unmodified distribution, as vLLM reports."""
 
     def __call__(self, logits: Tensor, params: Sequence[SamplingParams],
-                 generators: Sequence[torch.Generator | None] | None = None) -> SamplerOutput:
+                 generators: Sequence[torch.Generator | None] | None = None,
+                 token_mask: TokenMask | None = None) -> SamplerOutput:
+        """`token_mask`: the grammar masks of structured-output rows, applied before temperature."""
         B = logits.shape[0]
         if len(params) != B:
             raise ValueError(f"{B} logit rows but {len(params)} sampling params")
         generators = generators if generators is not None else [None] * B
-        logits = logits.float()
+        raw = logits = logits.float()
+        if token_mask is not None:
+            logits = apply_token_mask(logits.clone(), token_mask)
         token_ids = logits.argmax(-1)  # [B]
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if rows:
             probs = filtered_probs(logits[rows], [params[i] for i in rows])  # [b, V]
             for j, i in enumerate(rows):
                 token_ids[i] = draw(probs[j], generators[i])
-        logprobs = torch.log_softmax(logits, -1).gather(1, token_ids[:, None]).squeeze(1)
+        logprobs = torch.log_softmax(raw, -1).gather(1, token_ids[:, None]).squeeze(1)
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
 
 
