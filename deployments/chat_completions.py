@@ -22,6 +22,7 @@ from deployments.protocol import (
     Usage,
 )
 from deployments.serving import SSE_DONE, APIError, Choice, ServingContext, new_id, run_choices, sse
+from deployments.structured_outputs import structured_outputs_params
 from engine.llm_engine import TopLogprobs
 from engine.sampling import SamplingParams
 
@@ -49,7 +50,8 @@ def prepare(ctx: ServingContext, req: ChatCompletionRequest) -> tuple[Choice, Sa
         raise APIError(400, "messages render to an empty prompt", param="messages")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = ctx.sampling_params(req, len(ids), max_tokens, logprobs=req.logprobs,
-                                 top_logprobs=req.top_logprobs if req.logprobs else 0)
+                                 top_logprobs=req.top_logprobs if req.logprobs else 0,
+                                 structured_outputs=structured_outputs_params(req))
     return Choice(0, ids), params
 
 

@@ -183,12 +183,50 @@ def _clean(e: Exception) -> str:
 
 
 # -- per-request state ---------------------------------------------------------------------------
+_UTF8_BAD_NEXT = {0xE0: range(0x80, 0xA0), 0xED: range(0xA0, 0xC0), 0xF0: range(0x80, 0x90),
+                  0xF4: range(0x90, 0xC0)}  # lead byte → the bytes that may not follow it
+
+
+class Utf8Guard:
+    """What xgrammar 0.2.8's byte automaton lets through and UTF-8 forbids: the byte after a lead
+    E0 / ED / F0 / F4 must be in A0-BF / 80-9F / 90-BF / 80-8F (no overlong forms, no surrogates,
+    nothing past U+10FFFF), which it does not check in every rule (E0 80 80 passes a pattern, ED A0
+    80 a plain string). Such bytes decode to U+FFFD, which breaks a maxLength. So: tokens with such
+    a pair inside are never allowed, and after a token that ends with one of these leads, tokens
+    starting with a byte the lead cannot take are masked too."""
+
+    def __init__(self, token_bytes: Sequence[bytes], num_words: int) -> None:
+        def packed(ids: list[int]) -> Tensor:
+            allowed = torch.full((num_words,), -1, dtype=torch.int32)
+            for t in ids:
+                allowed[t // 32] &= ~_bit(t % 32)
+            return allowed
+
+        bad_inside, after = [], {lead: [] for lead in _UTF8_BAD_NEXT}
+        self.ends_with_lead: dict[int, int] = {}
+        for t, b in enumerate(token_bytes):
+            if not b:
+                continue
+            if any(b[i] in _UTF8_BAD_NEXT and b[i + 1] in _UTF8_BAD_NEXT[b[i]] for i in range(len(b) - 1)):
+                bad_inside.append(t)
+            for lead, bad in _UTF8_BAD_NEXT.items():
+                if b[0] in bad:
+                    after[lead].append(t)
+            if b[-1] in _UTF8_BAD_NEXT:
+                self.ends_with_lead[t] = b[-1]
+        self.always = packed(bad_inside) if bad_inside else None  # [W] allowed bits
+        self.after = {lead: packed(ids) for lead, ids in after.items()}
+
+
 class GrammarState:
     """One request's position in its grammar: advanced by each token it accepts."""
 
-    def __init__(self, matcher: xgrammar.GrammarMatcher, stop_token_ids: frozenset[int]) -> None:
+    def __init__(self, matcher: xgrammar.GrammarMatcher, stop_token_ids: frozenset[int],
+                 utf8: Utf8Guard | None = None) -> None:
         self.matcher = matcher
         self.stop_token_ids = stop_token_ids
+        self.utf8 = utf8
+        self.lead: int | None = None  # the UTF-8 lead byte the output ends with, if constrained
 
     @property
     def terminated(self) -> bool:
@@ -199,6 +237,8 @@ class GrammarState:
     def accept(self, token_id: int) -> bool:
         if self.terminated:
             return token_id in self.stop_token_ids
+        if self.utf8 is not None:
+            self.lead = self.utf8.ends_with_lead.get(token_id)
         return self.matcher.accept_token(token_id)
 
     def fill(self, bitmask: Tensor, row: int) -> None:
@@ -209,6 +249,11 @@ class GrammarState:
                     bitmask[row, t // 32] |= _bit(t % 32)
             return
         self.matcher.fill_next_token_bitmask(bitmask, row)
+        if self.utf8 is not None:
+            if self.utf8.always is not None:
+                bitmask[row] &= self.utf8.always
+            if self.lead is not None:
+                bitmask[row] &= self.utf8.after[self.lead]
 
 
 def _bit(j: int) -> int:
@@ -242,6 +287,7 @@ class StructuredOutputManager:
         self._cache: OrderedDict[tuple[str, str, bool], Any] = OrderedDict()
         self._lock = threading.Lock()  # the cache: the worker writes, the engine thread reads
         self._compiler: Any = None
+        self._utf8: Utf8Guard | None = None  # made with the compiler, from its token table
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nextserve-grammar")
         self._bitmask: Tensor | None = None  # [rows, W], grown as batches need
         self.num_compiled = 0  # grammars compiled (cache misses), for tests and metrics
@@ -283,7 +329,7 @@ class StructuredOutputManager:
         import xgrammar as xgr
 
         return GrammarState(xgr.GrammarMatcher(compiled, override_stop_tokens=sorted(self.stop_token_ids)),
-                            self.stop_token_ids)
+                            self.stop_token_ids, self._utf8)
 
     def masks(self, states: Sequence[GrammarState | None]) -> tuple[TokenMask | None, dict[int, Exception]]:
         """The step's TokenMask for the rows whose request has a grammar (None if none has),
@@ -308,7 +354,12 @@ class StructuredOutputManager:
 
     def _get_compiler(self) -> Any:
         if self._compiler is None:  # only the worker thread gets here
-            self._compiler = make_compiler(self.tokenizer, self.vocab_size, self.stop_token_ids)
+            import xgrammar as xgr
+
+            info = tokenizer_info(self.tokenizer, self.vocab_size, self.stop_token_ids)
+            self._utf8 = Utf8Guard(info.decoded_vocab, self.num_words)
+            # One thread: the machine's cores run the model; the manager keeps its own LRU.
+            self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         return self._compiler
 
 
@@ -329,15 +380,6 @@ def tokenizer_info(tokenizer: Tokenizer, vocab_size: int, stop_token_ids: Sequen
     meta = xgr.TokenizerInfo._detect_metadata_from_hf(tokenizer.to_json())
     return xgr.TokenizerInfo(encoded, meta["vocab_type"], vocab_size=vocab_size,
                              stop_token_ids=sorted(stop_token_ids), add_prefix_space=meta["add_prefix_space"])
-
-
-def make_compiler(tokenizer: Tokenizer, vocab_size: int, stop_token_ids: Sequence[int],
-                  ) -> xgrammar.GrammarCompiler:
-    import xgrammar as xgr
-
-    # One thread: the machine's cores run the model; the manager keeps its own LRU.
-    return xgr.GrammarCompiler(tokenizer_info(tokenizer, vocab_size, stop_token_ids), max_threads=1,
-                               cache_enabled=False)
 
 
 # -- the sampler's side ---------------------------------------------------------------------------
