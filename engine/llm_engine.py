@@ -338,7 +338,10 @@ class LLMEngine:
                 generators.append(g := self._generator(seq, logits.device))
                 if g is not None:
                     states.append(g.get_state())
-            out = self.sampler(logits, [s.params for s in seqs], generators, token_mask=mask)
+            # token_mask only where a row has a grammar: a sampler without structured outputs
+            # (a test's, another backend's) keeps its plain signature.
+            masked = {"token_mask": mask} if mask is not None else {}
+            out = self.sampler(logits, [s.params for s in seqs], generators, **masked)
             sampled = list(zip(out.token_ids.tolist(), out.logprobs.tolist(), strict=True))
             return self._advance_grammars(seqs, sampled, mask_failed)
         except Exception:
@@ -353,7 +356,7 @@ class LLMEngine:
                     j = mask.rows.index(i)
                     row_mask = TokenMask(rows=(0,), bitmask=mask.bitmask[j:j + 1])
                 out = self.sampler(logits[i:i + 1], [seq.params], [self._generator(seq, logits.device)],
-                                   token_mask=row_mask)
+                                   **({"token_mask": row_mask} if row_mask is not None else {}))
                 sampled.append((int(out.token_ids[0]), float(out.logprobs[0])))
             except Exception as e:
                 log.warning("request %s: sampling failed: %s: %s", seq.request_id, type(e).__name__, e)

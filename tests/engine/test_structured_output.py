@@ -51,6 +51,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def build_engine(model_dir, num_slots: int = 16) -> LLMEngine:
+    torch.set_num_threads(1)  # also in the engine-core process, which this builds in
     return LLMEngine(LocalExecutor(model_dir, num_slots=num_slots, max_model_len=512),
                      tokenizer=Tokenizer(model_dir))
 
