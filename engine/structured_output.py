@@ -115,8 +115,12 @@ def grammar_of(params: StructuredOutputsParams) -> xgrammar.Grammar:
             # strict_mode: properties a schema does not name are refused unless it allows them
             # (additionalProperties), as OpenAI's strict schemas; json_object takes any object.
             strict = kind == "json"
-            schema = json.dumps(_bounded_strings_as_patterns(_check_json(params.json))) if strict \
-                else '{"type": "object"}'
+            if strict:
+                value = _check_json(params.json)
+                _refuse_unenforced(value)
+                schema = json.dumps(_bounded_strings_as_patterns(value))
+            else:
+                schema = '{"type": "object"}'
             compact = params.disable_any_whitespace
             return xgr.Grammar.from_json_schema(schema, any_whitespace=not compact, strict_mode=strict,
                                                 separators=(",", ":") if compact else None)
@@ -148,6 +152,41 @@ def _check_json(schema: str | None) -> Any:
 
 
 _DATA_KEYS = frozenset({"enum", "const", "default", "examples"})  # values there are data, not schemas
+
+
+# Keywords xgrammar 0.2.8 accepts and does not enforce (its output may break them): refused, so
+# that every output validates. oneOf is taken as anyOf (pydantic's unions are exclusive anyway).
+_UNENFORCED = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies",
+               "unevaluatedProperties", "unevaluatedItems", "minContains", "maxContains")
+_NAMED = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+
+
+def _refuse_unenforced(schema: Any, where: str = "") -> None:
+    if isinstance(schema, list):
+        for i, v in enumerate(schema):
+            _refuse_unenforced(v, f"{where}/{i}")
+        return
+    if not isinstance(schema, dict):
+        return
+    bad = next((k for k in _UNENFORCED if k in schema), None)
+    if bad is None and schema.get("uniqueItems") is True:
+        bad = "uniqueItems"
+    if bad is None and isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
+        bad = "allOf"
+    if bad is None and ("pattern" in schema or "format" in schema) and (
+            "minLength" in schema or "maxLength" in schema):
+        bad = "minLength/maxLength with pattern or format"
+    if bad is not None:
+        raise StructuredOutputError("json", f"json: {bad} (at #{where}) is not supported: the grammar "
+                                            f"backend cannot enforce it")
+    for k, v in schema.items():
+        if k in _DATA_KEYS:
+            continue
+        if k in _NAMED and isinstance(v, dict):  # keys there are names, not keywords
+            for name, sub in v.items():
+                _refuse_unenforced(sub, f"{where}/{k}/{name}")
+        else:
+            _refuse_unenforced(v, f"{where}/{k}")
 
 
 def _bounded_strings_as_patterns(schema: Any) -> Any:

@@ -82,12 +82,26 @@ def sampled(spec: StructuredOutputsParams, seed: int, max_tokens: int = MAX_TOKE
     (dict(choice=("a", 3)), "choice"),
     (dict(regex="a", choice=("b",)), "choice"),
     (dict(), "json"),
+    (dict(json='{"type": "array", "uniqueItems": true}'), "json"),
+    (dict(json='{"properties": {"a": {"not": {"type": "null"}}}}'), "json"),
+    (dict(json='{"allOf": [{"type": "integer"}, {"minimum": 5}]}'), "json"),
+    (dict(json='{"type": "string", "pattern": "^a+$", "maxLength": 3}'), "json"),
 ])
 def test_bad_specs_name_their_field(spec, field):
     with pytest.raises(StructuredOutputError) as e:
         grammar_of(S(**spec))
     assert e.value.field == field, e.value
     assert "/project/cpp" not in str(e.value)  # xgrammar's source location is cut
+
+
+def test_what_the_backend_cannot_enforce_is_refused_not_ignored():
+    with pytest.raises(StructuredOutputError, match=r"uniqueItems \(at #/properties/a\)"):
+        grammar_of(S(json={"properties": {"a": {"type": "array", "uniqueItems": True}}}))
+    # Property names and data are not keywords; oneOf runs as anyOf; one-element allOf is fine.
+    grammar_of(S(json={"type": "object", "properties": {"not": {"type": "integer"}, "if": {"const": 1}},
+                       "required": ["not"]}))
+    grammar_of(S(json={"oneOf": [{"type": "integer"}, {"type": "string"}], "default": {"not": 1}}))
+    grammar_of(S(json={"allOf": [{"type": "integer"}]}))
 
 
 def test_specs_are_hashable_keys():
