@@ -111,7 +111,8 @@ def test_json_object_and_vllm_options(client):
      "response_format.json_schema.schema"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {
-        "name": "x", "schema": {"type": "array", "uniqueItems": True}}}}, "response_format.json_schema.schema"),
+        "name": "x", "schema": {"type": "array", "uniqueItems": True}}}},
+     "response_format.json_schema.schema"),
     ({"response_format": {"type": "xml"}}, "response_format"),
     ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs.regex"),
     ({"structured_outputs": {"grammar": "root ::= undefined_rule"}}, "structured_outputs.grammar"),
