@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import re
 import threading
 import time
@@ -172,9 +173,10 @@ def validate_all(results, schemas, min_stop_fraction: float) -> None:
     assert stopped >= min_stop_fraction * len(results)
 
 
-@settings(max_examples=4, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                 HealthCheck.data_too_large])
+# 4 batches of 16 schemas keep this under 30 s; raise it for a longer search.
+@settings(max_examples=int(os.environ.get("NEXTSERVE_STRUCTURED_EXAMPLES", "4")), deadline=None,
+          database=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(schemas=st.lists(TOP_SCHEMAS, min_size=16, max_size=16), compact=st.booleans())
 def test_fuzzed_json_schemas_always_validate(engine, prompt, schemas, compact):
     params = [sampled(S(json=s, disable_any_whitespace=compact), seed=i) for i, s in enumerate(schemas)]
