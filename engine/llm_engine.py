@@ -157,9 +157,8 @@ class LLMEngine:
         seq = self._requests.pop(request_id, None)
         if seq is None:
             return False
-        compiling = self._compiling.pop(request_id, None)
-        if compiling is not None:
-            compiling[1].cancel()  # a compile already running finishes into the cache
+        if self._compiling.pop(request_id, None) is not None:
+            # Its compile is not cancelled: another request may share it, and it ends in the cache.
             seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
             return True
         self.scheduler.finish(seq, "abort")
@@ -174,7 +173,7 @@ class LLMEngine:
     @property
     def stats(self) -> EngineStats:
         s = self.scheduler
-        return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting),
+        return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting) + len(self._compiling),
                            num_slots_used=s.slots.num_used, num_slots=s.slots.num_slots,
                            num_preemptions=s.num_preemptions, num_kv_blocks_used=s.blocks.num_used,
                            num_kv_blocks=s.blocks.num_blocks or 0, **self._counters)

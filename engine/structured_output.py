@@ -329,6 +329,7 @@ class StructuredOutputManager:
         self._utf8: Utf8Guard | None = None  # made with the compiler, from its token table
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nextserve-grammar")
         self._bitmask: Tensor | None = None  # [rows, W], grown as batches need
+        self._inflight: dict[tuple[str, str, bool], Future] = {}
         self.num_compiled = 0  # grammars compiled (cache misses), for tests and metrics
 
     @property
@@ -345,8 +346,20 @@ class StructuredOutputManager:
 
     def submit(self, params: StructuredOutputsParams) -> Future:
         """Compile on the worker thread; the future's result is the compiled grammar, or it
-        raises StructuredOutputError."""
-        return self._pool.submit(self.compile, params)
+        raises StructuredOutputError. Requests with the same spec share one compile (e.g. the
+        prompts of one completions request)."""
+        with self._lock:
+            future = self._inflight.get(params.key)
+            if future is None or future.done():
+                future = self._inflight[params.key] = self._pool.submit(self._compile_once, params)
+            return future
+
+    def _compile_once(self, params: StructuredOutputsParams) -> Any:
+        try:
+            return self.compile(params)
+        finally:
+            with self._lock:
+                self._inflight.pop(params.key, None)
 
     def compile(self, params: StructuredOutputsParams) -> Any:
         compiled = self.cached(params)
