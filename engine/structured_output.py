@@ -173,6 +173,9 @@ def _refuse_unenforced(schema: Any, where: str = "") -> None:
         bad = "uniqueItems"
     if bad is None and isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
         bad = "allOf"
+    empty = next((k for k in ("anyOf", "oneOf", "allOf", "type", "enum") if schema.get(k) == []), None)
+    if empty is not None:  # xgrammar would let it through as "" or as any value
+        raise StructuredOutputError("json", f"json: {empty} (at #{where}) must be a non-empty array")
     if bad is None and ("pattern" in schema or "format" in schema) and (
             "minLength" in schema or "maxLength" in schema):
         bad = "minLength/maxLength with pattern or format"
@@ -292,7 +295,10 @@ class GrammarState:
             if self.utf8.always is not None:
                 bitmask[row] &= self.utf8.always
             if self.lead is not None:
+                plain = bitmask[row].clone()
                 bitmask[row] &= self.utf8.after[self.lead]
+                if not bool(bitmask[row].any()):  # the grammar takes nothing else: let it have its way
+                    bitmask[row] = plain
 
 
 def _bit(j: int) -> int:
@@ -399,6 +405,12 @@ class StructuredOutputManager:
             except Exception as e:
                 failed[i] = e
                 bitmask[j] = -1
+        # A grammar with no way on (an empty language: {"anyOf": []}) would leave every logit
+        # -inf: its request fails alone instead of sampling garbage.
+        for j in (~bitmask.any(1)).nonzero().flatten().tolist():
+            failed[rows[j]] = ValueError("the grammar allows no token here: the schema or grammar "
+                                         "has no valid continuation")
+            bitmask[j] = -1
         return TokenMask(rows=tuple(rows), bitmask=bitmask.clone()), failed
 
     def shutdown(self) -> None:

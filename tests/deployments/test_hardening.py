@@ -215,8 +215,8 @@ def test_extreme_but_valid_values_run(base_url, offline):
 UNSUPPORTED = [
     (CMPL, "logit_bias", {"5": 10}), (CMPL, "presence_penalty", 0.5), (CMPL, "frequency_penalty", -1),
     (CMPL, "repetition_penalty", 1.2), (CMPL, "min_p", 0.1), (CMPL, "best_of", 2), (CMPL, "suffix", "end"),
-    (CMPL, "guided_json", {"type": "object"}), (CMPL, "logits_processors", ["x"]), (CMPL, "min_tokens", 3),
-    (CHAT, "response_format", {"type": "json_object"}), (CHAT, "tools", [{"type": "function"}]),
+    (CMPL, "guided_whitespace_pattern", " "), (CMPL, "logits_processors", ["x"]), (CMPL, "min_tokens", 3),
+    (CHAT, "guided_decoding_backend", "outlines"), (CHAT, "tools", [{"type": "function"}]),
     (CHAT, "tool_choice", "required"), (CHAT, "functions", [{"name": "f"}]), (CHAT, "n", 2),
     (CHAT, "include_stop_str_in_output", True), (CHAT, "continue_final_message", True),
 ]

@@ -87,6 +87,8 @@ def sampled(spec: StructuredOutputsParams, seed: int, max_tokens: int = MAX_TOKE
     (dict(json='{"properties": {"a": {"not": {"type": "null"}}}}'), "json"),
     (dict(json='{"allOf": [{"type": "integer"}, {"minimum": 5}]}'), "json"),
     (dict(json='{"type": "string", "pattern": "^a+$", "maxLength": 3}'), "json"),
+    (dict(json='{"anyOf": []}'), "json"),
+    (dict(json='{"type": []}'), "json"),
 ])
 def test_bad_specs_name_their_field(spec, field):
     with pytest.raises(StructuredOutputError) as e:
@@ -285,6 +287,16 @@ def test_abort_while_compiling_and_a_failed_compile_fail_alone(tiny_dir, prompt)
             outs.setdefault(o.request_id, []).append(o)
     assert outs["bad"][-1].finish_reason == "error" and "strin" in outs["bad"][-1].error
     assert outs["ok"][-1].finish_reason == "length"
+
+
+def test_a_grammar_with_no_way_on_fails_its_request_alone(engine, prompt):
+    """{"$ref": "#"} (root ::= root) parses and compiles but admits nothing: the request fails
+    with the reason, its neighbour is untouched."""
+    empty = sampled(S(json={"$ref": "#"}), 0)
+    fine = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    bad, ok = engine.generate([prompt, prompt], [empty, fine])
+    assert bad.finish_reason == "error" and "no valid continuation" in bad.error
+    assert ok.finish_reason == "length" and len(ok.token_ids) == 3
 
 
 def test_structured_outputs_need_a_tokenizer(tiny_dir):
