@@ -135,6 +135,26 @@ def grammar_of(params: StructuredOutputsParams) -> xgrammar.Grammar:
         raise StructuredOutputError(kind, f"invalid {kind}: {_clean(e)}") from None
 
 
+def json_ebnf(schemas: Sequence[str | dict[str, Any]], prefix: str = "", suffix: str = "",
+              any_whitespace: bool = True) -> str:
+    """EBNF (xgrammar's GBNF) for `prefix`, then a JSON value that validates against one of
+    `schemas`, then `suffix`: e.g. a Qwen tool call, prefix "<tool_call>\\n", one schema per tool
+    ({"name": {"const": ...}, "arguments": parameters}), suffix "\\n</tool_call>". Hand it to a
+    request as StructuredOutputsParams(grammar=...). The schemas get the same checks and
+    workarounds as a `json` spec; StructuredOutputError("json") if one is bad."""
+    import xgrammar as xgr
+
+    if not schemas:
+        raise StructuredOutputError("json", "json_ebnf needs at least one schema")
+    parts = []
+    for schema in schemas:
+        grammar = grammar_of(StructuredOutputsParams(json=schema, disable_any_whitespace=not any_whitespace))
+        pieces = [xgr.Grammar.from_ebnf(f"root ::= {json.dumps(t, ensure_ascii=False)}")
+                  for t in (prefix, suffix)]
+        parts.append(xgr.Grammar.concat(pieces[0], grammar, pieces[1]) if prefix or suffix else grammar)
+    return str(parts[0] if len(parts) == 1 else xgr.Grammar.union(*parts))
+
+
 def choice_ebnf(choices: Sequence[str]) -> str:
     """root ::= "a" | "b" ...: JSON string escapes are valid GBNF string literals."""
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)

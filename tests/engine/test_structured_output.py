@@ -34,6 +34,7 @@ from engine.structured_output import (
     _bounded_strings_as_patterns,
     apply_token_mask,
     grammar_of,
+    json_ebnf,
     tokenizer_info,
 )
 from engine.tokenizer import Tokenizer
@@ -209,6 +210,27 @@ def test_json_object_regex_choice_and_grammar(engine, prompt):
         else:
             assert re.fullmatch(r"\([0-9]+(,[0-9]+)*\)", r.text), r.text
     assert stopped >= 0.75 * len(results)
+
+
+def test_json_wrapped_in_text_for_tool_calls(engine, prompt):
+    """json_ebnf: a tool call in Qwen's form, one of two tools, as the tools helper may ask."""
+    tools = [{"type": "object", "properties": {"name": {"const": "get_weather"}, "arguments": {
+                 "type": "object", "properties": {"city": {"type": "string", "maxLength": 6}},
+                 "required": ["city"]}}, "required": ["name", "arguments"]},
+             {"type": "object", "properties": {"name": {"const": "add"}, "arguments": {
+                 "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                 "required": ["a", "b"]}}, "required": ["name", "arguments"]}]
+    grammar = json_ebnf(tools, prefix="<tool_call>\n", suffix="\n</tool_call>", any_whitespace=False)
+    n = 6
+    results = engine.generate([prompt] * n, [sampled(S(grammar=grammar), seed=i) for i in range(n)])
+    for r in results:
+        assert r.finish_reason == "stop", r
+        assert r.text.startswith("<tool_call>\n") and r.text.endswith("\n</tool_call>"), r.text
+        call = json.loads(r.text.removeprefix("<tool_call>\n").removesuffix("\n</tool_call>"))
+        schema = tools[0] if call["name"] == "get_weather" else tools[1]
+        jsonschema.validate(call, schema)
+    with pytest.raises(StructuredOutputError):
+        json_ebnf([{"type": "array", "uniqueItems": True}])
 
 
 def test_eos_only_where_the_grammar_may_end(engine, prompt):
