@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from engine.config import NextserveConfigError
 from model.config import ConfigError, ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL_DIR = REPO_ROOT / "models" / "tiny-qwen3-next"  # the built-in model, made on first start
+TINY_MODEL_DIR = REPO_ROOT / "models" / "tiny-qwen3-next"  # the built-in (trained, shipped) model
 # Requests a replica takes on top of its engine's capacity, so that the engine, not Serve's
 # proxy queue, sees the overflow and answers 429 at once.
 ONGOING_MARGIN = 16
@@ -45,7 +44,7 @@ def build_app(args: dict[str, Any], engine_factory: EngineFactory | None = None,
 
 def resolve_model(model: str | None) -> Path:
     """An absolute checkpoint path (replicas may start elsewhere); a relative one is taken from
-    the current directory, else from the repo root. The built-in tiny model is made if absent."""
+    the current directory, else from the repo root. The built-in tiny model ships with the repo."""
     if model is None:
         path = TINY_MODEL_DIR
     else:
@@ -53,8 +52,7 @@ def resolve_model(model: str | None) -> Path:
         if not path.is_absolute():
             path = path.resolve() if path.exists() else REPO_ROOT / path
     if path.resolve() == TINY_MODEL_DIR and not (path / "config.json").is_file():
-        from model.tiny import make_tiny_model
-
-        print(f"nextserve: making the built-in tiny model in {TINY_MODEL_DIR}", file=sys.stderr)
-        make_tiny_model(TINY_MODEL_DIR, arch="qwen3_next")
+        raise NextserveConfigError(f"model: the built-in model {TINY_MODEL_DIR} is missing (it ships with "
+                                   f"the repository: `git checkout -- models/tiny-qwen3-next`, or retrain "
+                                   f"it with scripts/train_tiny_model.py)")
     return path.resolve()

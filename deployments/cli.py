@@ -12,7 +12,8 @@ from pathlib import Path
 
 from model.config import DTYPES
 
-# The built-in model `generate` uses without --model, made on first use (models/ is git-ignored).
+# The built-in model `generate` uses without --model: trained, shipped in the repository
+# (scripts/train_tiny_model.py makes it).
 TINY_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "tiny-qwen3-next"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "ray_config.yaml"
 
@@ -51,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0, help="0 or -1: off")
+    gen.add_argument("--min-p", type=float, default=0.0, help="0: off")
+    gen.add_argument("--presence-penalty", type=float, default=0.0)
+    gen.add_argument("--frequency-penalty", type=float, default=0.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
+    gen.add_argument("--min-tokens", type=int, default=0, help="no EOS or stop before this many tokens")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt and line")
@@ -208,7 +214,10 @@ def _sampling_params(args: argparse.Namespace):
 
     try:
         return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, logprobs=True)
+                              top_k=args.top_k, min_p=args.min_p, presence_penalty=args.presence_penalty,
+                              frequency_penalty=args.frequency_penalty,
+                              repetition_penalty=args.repetition_penalty, min_tokens=args.min_tokens,
+                              seed=args.seed, ignore_eos=args.ignore_eos, logprobs=True)
     except SamplingParamsError as e:
         raise UsageError(f"--{e.field.replace('_', '-')}: {e}") from None
 
@@ -244,10 +253,9 @@ def _prompts(args: argparse.Namespace):
 
 def _builtin_tiny_model() -> Path:
     if not (TINY_MODEL_DIR / "config.json").is_file():
-        from model.tiny import make_tiny_model
-
-        print(f"nextserve: making the built-in tiny model in {TINY_MODEL_DIR}", file=sys.stderr)
-        make_tiny_model(TINY_MODEL_DIR, arch="qwen3_next")
+        raise UsageError(f"--model: the built-in model {TINY_MODEL_DIR} is missing (it ships with the "
+                         f"repository: `git checkout -- models/tiny-qwen3-next`, or retrain it with "
+                         f"scripts/train_tiny_model.py)")
     return TINY_MODEL_DIR
 
 

@@ -1,5 +1,6 @@
-"""POST /v1/completions: text or token-id prompts (one or a list), streaming or not, logprobs,
-and `echo` with the prompt's own logprobs, which evaluation harnesses use to score text."""
+"""POST /v1/completions: text or token-id prompts (one or a list), `n` choices each, streaming or
+not, logprobs, and `echo` with the prompt's own logprobs, which evaluation harnesses use to score
+text."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from engine.llm_engine import TopLogprobs
 
 
 def prepare(ctx: ServingContext, req: CompletionRequest):
-    """(choices, sampling params, prompt texts) for the request, or APIError. Tokenizes: run it
-    off the event loop (`asyncio.to_thread`), so a long prompt stalls no other stream."""
+    """(choices, sampling params, prompt texts) for the request, or APIError: choice i * n + j is
+    prompt i's j-th (vLLM's order). Tokenizes: run it off the event loop (`asyncio.to_thread`),
+    so a long prompt stalls no other stream."""
     ctx.check_model(req.model)
     if req.max_tokens == 0 and not req.echo:
         raise APIError(400, "max_tokens must be >= 1 unless echo is true, got 0", param="max_tokens")
@@ -34,6 +36,7 @@ def prepare(ctx: ServingContext, req: CompletionRequest):
         raise APIError(400, f"prompt: {len(prompts)} prompts in one request; this server takes at most "
                             f"{ctx.max_prompts} (serve.max_prompts_per_request)", param="prompt")
     structured = structured_outputs_params(req)
+    ctx.check_choices(len(prompts), req.n)
     choices, params, texts = [], [], []
     for i, p in enumerate(prompts):
         ids = ctx.encode(p, f"prompt[{i}]") if isinstance(p, str) else list(p)
@@ -41,11 +44,14 @@ def prepare(ctx: ServingContext, req: CompletionRequest):
             raise APIError(400, f"prompt {i} encodes to no tokens", param="prompt")
         ctx.check_token_ids(ids, i)
         k = req.logprobs
-        params.append(ctx.sampling_params(
-            req, len(ids), req.max_tokens, logprobs=k is not None, top_logprobs=k or 0,
-            prompt_logprobs=k if (req.echo and k is not None) else None, structured_outputs=structured))
-        choices.append(Choice(i, ids, drop_output=req.max_tokens == 0))
-        texts.append(p if isinstance(p, str) else ctx.tokenizer.decode(ids, skip_special_tokens=False))
+        text = p if isinstance(p, str) else ctx.tokenizer.decode(ids, skip_special_tokens=False)
+        for j in range(req.n):
+            params.append(ctx.sampling_params(
+                req, len(ids), req.max_tokens, choice=j, logprobs=k is not None, top_logprobs=k or 0,
+                prompt_logprobs=k if (req.echo and k is not None) else None,
+                structured_outputs=structured))
+            choices.append(Choice(i * req.n + j, ids, drop_output=req.max_tokens == 0))
+            texts.append(text)
     return choices, params, texts
 
 
@@ -65,7 +71,7 @@ async def complete(ctx: ServingContext, req: CompletionRequest) -> CompletionRes
             finish_reason=c.finish_reason, token_ids=c.token_ids if req.return_token_ids else None,
             prompt_token_ids=c.prompt_token_ids if req.return_token_ids else None))
     return CompletionResponse(id=request_id, created=int(time.time()), model=ctx.model_name, choices=out,
-                              usage=_usage(choices))
+                              usage=_usage(choices, req.n))
 
 
 async def stream(ctx: ServingContext, req: CompletionRequest) -> AsyncIterator[str]:
@@ -101,12 +107,13 @@ async def stream(ctx: ServingContext, req: CompletionRequest) -> AsyncIterator[s
                     and len(c.token_ids) <= 1 else None))
     if req.stream_options is None or req.stream_options.include_usage:
         yield sse(CompletionResponse(id=request_id, created=created, model=ctx.model_name, choices=[],
-                                     usage=_usage(choices)))
+                                     usage=_usage(choices, req.n)))
     yield SSE_DONE
 
 
-def _usage(choices: list[Choice]) -> Usage:
-    p = sum(len(c.prompt_token_ids) for c in choices)
+def _usage(choices: list[Choice], n: int) -> Usage:
+    """Each prompt counted once, as OpenAI and vLLM count it; every choice's output."""
+    p = sum(len(c.prompt_token_ids) for c in choices[::n])
     n = sum(len(c.token_ids) for c in choices)
     return Usage(prompt_tokens=p, completion_tokens=n, total_tokens=p + n)
 

@@ -41,6 +41,13 @@ class ServeSettings(Settings):
                           "neither: the route is off)")
     rebalance_cooldown_s: float = Field(60.0, ge=0, description="POST /rebalance is refused (HTTP 429) "
                                                                 "this long after the last one")
+    reasoning_parser: Literal["qwen3", "none"] = Field(
+        "qwen3", description="qwen3: the chat API returns `<think>...</think>` text as reasoning_content "
+                             "(vLLM's --reasoning-parser qwen3); none: it stays in content")
+    tool_call_parser: Literal["hermes", "none"] = Field(
+        "hermes", description="hermes: `<tool_call>` JSON in the answer becomes tool_calls (vLLM's "
+                              "--enable-auto-tool-choice --tool-call-parser hermes); none: requests with "
+                              "tools get HTTP 400 unless tool_choice is none")
 
 
 class NextserveConfig(ClusterConfig):

@@ -1,22 +1,27 @@
 """The OpenAI API's request and response bodies, as far as nextserve serves them, with vLLM's
-extensions (`top_k`, `ignore_eos`, `stop_token_ids`, `return_token_ids`). Requests are checked
+extensions (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`,
+`return_token_ids`) and vLLM's /tokenize and /detokenize bodies. Requests are checked
 here; a bad field becomes an HTTP 400 that names it. Nothing is ignored silently: a field this
 server does not implement is refused unless it has its neutral value, and an unknown field is
 refused as OpenAI refuses it."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
-from engine.sampling import MAX_TOP_LOGPROBS
+from engine.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 
 MAX_STOP_STRINGS = 16  # OpenAI takes 4; enough for chat formats' end markers
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS_TOKENS = 1024  # entries of logit_bias; each step adds them to the logits
+MAX_TOOLS = 128  # OpenAI's limit
 
 
 def _neutral(*values: Any) -> Callable[[Any], bool]:
@@ -27,11 +32,10 @@ _OFF = _neutral(None)
 # OpenAI and vLLM request fields that nextserve does not implement: accepted only at the value
 # that means "not used", refused with a 400 naming them otherwise.
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "presence_penalty": _neutral(None, 0), "frequency_penalty": _neutral(None, 0),
-    "repetition_penalty": _neutral(None, 1), "length_penalty": _neutral(None, 1),
-    "min_p": _neutral(None, 0), "min_tokens": _neutral(None, 0), "best_of": _neutral(None, 1),
-    "logit_bias": _neutral(None, {}),
+    # best_of > 1 as vLLM V1 refuses it: sample n instead
+    "length_penalty": _neutral(None, 1), "best_of": _neutral(None, 1),
     "tools": _neutral(None, []), "tool_choice": _neutral(None, "none", "auto"),
+    "parallel_tool_calls": _neutral(None, True, False),
     "functions": _neutral(None, []), "function_call": _neutral(None, "none", "auto"),
     "use_beam_search": _neutral(None, False), "logits_processors": _neutral(None, []),
     # one structured-output backend (xgrammar): naming it is fine, any other is refused
@@ -47,8 +51,8 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "kv_transfer_params": _OFF, "vllm_xargs": _OFF,
 }
 # Fields with no effect on the output: accepted and not used.
-NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "request_id",
-                       "cache_salt", "safety_identifier", "prompt_cache_key"})
+NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "request_id", "cache_salt",
+                       "safety_identifier", "prompt_cache_key"})
 
 
 class _Request(BaseModel):
@@ -157,7 +161,13 @@ class _SamplingFields(_TopLevelRequest):
     temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: int = Field(-1, ge=-1, description="vLLM extension; -1 or 0: off; at least the vocabulary: off")
-    n: int = Field(1, ge=1, le=1, description="one choice per prompt")
+    min_p: float = Field(0.0, ge=0, le=1, allow_inf_nan=False, description="vLLM extension; 0: off")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False, description="vLLM extension; 1: off")
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS_TOKENS)
+    min_tokens: int = Field(0, ge=0, description="vLLM extension: no EOS or stop before this many tokens")
+    n: int = Field(1, ge=1, description="choices per prompt, each an engine request of its own")
     seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="what torch.Generator takes")
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
@@ -185,6 +195,21 @@ class _SamplingFields(_TopLevelRequest):
             raise ValueError(f"stop strings of at most {MAX_STOP_STRING_CHARS} characters, got one of "
                              f"{longest}")
         return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not re.fullmatch(r"[0-9]+", key.strip()):  # JSON keys are strings; OpenAI's are token ids
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise ValueError(f"biases must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got {value} for "
+                                 f"token {key}")
+        return bias
+
+    @property
+    def logit_bias_ids(self) -> dict[int, float]:
+        return {int(k): v for k, v in (self.logit_bias or {}).items()}
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -219,14 +244,47 @@ class ContentPart(_Request):
     text: str
 
 
+class ToolCallFunction(_Request):
+    name: str
+    arguments: str | dict[str, Any] = ""  # OpenAI sends JSON text; templates get an object
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, arguments: str | dict[str, Any]) -> str | dict[str, Any]:
+        _arguments_object(arguments)
+        return arguments
+
+
+class MessageToolCall(_Request):
+    """A past call in an assistant message, as OpenAI returned it."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+    index: int | None = None  # kept by clients that rebuilt the call from a stream; not rendered
+
+
 class ChatMessage(_Request):
     role: str
     content: str | list[ContentPart] | None = None
     # handed to the chat template as they are: it decides what a name or a past tool call says
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None  # vLLM's newer name for reasoning_content
+    # Keys of OpenAI's response message that clients send back as they got them (a message
+    # object dumped whole): accepted empty, refused by name otherwise.
+    _EMPTY_RESPONSE_KEYS: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "refusal": (None,), "annotations": (None, []), "audio": (None,), "function_call": (None,)}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_empty_response_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items()
+                    if not any(v == e for e in cls._EMPTY_RESPONSE_KEYS.get(k, ())) or k in cls.model_fields}
+        return data
 
     @field_validator("content", mode="before")
     @classmethod
@@ -237,14 +295,65 @@ class ChatMessage(_Request):
                 raise ValueError(f"content parts of type {kind!r} are not supported (only text)")
         return content
 
+    @model_validator(mode="after")
+    def _tool_message_names_its_call(self) -> ChatMessage:
+        if self.role == "tool" and self.tool_call_id is None:  # OpenAI refuses it too
+            raise ValueError("a message of role 'tool' needs tool_call_id")
+        return self
+
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         return "".join(part.text for part in self.content)
 
     def for_template(self) -> dict[str, Any]:
-        extra = self.model_dump(exclude={"role", "content"}, exclude_none=True)
+        extra = self.model_dump(exclude={"role", "content", "tool_calls", "reasoning"}, exclude_none=True)
+        if self.reasoning is not None and self.reasoning_content is None:
+            extra["reasoning_content"] = self.reasoning
+        if self.tool_calls is not None:
+            # as vLLM and transformers hand them to templates: arguments as an object
+            extra["tool_calls"] = [{**c.model_dump(exclude={"index"}, exclude_none=True), "function": {
+                "name": c.function.name, "arguments": _arguments_object(c.function.arguments)}}
+                for c in self.tool_calls]
         return {"role": self.role, "content": self.text(), **extra}
+
+
+def _arguments_object(arguments: str | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(arguments, dict):
+        return arguments
+    if not arguments.strip():
+        return {}
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        raise ValueError("not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -255,9 +364,45 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None  # OpenAI's default: auto with tools, none without
+    parallel_tool_calls: bool = True
+    include_reasoning: bool = Field(True, description="vLLM's: false drops reasoning_content from the answer")
+
+    @property
+    def effective_tool_choice(self) -> Literal["none", "auto", "required"] | NamedToolChoice:
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
     _neutral_overrides: ClassVar[dict[str, Callable[[Any], bool]]] = {
         "add_special_tokens": _neutral(None, False),  # the template writes the special tokens
         "echo": _neutral(None, False)}
+
+
+class TokenizeCompletionRequest(_TopLevelRequest):
+    """vLLM's /tokenize body for text."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_TopLevelRequest):
+    """vLLM's /tokenize body for messages, rendered as /v1/chat/completions renders them."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # the template writes them
+    return_token_strs: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)  # rendered as chat renders them
+
+
+class DetokenizeRequest(_TopLevelRequest):
+    model: str | None = None
+    tokens: list[int]
 
 
 # -- responses --------------------------------------------------------------------------------
@@ -310,9 +455,42 @@ class ChatLogprobs(_Response):
     content: list[ChatTokenLogprob]
 
 
+class FunctionCall(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ResponseToolCall(_Response):
+    """A tool call in a response message, or a piece of one in a stream's delta (`index` set,
+    `id`, `type` and the name only in its first piece)."""
+
+    index: int | None = None
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCall
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        out["function"] = {k: v for k, v in out["function"].items() if v is not None}
+        return {k: v for k, v in out.items() if v is not None}
+
+
 class ChatResponseMessage(_Response):
     role: str | None = None
     content: str | None = None
+    # with a reasoning parser: the model's thinking (vLLM sends both names)
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unused(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        for key in ("reasoning_content", "reasoning", "tool_calls"):
+            if out.get(key) is None:
+                out.pop(key, None)
+        return out
 
 
 class ChatChoice(_Response):
@@ -349,6 +527,17 @@ class ChatCompletionChunk(_Response):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     prompt_token_ids: list[int] | None = None
+
+
+class TokenizeResponse(_Response):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(_Response):
+    prompt: str
 
 
 class ModelCard(_Response):

@@ -23,13 +23,21 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from deployments import chat_completions, completions
+from deployments import chat_completions, completions, tokenization
 from deployments.config import NextserveConfig
 from deployments.monitor import ReplicaMonitor
-from deployments.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, error_body
+from deployments.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    error_body,
+)
 from deployments.security import (
     AuthMiddleware,
     BodyLimitMiddleware,
@@ -208,7 +216,9 @@ class NextserveServer:
         self.monitor = ReplicaMonitor(engine, self.config)
         self.ctx = ServingContext(engine=self.monitor.engine, tokenizer=tokenizer,
                                   max_model_len=max_model_len, model_name=served_model_name(self.config),
-                                  vocab_size=_model_vocab_size(engine, tokenizer), max_prompts=max_prompts)
+                                  vocab_size=_model_vocab_size(engine, tokenizer), max_prompts=max_prompts,
+                                  reasoning_parser=self.config.serve.reasoning_parser,
+                                  tool_call_parser=self.config.serve.tool_call_parser)
 
     @api.get("/health")
     async def health(self) -> Response:
@@ -284,6 +294,25 @@ class NextserveServer:
         if req.stream:
             return await _event_stream(chat_completions.stream(self.ctx, req))
         return JSONResponse((await chat_completions.complete(self.ctx, req)).model_dump())
+
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's: a text `prompt` or chat `messages` -> {count, max_model_len, tokens, token_strs}.
+        The body is one of two shapes (vLLM tells them apart by `messages`), so it is parsed here."""
+        try:
+            body = await request.json()
+        except ValueError as e:
+            return _error(400, f"the request body is not valid JSON: {e}")
+        try:
+            req = tokenization.parse_tokenize(body)
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+        return JSONResponse((await tokenization.tokenize(self.ctx, req)).model_dump())
+
+    @api.post("/detokenize")
+    async def detokenize(self, req: DetokenizeRequest) -> Response:
+        """vLLM's: {tokens} -> {prompt}, special tokens included."""
+        return JSONResponse((await tokenization.detokenize(self.ctx, req)).model_dump())
 
     def check_health(self) -> None:
         """Serve replaces a replica whose engine cannot step (its thread died, its executor is gone)."""

@@ -50,6 +50,8 @@ class ServingContext:
     max_model_len: int
     vocab_size: int  # the model's: rows of its logits
     max_prompts: int = 64  # prompts in one completion request (serve.max_prompts_per_request)
+    reasoning_parser: str = "none"  # serve.reasoning_parser
+    tool_call_parser: str = "none"  # serve.tool_call_parser
 
     @property
     def token_id_limit(self) -> int:
@@ -79,10 +81,19 @@ class ServingContext:
                                 f"length of {self.max_model_len} tokens", param=where.split("[")[0])
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    def sampling_params(self, req: Any, prompt_len: int, max_tokens: int | None, **extra: Any,
-                        ) -> SamplingParams:
-        """The request's sampling fields; `max_tokens` None means all the room the context leaves.
-        Every value that reaches the engine's shared tensors is bounded here."""
+    def check_choices(self, num_prompts: int, n: int) -> None:
+        """Each of the n choices of each prompt is an engine request of its own: together they
+        must fit what a replica admits (never 429: retrying cannot help)."""
+        if num_prompts * n > self.max_prompts:
+            what = f"n={n} choices for each of {num_prompts} prompts" if num_prompts > 1 else f"n={n} choices"
+            raise APIError(400, f"{what} in one request; this server takes at most {self.max_prompts} "
+                                f"(serve.max_prompts_per_request)", param="n" if n > 1 else "prompt")
+
+    def sampling_params(self, req: Any, prompt_len: int, max_tokens: int | None, choice: int = 0,
+                        **extra: Any) -> SamplingParams:
+        """The request's sampling fields for its `choice`-th choice of a prompt; `max_tokens` None
+        means all the room the context leaves. Every value that reaches the engine's shared
+        tensors is bounded here."""
         room = self.max_model_len - prompt_len
         if room < 0 or (room == 0 and max_tokens != 0):
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; the "
@@ -97,11 +108,20 @@ class ServingContext:
         if bad is not None:
             raise APIError(400, f"stop_token_ids: {bad} is out of vocabulary (0..{self.vocab_size - 1})",
                            param="stop_token_ids")
+        bias = req.logit_bias_ids
+        bad = next((t for t in bias if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"logit_bias: token id {bad} is out of vocabulary (0..{self.vocab_size - 1})",
+                           param="logit_bias")
         top_k = 0 if req.top_k >= self.vocab_size else req.top_k  # every token: the same as off
         temperature = req.temperature if req.temperature == 0 else max(req.temperature, MIN_TEMPERATURE)
         try:
             return SamplingParams(max_tokens=max(max_tokens, 1), temperature=temperature, top_p=req.top_p,
-                                  top_k=top_k, seed=req.seed, stop=req.stop_strings, stop_token_ids=stop_ids,
+                                  top_k=top_k, min_p=req.min_p, seed=choice_seed(req.seed, choice),
+                                  presence_penalty=req.presence_penalty,
+                                  frequency_penalty=req.frequency_penalty,
+                                  repetition_penalty=req.repetition_penalty, logit_bias=bias,
+                                  min_tokens=req.min_tokens, stop=req.stop_strings, stop_token_ids=stop_ids,
                                   ignore_eos=req.ignore_eos, **extra)
         except SamplingParamsError as e:
             raise APIError(400, str(e), param=e.field) from None
@@ -113,6 +133,16 @@ class ServingContext:
 
     def top_dict(self, top: TopLogprobs) -> dict[str, float]:
         return {self.token_text(t): lp for t, lp in top}
+
+
+def choice_seed(seed: int | None, choice: int) -> int | None:
+    """The seed of a prompt's `choice`-th choice: seed + choice, as vLLM seeds n > 1 children,
+    so the choices differ and a request repeated gets the same ones. Wraps within the 64 bits
+    a torch.Generator takes."""
+    if seed is None:
+        return None
+    s = seed + choice
+    return s - 2**64 if s >= 2**64 else s
 
 
 def served_model_name(config: NextserveConfig) -> str:

@@ -16,9 +16,12 @@ class IncrementalDetokenizer:
     as pieces, not as one string grown by copying."""
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (),
-                 skip_special_tokens: bool = True) -> None:
+                 skip_special_tokens: bool = True, min_tokens: int = 0) -> None:
+        """`min_tokens`: stop strings are looked for only once more tokens than this are out,
+        as vLLM does (a match must then end in the new text)."""
         self.tokenizer = tokenizer
         self.stop = stop
+        self.min_tokens = min_tokens
         self.skip_special_tokens = skip_special_tokens
         self.token_ids: list[int] = []
         # Decoding ids[prefix:] and cutting decode(ids[prefix:read]) off keeps the spacing a
@@ -53,7 +56,8 @@ class IncrementalDetokenizer:
         self._prefix, self._read = self._read, len(ids)
         window = self._tail + new  # a match must end in the new text
         self._pending += new
-        hits = [i for i in (window.find(s) for s in self.stop) if i >= 0]
+        searching = len(ids) > self.min_tokens
+        hits = [i for i in (window.find(s) for s in self.stop) if i >= 0] if searching else []
         if hits:
             self._pending = self._pending[:max(0, len(self._pending) - (len(window) - min(hits)))]
             self.stopped = True

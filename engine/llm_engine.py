@@ -95,7 +95,7 @@ class LLMEngine:
         if eos_token_ids is None:
             eos_token_ids = [*self.config.eos_token_ids, *(tokenizer.eos_token_ids if tokenizer else ())]
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.eos_token_ids)  # min_tokens masks them
         self.processor = OutputProcessor(self.eos_token_ids, self.scheduler.max_seq_len)
         self._requests: dict[str, Sequence] = {}  # unfinished requests
         # Structured outputs: made on the first request that asks for them; requests whose
@@ -124,9 +124,15 @@ class LLMEngine:
         if bad is not None:
             raise ValueError(f"request {request_id!r}: token id {bad!r} is out of range for "
                              f"vocab_size {vocab}")
-        seq = Sequence(request_id, ids, params or SamplingParams())
+        params = params or SamplingParams()
+        bad = next((t for t, _ in params.logit_bias if t >= vocab), None)
+        if bad is not None:  # the sampler indexes the logits with them
+            raise ValueError(f"request {request_id!r}: logit_bias names token id {bad}, out of range for "
+                             f"vocab_size {vocab}")
+        seq = Sequence(request_id, ids, params)
         if self.tokenizer is not None:
-            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.params.stop)
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.params.stop,
+                                                     min_tokens=seq.params.min_tokens)
         elif seq.params.stop:
             raise ValueError(f"request {request_id!r}: stop strings need a tokenizer; the model has none")
         structured = seq.params.structured_outputs
@@ -340,7 +346,7 @@ class LLMEngine:
             # token_mask only where a row has a grammar: a sampler without structured outputs
             # (a test's, another backend's) keeps its plain signature.
             masked = {"token_mask": mask} if mask is not None else {}
-            out = self.sampler(logits, [s.params for s in seqs], generators, **masked)
+            out = self.sampler(logits, [s.params for s in seqs], generators, seqs, **masked)
             sampled = list(zip(out.token_ids.tolist(), out.logprobs.tolist(), strict=True))
             return self._advance_grammars(seqs, sampled, mask_failed)
         except Exception:
@@ -354,7 +360,8 @@ class LLMEngine:
                 if mask is not None and i in mask.rows:
                     j = mask.rows.index(i)
                     row_mask = TokenMask(rows=(0,), bitmask=mask.bitmask[j:j + 1])
-                out = self.sampler(logits[i:i + 1], [seq.params], [self._generator(seq, logits.device)],
+                gen = self._generator(seq, logits.device)
+                out = self.sampler(logits[i:i + 1], [seq.params], [gen], [seq],
                                    **({"token_mask": row_mask} if row_mask is not None else {}))
                 sampled.append((int(out.token_ids[0]), float(out.logprobs[0])))
             except Exception as e:

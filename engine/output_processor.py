@@ -123,7 +123,10 @@ class OutputProcessor:
 
     def _stop_reason(self, seq: Sequence) -> str | None:
         tok, p = seq.output_token_ids[-1], seq.params
-        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids):
+        # Before min_tokens nothing but the length stops a sequence (as in vLLM); the sampler
+        # masks EOS and stop ids then, and this check holds whatever the logits did.
+        if seq.num_output_tokens >= p.min_tokens and (
+                tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids)):
             return "stop"
         if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_seq_len:
             return "length"

@@ -67,6 +67,12 @@ class Tokenizer:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
+    def token_strs(self, token_ids: list[int]) -> list[str]:
+        """Each id's token as the vocabulary spells it (byte-level BPE: "Ġhello"), as vLLM's
+        /tokenize returns them; "" for an id without a token."""
+        return [self._tok.id_to_token(t) or "" if 0 <= t < self._id_end else "" for t in token_ids]
+
+
 def token_id_limit(tokenizer: Tokenizer | None, vocab_size: int) -> int:
     """Prompt token ids are valid below this: the model embeds every id below its vocab_size,
     and the tokenizer may name more (vLLM's rule: max of the two)."""

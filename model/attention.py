@@ -31,6 +31,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.D, c.rms_norm_eps, zero_centered=c.zero_centered_norm)
         self.k_norm = RMSNorm(self.D, c.rms_norm_eps, zero_centered=c.zero_centered_norm)
         self.rotary = RotaryEmbedding(c.rope)
+        # model/kernels.py: the compiled decode step's attention (SDPA on CUDA, einsum elsewhere);
+        # this eager path runs SDPA over the gathered blocks on every device.
+        self.kernels = "auto"
 
     def make_cache(self, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str,
                    block_size: int = 16, num_blocks: int | None = None) -> KVCache:

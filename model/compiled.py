@@ -31,6 +31,7 @@ from model.cache import DeltaNetState, KVCache
 from model.decoder import Cache, CausalLM, DecoderLayer
 from model.delta_rule import gated_delta_rule_step
 from model.gated_deltanet import GatedDeltaNet, l2norm
+from model.kernels import decode_attention_backend, decode_moe_backend
 from model.moe import Experts, SparseMoeBlock
 
 log = logging.getLogger(__name__)
@@ -86,9 +87,14 @@ def attention_decode(attn: Attention, x: Tensor, inp: DecodeInputs, k_cache: Ten
     k_rows[inp.write_at] = k.to(k_rows.dtype)
     v_rows[inp.write_at] = v.to(v_rows.dtype)
     keys, values = k_rows[inp.read_at], v_rows[inp.read_at]  # [Bp, Lk, Nkv, D]
+    seen = torch.arange(keys.shape[1], device=x.device)[None, :] < inp.kv_len[:, None]  # [Bp, Lk]
+    if decode_attention_backend(x, attn.kernels) == "sdpa":  # fused kernels, in the model dtype
+        o = F.scaled_dot_product_attention(
+            q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=seen[:, None, None, :],
+            scale=D ** -0.5, enable_gqa=Nkv != N)  # [Bp, N, 1, D]
+        return attn.output(o.reshape(B, N * D).to(x.dtype), gate)
     qg = q.view(B, Nkv, N // Nkv, D).float()
     scores = torch.einsum("bgrd,bkgd->bgrk", qg, keys.float()) * D ** -0.5  # [Bp, Nkv, r, Lk]
-    seen = torch.arange(keys.shape[1], device=x.device)[None, :] < inp.kv_len[:, None]  # [Bp, Lk]
     scores = scores.masked_fill(~seen[:, None, None, :], float("-inf"))
     o = torch.einsum("bgrk,bkgd->bgrd", scores.softmax(-1), values.float())  # [Bp, Nkv, r, D]
     return attn.output(o.reshape(B, N * D).to(x.dtype), gate)
@@ -122,7 +128,10 @@ def moe_decode(moe: SparseMoeBlock, x: Tensor) -> tuple[Tensor, Tensor]:
     local = moe.experts.local_index[ids]  # [Bp, k], -1 where the expert is held elsewhere
     w = weights * (local >= 0).to(weights.dtype)  # such pairs run on stacked expert 0, weighted 0
     j = local.clamp(min=0)
-    out = _gathered_experts(moe.experts, x, j, w)
+    if decode_moe_backend(x, moe.experts) == "grouped_mm":
+        out = grouped_experts(moe.experts, x, j, w)
+    else:
+        out = _gathered_experts(moe.experts, x, j, w)
     shared = moe.shared(x)
     return (out if shared is None else out + shared), ids
 
@@ -132,13 +141,32 @@ def _gathered_experts(ex: Experts, x: Tensor, j: Tensor, w: Tensor) -> Tensor:
     where the eager path's grouping by expert has data-dependent ones (and F.grouped_mm has no
     float32 CPU meta kernel to trace). For small experts inductor fuses gather and product into
     one loop; wide experts would copy Bp·k experts' weights per layer, so a real checkpoint wants
-    a grouped-GEMM kernel here (model/kernels/, DESIGN.md). Measured, one step against eager: on
-    the tiny experts computing every expert densely was no faster at batch 16; on bench's wide
+    a grouped GEMM (`grouped_experts`, chosen on CUDA by model/kernels.py). Measured on CPU, one
+    step against eager: on the tiny experts computing every expert densely was no faster at batch
+    16; on bench's wide
     checkpoint (hidden 1024, 64 experts of 256, top-8) gathering gave 0.79x / 0.92x at batch 1 / 8,
     the eager grouped GEMM called between two graphs 0.98x / 1.10x."""
-    gate, up = torch.einsum("bh,bkoh->bko", x, ex.gate_up[j]).chunk(2, dim=-1)  # [Bp, k, I] x2
-    y = torch.einsum("bki,bkhi->bkh", F.silu(gate) * up, ex.down[j])  # [Bp, k, hidden]
+    gate_up, down = ex.gathered(j)  # [Bp, k, 2I, hidden], [Bp, k, hidden, I]; FP8 experts dequantize
+    gate, up = torch.einsum("bh,bkoh->bko", x, gate_up).chunk(2, dim=-1)  # [Bp, k, I] x2
+    y = torch.einsum("bki,bkhi->bkh", F.silu(gate) * up, down)  # [Bp, k, hidden]
     return (y * w[..., None]).sum(1)
+
+
+def grouped_experts(ex: Experts, x: Tensor, j: Tensor, w: Tensor) -> Tensor:
+    """The same sum through one grouped GEMM per projection, in static shapes: all Bp·k pairs,
+    sorted by stacked expert (a pair of an expert held elsewhere runs on expert 0 with weight 0),
+    each expert's weights read once however many rows chose it. x [Bp, hidden], j, w [Bp, k]."""
+    k, E = j.shape[1], ex.gate_up.shape[0]
+    flat = j.flatten()  # [P]
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))  # [E], not bincount: its size is static
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    rows = order // k
+    gate, up = F.grouped_mm(x[rows], ex.gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)  # [P, I] x2
+    y = F.grouped_mm(F.silu(gate) * up, ex.down.transpose(-2, -1), offs=offs)  # [P, hidden]
+    y = y * w.flatten()[order, None]
+    return torch.zeros_like(x).index_add_(0, rows, y.to(x.dtype))
 
 
 def decode_layer(layer: DecoderLayer, h: Tensor, inp: DecodeInputs, state: tuple[Tensor, Tensor]
@@ -192,9 +220,13 @@ class CudaGraphStep:
     """One bucket's step captured as a CUDA graph (vLLM's per-batch-size capture): replays read
     static input buffers, into which each call copies the step's inputs, so the key width must
     be fixed (`CompiledDecode` pads to the cache's max_len). Captured on scratch-only inputs, so
-    warming up and capturing touch no sequence's cache. Not tested here (no GPU in CI)."""
+    warming up and capturing touch no sequence's cache. The outputs are static too: the next
+    replay overwrites them, so a caller copies what it keeps. `pool`: a memory pool shared by
+    the buckets' graphs (replayed one at a time), as vLLM shares one. CUDA only:
+    tests/model/test_kernels_gpu.py runs it against eager; tests/model/test_compiled.py runs
+    the same fixed-width inputs on CPU without the graph."""
 
-    def __init__(self, step: StepFn, h: Tensor, scratch: DecodeInputs) -> None:
+    def __init__(self, step: StepFn, h: Tensor, scratch: DecodeInputs, pool: object | None = None) -> None:
         self.h, self.inputs = h.clone(), scratch
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -203,13 +235,17 @@ class CudaGraphStep:
                 step(self.h, self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.out = step(self.h, self.inputs)
 
     def __call__(self, h: Tensor, inputs: DecodeInputs) -> tuple[Tensor, list[Tensor | None]]:
         self.h.copy_(h)
         for f in fields(DecodeInputs):
-            getattr(self.inputs, f.name).copy_(getattr(inputs, f.name))
+            static, new = getattr(self.inputs, f.name), getattr(inputs, f.name)
+            if static.shape != new.shape:  # a copy would broadcast silently, or fail inside replay
+                raise ValueError(f"CUDA graph input {f.name}: shape {tuple(new.shape)}, captured "
+                                 f"{tuple(static.shape)}")
+            static.copy_(new)
         self.graph.replay()
         return self.out
 
@@ -219,13 +255,16 @@ class CompiledDecode:
     slots and `num_blocks` KV blocks) through compiled groups of `layers_per_graph` consecutive
     layers; `supports(layout)` says which steps. `layers_fn`: the compiled group, default
     `decode_layers` under torch.compile. `cuda_graphs` (default: on a CUDA device) captures each
-    bucket's whole step as a `CudaGraphStep` over a fixed key width. `record_gate(layer, ids)`
-    receives each MoE layer's expert ids [B, k] of the real rows."""
+    bucket's whole step as a `CudaGraphStep` over a fixed key width; `static_kv_width` (default:
+    as `cuda_graphs`) pads every step's keys to that width without the graphs (what the graphs
+    replay, checkable on CPU). `record_gate(layer, ids)` receives each MoE layer's expert ids
+    [B, k] of the real rows (a copy, not a graph's static output)."""
 
     def __init__(self, model: CausalLM, caches: Sequence[Cache], num_slots: int, num_blocks: int,
                  buckets: Sequence[int] | None = None, layers_per_graph: int = LAYERS_PER_GRAPH,
                  layers_fn: LayersFn | None = None, cuda_graphs: bool | None = None,
-                 record_gate: Callable[[int, Tensor], None] | None = None) -> None:
+                 record_gate: Callable[[int, Tensor], None] | None = None,
+                 static_kv_width: bool | None = None) -> None:
         self.model = model
         self.buckets = tuple(sorted(set(buckets or default_buckets(num_slots))))
         if self.buckets[0] < 1:
@@ -246,10 +285,16 @@ class CompiledDecode:
         self.scratch_row = num_blocks * (self.kv_cache.block_size if self.kv_cache else 1)
         if cuda_graphs is None:
             cuda_graphs = model.lm_head.weight.device.type == "cuda"
+        if cuda_graphs and model.lm_head.weight.device.type != "cuda":
+            raise ValueError("cuda_graphs needs the model on a CUDA device")
         self.cuda_graphs = cuda_graphs
+        self.graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
         # CUDA graphs replay fixed shapes: every row reads keys up to the cache's max_len.
         max_len = self.kv_cache.max_len if self.kv_cache else 1
-        self.kv_width = -(-max_len // KV_GRANULE) * KV_GRANULE if cuda_graphs else None
+        static = cuda_graphs if static_kv_width is None else static_kv_width
+        if cuda_graphs and not static:
+            raise ValueError("cuda_graphs replay a fixed key width: static_kv_width cannot be False")
+        self.kv_width = -(-max_len // KV_GRANULE) * KV_GRANULE if static else None
         self.steps: dict[int, StepFn] = {}  # bucket -> its step, made on its first use
         self.compile_seconds: dict[int, float] = {}  # bucket -> seconds its first step took
 
@@ -298,9 +343,10 @@ class CompiledDecode:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Compile (or capture) every bucket now, on scratch-only steps, rather than on first use."""
+        """Compile (or capture) every bucket now, on scratch-only steps, rather than on first use;
+        largest first, so that the smaller graphs fit in the memory pool the largest made."""
         device = self.model.lm_head.weight.device
-        for bucket in self.buckets:
+        for bucket in sorted(self.buckets, reverse=True):
             if bucket not in self.steps:
                 h = torch.zeros(bucket, self.model.config.hidden_size, dtype=self.model.lm_head.weight.dtype,
                                 device=device)
@@ -318,7 +364,7 @@ class CompiledDecode:
         if self.record_gate is not None:
             for i, layer_ids in enumerate(ids):
                 if layer_ids is not None:
-                    self.record_gate(i, layer_ids[:B])
+                    self.record_gate(i, layer_ids[:B].clone())
         return self.model.model.norm(h[:B])
 
     def _step(self, bucket: int, h: Tensor, inp: DecodeInputs) -> tuple[Tensor, list[Tensor | None]]:
@@ -340,7 +386,7 @@ class CompiledDecode:
                                                             RECOMPILE_ROOM)):
             if self.cuda_graphs:
                 scratch = self.scratch_inputs(bucket, h.device)
-                step = CudaGraphStep(self._run_layers, torch.zeros_like(h), scratch)
+                step = CudaGraphStep(self._run_layers, torch.zeros_like(h), scratch, self.graph_pool)
             else:
                 step = self._run_layers
             out = step(h, inp)

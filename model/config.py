@@ -4,6 +4,7 @@ unmodified Hugging Face config.json in either the hub layout or the transformers
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,27 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ConfigError(ValueError):
     """A config.json that this decoder cannot run; the message names the field."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """`quantization_config` of a block-wise FP8 checkpoint (quant_method fp8, DeepSeek-V3 /
+    Qwen3 "-FP8" layout): a converted Linear's `weight` is float8_e4m3fn and `weight_scale_inv`
+    holds one float32 scale per [block[0], block[1]] tile (edge tiles may be smaller), by which
+    the tile is multiplied to dequantize. `modules_to_not_convert` are kept unquantized."""
+
+    method: str  # "fp8"
+    block: tuple[int, int]  # weight_block_size: (output rows, input columns) per scale
+    modules_to_not_convert: tuple[str, ...] = ()
+    activation_scheme: str = "dynamic"
+
+    def converts(self, module: str) -> bool:
+        """Whether `module` (a full module name, e.g. model.layers.0.mlp.gate) is quantized, by
+        transformers' rule: a pattern matches from the start up to a module boundary, as a
+        regex with that boundary, or as a suffix."""
+        boundary = r"(?:(?<=\.)|(?=\.|$))"
+        return not any(re.match(rf"(?:{p}){boundary}", module) or module.endswith(p)
+                       for p in self.modules_to_not_convert)
 
 
 @dataclass(frozen=True)
@@ -75,6 +97,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     num_mtp_layers: int = 0
+    quantization: QuantConfig | None = None  # None: plain float weights
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -162,11 +185,7 @@ class ModelConfig:
         is_next = arch == "qwen3_next"
         # Defaults for absent keys are those of the transformers config classes.
         head_dim = int(raw.get("head_dim") or (256 if is_next else hidden // n_heads))
-        quant = raw.get("quantization_config")
-        if quant:  # the loader reads plain weights; scales such as FP8's weight_scale_inv would be dropped
-            method = quant.get("quant_method") if isinstance(quant, dict) else quant
-            raise ConfigError(f"config.json: quantization_config.quant_method={method!r} is not supported "
-                              f"(the loader reads unquantized float32/bfloat16/float16 weights only)")
+        quantization = quant_config_from_hf(raw.get("quantization_config"))
         if raw.get("use_sliding_window"):
             raise ConfigError("config.json: use_sliding_window=true is not supported (sliding-window "
                               "attention is not implemented)")
@@ -225,8 +244,42 @@ class ModelConfig:
             bos_token_id=None if raw.get("bos_token_id") is None else int(raw["bos_token_id"]),
             eos_token_ids=eos_ids,
             num_mtp_layers=int(raw.get("num_nextn_predict_layers", 1 if is_next else 0)),
+            quantization=quantization,
             extra=raw,
         )
+
+
+def quant_config_from_hf(quant: Any) -> QuantConfig | None:
+    """config.json's `quantization_config` (None or empty: unquantized). Only block-wise FP8 is
+    read; anything else is refused naming the key, since its scales would otherwise be dropped."""
+    if not quant:
+        return None
+    if not isinstance(quant, dict):
+        raise ConfigError(f"config.json: quantization_config must be an object, got {quant!r}")
+    method = quant.get("quant_method")
+    if method != "fp8":
+        raise ConfigError(f"config.json: quantization_config.quant_method={method!r} is not supported "
+                          f"(supported: 'fp8' with a weight_block_size, as in Qwen's -FP8 checkpoints)")
+    block = quant.get("weight_block_size")
+    if (not isinstance(block, (list, tuple)) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise ConfigError(f"config.json: quantization_config.weight_block_size={block!r} is not supported "
+                          f"(expected two positive integers, e.g. [128, 128]; per-tensor FP8 is not read)")
+    scheme = quant.get("activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        raise ConfigError(f"config.json: quantization_config.activation_scheme={scheme!r} is not supported "
+                          f"(block-wise FP8 scales activations per token group at run time: 'dynamic')")
+    fmt = quant.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ConfigError(f"config.json: quantization_config.fmt={fmt!r} is not supported (expected 'e4m3')")
+    skip = quant.get("modules_to_not_convert")
+    if skip is None:
+        skip = quant.get("ignored_layers") or []  # vLLM's / llm-compressor's name for the same list
+    if not isinstance(skip, list) or not all(isinstance(m, str) for m in skip):
+        raise ConfigError(f"config.json: quantization_config.modules_to_not_convert={skip!r} "
+                          f"(expected a list of module names)")
+    return QuantConfig(method="fp8", block=(int(block[0]), int(block[1])),
+                       modules_to_not_convert=tuple(skip), activation_scheme=scheme)
 
 
 def _rope_from_hf(raw: dict[str, Any], head_dim: int, default_partial: float) -> RopeConfig:

@@ -14,8 +14,9 @@ from model.attention import Attention
 from model.batch import BatchLayout
 from model.cache import DeltaNetState, KVCache
 from model.config import ModelConfig
+from model.fp8 import resolve_fp8_kernels
 from model.gated_deltanet import GatedDeltaNet
-from model.loading import load_module, materialize
+from model.loading import fp8_mode, keep_fp8, load_module, materialize
 from model.moe import MLP, SparseMoeBlock
 from model.norm import RMSNorm
 from model.weights import CheckpointReader
@@ -81,12 +82,19 @@ class CausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | None = None,
-                        device: torch.device | str = "cpu") -> CausalLM:
+                        device: torch.device | str = "cpu", fp8: str = "auto") -> CausalLM:
+        """`fp8` (block-wise FP8 checkpoints): "dequantize" at load, "keep" the FP8 weights and
+        scales in memory (model/fp8.py), or "auto": keep on CUDA, dequantize elsewhere."""
         config = ModelConfig.from_dir(path, dtype=dtype)
         with torch.device("meta"):
             lm = cls(config)
-        materialize(lm, device, config.torch_dtype)
         reader = CheckpointReader(path)
+        keep = fp8_mode(fp8, device) == "keep" and config.quantization is not None
+        if keep:
+            keep_fp8(lm, reader, prefix="", dtype=config.torch_dtype)
+        materialize(lm, device, config.torch_dtype)
+        if keep:
+            resolve_fp8_kernels(lm, config.torch_dtype)
         skip = ("lm_head.weight",) if config.tie_word_embeddings else ()
         load_module(lm, reader, prefix="", skip=skip)
         if config.tie_word_embeddings:

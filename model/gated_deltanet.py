@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model import kernels_fla
 from model.batch import BatchLayout
 from model.cache import DeltaNetState
 from model.config import ModelConfig
 from model.delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from model.kernels import deltanet_backend
 from model.norm import GatedRMSNorm
 
 
@@ -37,6 +39,7 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(self.H))
         self.norm = GatedRMSNorm(self.V, eps=c.rms_norm_eps)
         self.out_proj = nn.Linear(self.H * self.V, c.hidden_size, bias=False)
+        self.kernels = "auto"  # model/kernels.py: fla's kernels on CUDA where installed
 
     def make_state(self, num_slots: int, dtype: torch.dtype, device: torch.device | str) -> DeltaNetState:
         return DeltaNetState(num_slots, self.conv_dim, self.W, self.H, self.K, self.V, dtype, device)
@@ -66,6 +69,8 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: Tensor, layout: BatchLayout, state: DeltaNetState) -> Tensor:
         """x [T, hidden] -> [T, hidden]; reads and writes `state` at the layout's slots."""
+        if deltanet_backend(x, self.kernels) == "fla":
+            return self._forward_fla(x, layout, state)
         T = x.shape[0]
         q, k, v, z, b, a = self.split_projections(x)
         mixed = layout.to_padded(torch.cat([q, k, v], dim=-1))  # [B, L, C]
@@ -86,4 +91,19 @@ class GatedDeltaNet(nn.Module):
         state.write(layout, conv_state, rec_state)
 
         o = self.norm(layout.to_packed(o), z)  # [T, H, V]
+        return self.out_proj(o.reshape(T, self.H * self.V))
+
+    def _forward_fla(self, x: Tensor, layout: BatchLayout, state: DeltaNetState) -> Tensor:
+        """`forward` through fla's kernels on the packed tokens (no padding; model/kernels_fla.py)."""
+        T = x.shape[0]
+        q, k, v, z, b, a = self.split_projections(x)
+        conv_state, rec_state = state.read(layout)
+        mixed, conv_state = kernels_fla.conv(torch.cat([q, k, v], dim=-1), self.conv1d.weight[:, 0],
+                                             conv_state, layout)  # [T, C]
+        q, k, v = torch.split(mixed, [self.G * self.K, self.G * self.K, self.H * self.V], dim=-1)
+        g, beta = self.decay_and_beta(a, b)
+        o, rec_state = kernels_fla.delta_rule(q.reshape(T, self.G, self.K), k.reshape(T, self.G, self.K),
+                                              v.reshape(T, self.H, self.V), g, beta, rec_state, layout)
+        state.write(layout, conv_state, rec_state)
+        o = self.norm(o, z)  # [T, H, V]
         return self.out_proj(o.reshape(T, self.H * self.V))

@@ -12,9 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ModelConfig
-
-# One GEMM over all experts' row groups (torch >= 2.8 on CPU and CUDA); None: loop over experts.
-_grouped_mm = getattr(F, "grouped_mm", None)
+from model.kernels import moe_backend
 
 
 class MLP(nn.Module):
@@ -65,6 +63,7 @@ class Experts(nn.Module):
         self.down = nn.Parameter(torch.zeros(len(self.expert_ids), hidden, intermediate))
         self.register_buffer("local_index", local_expert_index(self.expert_ids, num_experts),
                              persistent=False)
+        self.kernels = "auto"  # model/kernels.py: grouped GEMM where torch has one
 
     def forward(self, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
         """x [T, H], ids [T, k] global expert ids (-1: skip), weights [T, k] -> Σ_k w·expert(x) over
@@ -79,21 +78,26 @@ class Experts(nn.Module):
         pairs = pairs[torch.argsort(local[pairs], stable=True)]
         counts = torch.bincount(local[pairs], minlength=len(self.expert_ids))
         rows = pairs // k
-        y = self._grouped_swiglu(x[rows], counts)  # [P, H]
+        y = self._swiglu(x[rows], counts, self.gate_up, self.down)  # [P, H]
         y = y * weights.flatten()[pairs, None]
         return out.index_add_(0, rows, y.to(out.dtype))
 
-    def _grouped_swiglu(self, xs: Tensor, counts: Tensor) -> Tensor:
-        """xs [P, H] sorted by expert, counts [E] rows per expert -> down(silu(gate)·up) [P, H]."""
-        if _grouped_mm is not None and xs.dtype == self.gate_up.dtype:
+    def gathered(self, j: Tensor) -> tuple[Tensor, Tensor]:
+        """Stacked experts j (any shape [...]) -> their gate_up [..., 2I, H] and down [..., H, I]."""
+        return self.gate_up[j], self.down[j]
+
+    def _swiglu(self, xs: Tensor, counts: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+        """xs [P, H] sorted by expert, counts [E'] rows per expert of gate_up [E', 2I, H] and
+        down [E', H, I] -> down(silu(gate)·up) [P, H]."""
+        if moe_backend(xs, gate_up, self.kernels) == "grouped_mm":
             offs = torch.cumsum(counts, 0, dtype=torch.int32)
-            gate, up = _grouped_mm(xs, self.gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-            return _grouped_mm(F.silu(gate) * up, self.down.transpose(-2, -1), offs=offs)
+            gate, up = F.grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+            return F.grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
         out, start = [], 0
         for j, n in enumerate(counts.tolist()):  # the reference: one expert at a time
             if n:
-                gate, up = F.linear(xs[start:start + n], self.gate_up[j]).chunk(2, dim=-1)
-                out.append(F.linear(F.silu(gate) * up, self.down[j]))
+                gate, up = F.linear(xs[start:start + n], gate_up[j]).chunk(2, dim=-1)
+                out.append(F.linear(F.silu(gate) * up, down[j]))
                 start += n
         return torch.cat(out)
 

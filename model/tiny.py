@@ -14,7 +14,17 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 from model.config import DTYPES
 from model.weights import INDEX_FILE
@@ -26,12 +36,83 @@ BPE_VOCAB_SIZE = 480  # 256 byte symbols + 224 merges; the special tokens follow
 # from vocab and merges) and the `tokenizers` file agree token for token.
 PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                      r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+# Tags Qwen3's vocabulary has as single (non-special) added tokens: they survive decoding with
+# skip_special_tokens, so the chat API's parsers see them, as with a real Qwen3 checkpoint.
+TAG_TOKENS = ("<tool_call>", "</tool_call>", "<think>", "</think>", "<tool_response>", "</tool_response>")
+# Renders what Qwen3's own template renders (same text for the same conversation): tools listed
+# in the system turn, past calls as <tool_call> JSON, tool results as <tool_response> in a user
+# turn, reasoning kept only for the turns after the last user query, and enable_thinking=false
+# closing an empty <think> block in the generation prompt.
+CHAT_TEMPLATE = r"""{%- set ns = namespace(last_query=messages|length - 1, seeking=true) %}
+{%- for message in messages[::-1] %}
+    {%- set text = message.content if message.content is string else '' %}
+    {%- if ns.seeking and message.role == 'user'
+          and not (text.startswith('<tool_response>') and text.endswith('</tool_response>')) %}
+        {%- set ns.seeking = false %}
+        {%- set ns.last_query = messages|length - 1 - loop.index0 %}
+    {%- endif %}
+{%- endfor %}
+{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n' }}
+    {{- 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}
+    {%- for tool in tools %}
+        {{- '\n' + tool | tojson }}
+    {%- endfor %}
+    {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments '
+        'within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, '
+        '"arguments": <args-json-object>}\n</tool_call><|im_end|>\n' }}
+{%- elif messages[0].role == 'system' %}
+    {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- set content = message.content if message.content is string else '' %}
+    {%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>\n' }}
+    {%- elif message.role == 'assistant' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning = message.reasoning_content %}
+        {%- elif '</think>' in content %}
+            {%- set reasoning = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+            {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+        {%- else %}
+            {%- set reasoning = '' %}
+        {%- endif %}
+        {{- '<|im_start|>assistant\n' }}
+        {%- if loop.index0 > ns.last_query and (loop.last or reasoning) %}
+            {{- '<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+        {%- else %}
+            {{- content }}
+        {%- endif %}
+        {%- for call in message.tool_calls or [] %}
+            {%- if content or not loop.first %}
+                {{- '\n' }}
+            {%- endif %}
+            {%- set call = call.function if call.function else call %}
+            {{- '<tool_call>\n{"name": "' + call.name + '", "arguments": ' }}
+            {{- call.arguments if call.arguments is string else call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == 'tool' %}
+        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' + content + '\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}"""
 
 TINY_NEXT: dict[str, Any] = dict(
     hidden_size=64, num_hidden_layers=4, full_attention_interval=4, num_attention_heads=4,
@@ -65,7 +146,7 @@ def make_tiny_model(path: str | Path, arch: str = "qwen3_next", seed: int = 0, d
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     tokenizer = build_tokenizer()
-    ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+    ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS + TAG_TOKENS}
     vocab_size = 64 * math.ceil(tokenizer.get_vocab_size() / 64)  # padded rows, like Qwen's 151936
     config = hub_config(arch, vocab_size=vocab_size, ids=ids, dtype=dtype)
     if overrides:
@@ -251,12 +332,13 @@ def build_tokenizer() -> Tokenizer:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS.split("\n\n"), trainer=trainer)
     tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
     return tok
 
 
 def tokenizer_config(ids: dict[str, int]) -> dict[str, Any]:
     added = {str(ids[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                           "single_word": False, "special": True} for t in SPECIAL_TOKENS}
+                           "single_word": False, "special": t in SPECIAL_TOKENS} for t in ids}
     return {
         "tokenizer_class": "Qwen2Tokenizer", "added_tokens_decoder": added, "bos_token": None,
         "eos_token": IM_END, "pad_token": ENDOFTEXT, "unk_token": None, "chat_template": CHAT_TEMPLATE,

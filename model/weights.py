@@ -1,5 +1,7 @@
 """CheckpointReader: single tensors of a Hugging Face safetensors checkpoint, by the checkpoint's own
-names; a shard file is opened only when one of its tensors is asked for."""
+names; a shard file is opened only when one of its tensors is asked for. A block-wise FP8 weight
+(config.json's quantization_config) is dequantized as it is read, unless its raw FP8 form and
+scales are asked for (`get_fp8`, for a GPU that keeps them)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from model.config import ConfigError, QuantConfig, quant_config_from_hf
+from model.fp8 import FP8_DTYPES, dequantize_blockwise, scale_shape
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -30,6 +35,7 @@ class CheckpointReader:
         self._handles: dict[str, Any] = {}
         self.accessed: list[str] = []
         self.files_opened: set[str] = set()
+        self._quant: QuantConfig | bool | None = False  # False: config.json not read yet
 
     def names(self) -> set[str]:
         return set(self._file_of)
@@ -47,7 +53,60 @@ class CheckpointReader:
 
     def get(self, name: str, *, shape: tuple[int, ...] | None = None,
             dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Read one tensor; `shape` is checked from the header before the data is read."""
+        """Read one tensor; `shape` is checked from the header before the data is read. An FP8
+        weight comes back dequantized (float32 when `dtype` is None)."""
+        tensor = self._read(name, shape)
+        if tensor.dtype in FP8_DTYPES:
+            scale_inv, block = self._scale_of(name, tensor)
+            return dequantize_blockwise(tensor, scale_inv, block, dtype or torch.float32)
+        return tensor if dtype is None else tensor.to(dtype)
+
+    def is_fp8(self, name: str) -> bool:
+        """Whether `name` is stored as FP8 (read from the header, not the data)."""
+        file = self.file_of(name)
+        return self._open(file, name).get_slice(name).get_dtype() in ("F8_E4M3", "F8_E4M3FNUZ")
+
+    def get_fp8(self, name: str, *, shape: tuple[int, ...] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """An FP8 weight as stored: (float8 [N, K], its float32 scale_inv [ceil(N/bn), ceil(K/bk)],
+        the tile (bn, bk)); checked like `get`."""
+        tensor = self._read(name, shape)
+        if tensor.dtype not in FP8_DTYPES:
+            raise CheckpointError(f"tensor {name!r} in {self.path} is {tensor.dtype}, not FP8")
+        scale_inv, block = self._scale_of(name, tensor)
+        return tensor, scale_inv, block
+
+    def quantization(self) -> QuantConfig | None:
+        """config.json's quantization_config beside the weights (read once; None without one)."""
+        if self._quant is False:
+            cfg = self.path / "config.json"
+            try:
+                raw = json.loads(cfg.read_text()) if cfg.is_file() else {}
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{cfg}: not valid JSON ({e})") from e
+            try:
+                self._quant = quant_config_from_hf(raw.get("quantization_config"))
+            except ConfigError as e:
+                raise CheckpointError(str(e)) from e
+        return self._quant  # type: ignore[return-value]
+
+    def _scale_of(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        quant = self.quantization()
+        if quant is None:
+            raise CheckpointError(f"tensor {name!r} in {self.path} is stored as {weight.dtype}, but "
+                                  f"config.json has no quantization_config to say how to scale it")
+        module = name.rsplit(".", 1)[0]
+        if not quant.converts(module):
+            raise CheckpointError(f"tensor {name!r} in {self.path} is stored as {weight.dtype}, but "
+                                  f"quantization_config.modules_to_not_convert lists {module!r}")
+        scale_name = name + "_scale_inv"
+        if not self.has(scale_name):
+            raise CheckpointError(f"tensor {name!r} in {self.path} is FP8 but its block scales "
+                                  f"{scale_name!r} are not in the checkpoint")
+        scale = self._read(scale_name, scale_shape(weight.shape, quant.block))
+        return scale.float(), quant.block
+
+    def _read(self, name: str, shape: tuple[int, ...] | None) -> torch.Tensor:
         file = self.file_of(name)
         handle = self._open(file, name)
         try:
@@ -60,7 +119,7 @@ class CheckpointReader:
         except SafetensorError as e:
             raise CheckpointError(f"cannot read tensor {name!r} from {self.path / file}: {e}") from e
         self.accessed.append(name)
-        return tensor if dtype is None else tensor.to(dtype)
+        return tensor
 
     def close(self) -> None:
         self._handles.clear()  # safetensors unmaps a file when its handle is dropped

@@ -68,7 +68,7 @@ def offline(tiny_dir):
     def run(prompt_ids, **params):
         (c,) = engine.generate([list(prompt_ids)], SamplingParams(temperature=0, logprobs=True, **params))
         return c
-    run.executor, run.tokenizer = executor, tokenizer
+    run.executor, run.tokenizer, run.engine = executor, tokenizer, engine
     return run
 
 
@@ -227,7 +227,15 @@ def test_cancelled_stream_frees_its_slot(base_url, client):
     (dict(prompt=[5] * (MAX_MODEL_LEN - 4), max_tokens=10), 400, "max_tokens"),
     (dict(prompt=[100000]), 400, "prompt"),
     (dict(prompt="hi", model="gpt-4"), 404, "model"),
-    (dict(prompt="hi", n=2), 400, "n"),
+    (dict(prompt="hi", n=MAX_NUM_SEQS + MAX_QUEUED + 1), 400, "n"),  # more choices than a replica admits
+    (dict(prompt=["a", "b"], n=(MAX_NUM_SEQS + MAX_QUEUED) // 2 + 1), 400, "n"),
+    (dict(prompt="hi", best_of=2), 400, "best_of"),  # as vLLM V1: n samples instead
+    (dict(prompt="hi", logit_bias={"100000": 5}), 400, "logit_bias"),
+    (dict(prompt="hi", logit_bias={"five": 5}), 400, "logit_bias"),
+    (dict(prompt="hi", presence_penalty=2.5), 400, "presence_penalty"),
+    (dict(prompt="hi", max_tokens=4, extra_body={"min_tokens": 5}), 400, "min_tokens"),
+    (dict(prompt="hi", extra_body={"repetition_penalty": 0}), 400, "repetition_penalty"),
+    (dict(prompt="hi", extra_body={"min_p": 1.5}), 400, "min_p"),
 ])
 def test_bad_requests_get_openai_errors(client, body, status, param):
     body = {"model": MODEL, **body}
@@ -330,3 +338,139 @@ def _comm(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return ""
+
+
+def sampled(offline, prompt_ids, **params) -> list[int]:
+    """The engine alone, with the given sampling params (not only greedy)."""
+    (c,) = offline.engine.generate([list(prompt_ids)], SamplingParams(**params))
+    return list(c.token_ids)
+
+
+def test_n_choices_are_independent_seeded_requests(client, offline):
+    """Choice i * n + j is prompt i's j-th, seeded seed + j as vLLM seeds them: distinct samples,
+    the same ones on every retry, each what the engine gives that seed alone."""
+    prompts = [[5, 9, 13, 101, 7], [44, 2, 8]]
+    body = dict(model=MODEL, prompt=prompts, n=3, max_tokens=6, temperature=1.0, seed=123,
+                extra_body={"return_token_ids": True, "ignore_eos": True})
+    r = client.completions.create(**body)
+    assert [c.index for c in r.choices] == list(range(6))
+    got = [extra(c, "token_ids") for c in r.choices]
+    for i, p in enumerate(prompts):
+        for j in range(3):
+            assert got[i * 3 + j] == sampled(offline, p, max_tokens=6, temperature=1.0, seed=123 + j,
+                                             ignore_eos=True), (i, j)
+            assert extra(r.choices[i * 3 + j], "prompt_token_ids") == p
+        assert len({tuple(t) for t in got[i * 3:i * 3 + 3]}) == 3
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (8, 36)  # each prompt counted once
+    assert [extra(c, "token_ids") for c in client.completions.create(**body).choices] == got
+    chunks = list(client.completions.create(**body, stream=True))
+    for c in r.choices:
+        assert "".join(ch.choices[0].text for ch in chunks if ch.choices and ch.choices[0].index == c.index) \
+            == c.text
+    assert chunks[-1].usage.completion_tokens == 36 and chunks[-1].usage.prompt_tokens == 8
+
+
+def test_chat_n_choices_stream_and_not(client, offline):
+    messages = [{"role": "user", "content": "tell me a story"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, n=3, max_tokens=5, temperature=1.0,
+                                       seed=7, extra_body={"return_token_ids": True, "ignore_eos": True})
+    prompt = extra(r, "prompt_token_ids")
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for j, c in enumerate(r.choices):
+        assert extra(c, "token_ids") == sampled(offline, prompt, max_tokens=5, temperature=1.0, seed=7 + j,
+                                                ignore_eos=True)
+        assert c.message.role == "assistant" and c.finish_reason == "length"
+    assert len({c.message.content for c in r.choices}) == 3
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt), 15)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, n=3, max_tokens=5,
+                                                 temperature=1.0, seed=7, stream=True,
+                                                 extra_body={"ignore_eos": True}))
+    roles = [ch.choices[0].index for ch in chunks if ch.choices and ch.choices[0].delta.role == "assistant"]
+    assert sorted(roles) == [0, 1, 2]
+    for c in r.choices:
+        parts = [ch.choices[0] for ch in chunks if ch.choices and ch.choices[0].index == c.index]
+        assert "".join(p.delta.content or "" for p in parts) == c.message.content
+        assert parts[-1].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 15
+
+
+def test_penalties_bias_and_min_tokens_over_http_match_the_engine(client, offline):
+    prompt = [3, 44, 87, 120, 3, 44]
+    options = [dict(presence_penalty=1.5, frequency_penalty=0.5), dict(logit_bias={"17": 8.0}),
+               dict(extra_body={"repetition_penalty": 1.6, "min_p": 0.1}),
+               dict(extra_body={"min_tokens": 6})]
+    for o in options:
+        body = {**o, "extra_body": {**o.get("extra_body", {}), "return_token_ids": True}}
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, **body)
+        params = {**{k: v for k, v in o.items() if k != "extra_body"}, **o.get("extra_body", {})}
+        if "logit_bias" in params:
+            params["logit_bias"] = {int(k): v for k, v in params["logit_bias"].items()}
+        want = sampled(offline, prompt, max_tokens=8, temperature=0, **params)
+        assert extra(r.choices[0], "token_ids") == want, o
+    biased = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0,
+                                       logit_bias={"17": 100}, extra_body={"return_token_ids": True})
+    assert extra(biased.choices[0], "token_ids") == [17] * 4
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                          max_tokens=3, temperature=0, logit_bias={"17": 100},
+                                          extra_body={"return_token_ids": True})
+    assert extra(chat.choices[0], "token_ids") == [17] * 3
+
+
+def test_tokenize_and_detokenize(base_url, offline, tiny_dir):
+    from transformers import AutoTokenizer
+
+    text = "The delta rule, step by step."
+    body = {"model": MODEL, "prompt": text, "return_token_strs": True}
+    r = requests.post(f"{base_url}/tokenize", json=body, timeout=10).json()
+    hf = AutoTokenizer.from_pretrained(tiny_dir)
+    assert r["tokens"] == offline.tokenizer.encode(text) and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == MAX_MODEL_LEN and r["token_strs"] == hf.convert_ids_to_tokens(r["tokens"])
+    plain = requests.post(f"{base_url}/tokenize", json={"prompt": text}, timeout=10).json()  # model optional
+    assert plain["tokens"] == r["tokens"] and plain["token_strs"] is None
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    for gen in (True, False):
+        body = {"messages": messages, "add_generation_prompt": gen}
+        chat = requests.post(f"{base_url}/tokenize", json=body, timeout=10).json()
+        want = hf.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True, return_dict=False)
+        assert chat["tokens"] == list(want), gen
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    body = {"messages": messages, "tools": tools}
+    chat = requests.post(f"{base_url}/tokenize", json=body, timeout=10).json()
+    want = hf.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True,
+                                  return_dict=False)
+    assert chat["tokens"] == list(want) and "get_weather" in hf.decode(want)
+    back = requests.post(f"{base_url}/detokenize", json={"model": MODEL, "tokens": r["tokens"]}, timeout=10)
+    assert back.json() == {"prompt": text}
+    ids = hf.apply_chat_template(messages, tokenize=True, return_dict=False)
+    assert requests.post(f"{base_url}/detokenize", json={"tokens": list(ids)}, timeout=10).json()["prompt"] \
+        == hf.decode(ids)  # special tokens included, as vLLM
+
+
+@pytest.mark.parametrize("route, body, status, param", [
+    ("detokenize", {"tokens": [5, 100000]}, 400, "tokens"),
+    ("detokenize", {"tokens": [-1]}, 400, "tokens"),
+    ("detokenize", {"tokens": "abc"}, 400, "tokens"),
+    ("detokenize", {"tokens": [5], "model": "gpt-4"}, 404, "model"),
+    ("tokenize", {"prompt": 5}, 400, "prompt"),
+    ("tokenize", {"prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
+    ("tokenize", {"messages": []}, 400, "messages"),
+    ("tokenize", {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"messages": 1}},
+     400, "chat_template_kwargs"),
+    ("tokenize", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ("tokenize", {}, 400, "prompt"),
+])
+def test_tokenize_errors_name_the_field(base_url, route, body, status, param):
+    r = requests.post(f"{base_url}/{route}", json=body, timeout=10)
+    assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+
+
+def test_missing_builtin_model_is_a_config_error_naming_the_fix(tmp_path, monkeypatch):
+    """The built-in model ships with the repository; without it the app refuses to start rather
+    than serve random weights in its place."""
+    import deployments.app as app
+    from engine.config import NextserveConfigError
+
+    monkeypatch.setattr(app, "TINY_MODEL_DIR", tmp_path / "tiny-qwen3-next")
+    with pytest.raises(NextserveConfigError, match="git checkout -- models/tiny-qwen3-next"):
+        app.resolve_model(None)

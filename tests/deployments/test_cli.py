@@ -33,6 +33,9 @@ def run_cli(argv, capsys) -> tuple[int, str]:
     (["--prompt-token-ids", "1", "--temperature", "-1"], ["--temperature", "-1"]),
     (["--prompt-token-ids", "1", "--max-tokens", "0"], ["--max-tokens", "0"]),
     (["--prompt-token-ids", "1", "--top-p", "2"], ["--top-p", "2"]),
+    (["--prompt-token-ids", "1", "--repetition-penalty", "0"], ["--repetition-penalty", "got 0.0"]),
+    (["--prompt-token-ids", "1", "--min-tokens", "20"], ["--min-tokens", "max_tokens (16)"]),
+    (["--prompt-token-ids", "1", "--presence-penalty", "3"], ["--presence-penalty", "[-2, 2]"]),
     (["--prompt-token-ids", "1", "--max-tokens", "many"], ["--max-tokens", "'many'"]),
     (["--prompt-token-ids", "1", "--max-model-len", "0"], ["--max-model-len", "0"]),
     (["--prompt-token-ids", "1", "--num-kv-blocks", "0"], ["--num-kv-blocks", "0"]),
@@ -132,13 +135,13 @@ def test_token_ids_below_the_models_vocab_size(tiny_dir, capsys):
 def test_quantized_checkpoint_is_refused(tiny_dir, tmp_path, capsys):
     import shutil
 
-    d = tmp_path / "fp8"
+    d = tmp_path / "awq"
     shutil.copytree(tiny_dir, d)
     config = json.loads((d / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
     (d / "config.json").write_text(json.dumps(config))
     code, err = run_cli(["generate", "--model", str(d), "--prompt-token-ids", "3"], capsys)
-    assert code == 2 and "quantization_config.quant_method='fp8'" in err and err.count("\n") == 1
+    assert code == 2 and "quantization_config.quant_method='awq'" in err and err.count("\n") == 1
 
 
 def test_rebalance_sends_the_admin_key(monkeypatch, capsys):
@@ -176,3 +179,26 @@ def test_rebalance_without_a_server(capsys):
     code, err = run_cli(["rebalance", "--url", "http://127.0.0.1:9"], capsys)
     assert code == 2 and err.strip() == ("nextserve rebalance: error: --url: cannot reach "
                                          "http://127.0.0.1:9 (ConnectionError)")
+
+
+def test_generate_defaults_to_the_builtin_trained_model(capsys):
+    """Without --model: the trained checkpoint shipped in models/tiny-qwen3-next, whose greedy
+    text is English (it learnt the standard library's docstrings), not byte soup."""
+    from deployments.cli import TINY_MODEL_DIR
+
+    if not (TINY_MODEL_DIR / "config.json").is_file():
+        pytest.skip("no built-in model in this checkout")
+    code = main(["generate", "--prompt", "Return the", "--max-tokens", "12", "--temperature", "0"])
+    assert code == 0
+    words = capsys.readouterr().out.split()
+    known = {"the", "a", "of", "to", "is", "and", "in", "file", "object", "return", "string", "name", "if",
+             "value", "list", "be", "for", "or", "this", "that", "an", "new", "with", "by", "as", "not"}
+    assert sum(w.strip(".,:;()'\"`").lower() in known for w in words) >= 3, words
+
+
+def test_missing_builtin_model_names_how_to_restore_it(tmp_path, monkeypatch, capsys):
+    import deployments.cli as cli
+
+    monkeypatch.setattr(cli, "TINY_MODEL_DIR", tmp_path / "tiny-qwen3-next")
+    code, err = run_cli(["generate", "--prompt", "hi"], capsys)
+    assert code == 2 and "--model" in err and "git checkout -- models/tiny-qwen3-next" in err

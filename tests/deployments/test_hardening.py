@@ -202,7 +202,12 @@ def test_extreme_but_valid_values_run(base_url, offline):
     bodies = [{"top_k": 2**62, "temperature": 1, "seed": 2**64 - 1}, {"seed": -(2**63), "temperature": 0.7},
               {"temperature": 1e-300, "top_p": 1e-300}, {"temperature": 3e38},
               {"top_k": 512, "temperature": 1}, {"stop": ["z" * 256] * 16},
-              {"stop_token_ids": [511], "ignore_eos": True}]
+              {"stop_token_ids": [511], "ignore_eos": True},
+              {"repetition_penalty": 3.4e38, "temperature": 1, "presence_penalty": -2,
+               "frequency_penalty": 2},
+              {"repetition_penalty": 1e-30, "min_p": 1, "temperature": 1e-300},
+              {"logit_bias": {str(t): -100 for t in range(512)}, "min_tokens": 4, "temperature": 1},
+              {"logit_bias": {"511": 100, "0": -100}, "min_tokens": 4, "stop_token_ids": [511], "n": 2}]
 
     def hostile():
         return [post(base_url, CMPL, {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 4, **b})
@@ -213,11 +218,10 @@ def test_extreme_but_valid_values_run(base_url, offline):
 
 
 UNSUPPORTED = [
-    (CMPL, "logit_bias", {"5": 10}), (CMPL, "presence_penalty", 0.5), (CMPL, "frequency_penalty", -1),
-    (CMPL, "repetition_penalty", 1.2), (CMPL, "min_p", 0.1), (CMPL, "best_of", 2), (CMPL, "suffix", "end"),
-    (CMPL, "guided_whitespace_pattern", " "), (CMPL, "logits_processors", ["x"]), (CMPL, "min_tokens", 3),
-    (CHAT, "guided_decoding_backend", "outlines"), (CHAT, "tools", [{"type": "function"}]),
-    (CHAT, "tool_choice", "required"), (CHAT, "functions", [{"name": "f"}]), (CHAT, "n", 2),
+    (CMPL, "best_of", 2), (CMPL, "suffix", "end"), (CMPL, "use_beam_search", True),
+    (CMPL, "length_penalty", 2), (CMPL, "tools", [{"type": "function"}]),
+    (CMPL, "guided_whitespace_pattern", " "), (CMPL, "logits_processors", ["x"]),
+    (CHAT, "guided_decoding_backend", "outlines"), (CHAT, "functions", [{"name": "f"}]),
     (CHAT, "include_stop_str_in_output", True), (CHAT, "continue_final_message", True),
 ]
 
@@ -237,8 +241,8 @@ def test_unknown_fields_are_refused_as_openai_does(base_url, client):
     e = error(post(base_url, CHAT, {"model": MODEL, "messages": odd}), 400)
     assert "messages.0.mood" in e["message"]
     with pytest.raises(openai.BadRequestError) as ex:
-        client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2, logit_bias={"5": 3})
-    assert ex.value.body["param"] == "logit_bias"
+        client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2, logit_bias={"512": 3})
+    assert ex.value.body["param"] == "logit_bias"  # the model has 512 token ids
 
 
 def test_neutral_values_and_no_effect_fields_are_accepted(client, offline):

@@ -160,11 +160,16 @@ SAMPLING = dict(
     stop_token_ids=field(TOKEN_IDS), ignore_eos=field(st.booleans()), stream=field(st.booleans()),
     stream_options=field(st.fixed_dictionaries({}, optional={"include_usage": field(st.booleans())})),
     return_token_ids=field(st.booleans()),
+    presence_penalty=field(st.floats(-3, 3)), frequency_penalty=field(st.floats(-3, 3)),
+    repetition_penalty=field(st.floats(-1, 5)), min_p=field(st.floats(-0.5, 1.5)),
+    min_tokens=field(st.integers(-1, 10)),
+    logit_bias=field(st.dictionaries(st.integers(-5, 600).map(str) | st.text(max_size=4) | EDGE_INTS.map(str),
+                                     st.floats(-150, 150) | EDGE_FLOATS, max_size=4)),
 )
 # Fields of OpenAI's and vLLM's APIs the server does not implement (refused unless neutral), fields
 # without effect (accepted), and fields nobody defines (refused).
 OTHER_FIELDS = st.dictionaries(
-    st.sampled_from(["presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "logit_bias",
+    st.sampled_from(["length_penalty", "use_beam_search",
                      "response_format", "tools", "tool_choice", "best_of", "guided_json", "user", "metadata",
                      "skip_special_tokens", "frobnicate", ""]),
     st.sampled_from([None, 0, 1, {}, [], True, "none"]) | JSON, max_size=2)

@@ -164,3 +164,12 @@ def test_prompt_limit_default_and_ceiling():
                 "serve": {"max_queued_requests": 8, "max_prompts_per_request": 13}}
     with pytest.raises(NextserveConfigError, match="max_prompts_per_request"):
         max_prompts_per_request(NextserveConfig.from_args(too_many))
+
+
+def test_choice_seeds_follow_vllm_and_stay_in_64_bits():
+    from deployments.serving import choice_seed
+    from engine.sampling import SamplingParams
+
+    assert [choice_seed(7, j) for j in range(3)] == [7, 8, 9] and choice_seed(None, 2) is None
+    assert choice_seed(2**64 - 1, 1) == 0 and choice_seed(2**64 - 2, 3) == 1  # seeds are mod 2**64
+    assert SamplingParams(seed=choice_seed(2**64 - 1, 5)).make_generator("cpu") is not None

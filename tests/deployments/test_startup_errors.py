@@ -52,8 +52,9 @@ def drop_weights(d):
     (drop_weights, "no *.safetensors files"),
     (corrupt_weights, "not a readable safetensors file"),
     (lambda d: (d / "tokenizer.json").unlink(), "has no tokenizer.json"),
-    (set_config(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}),
-     "quantization_config.quant_method='fp8' is not supported"),
+    (set_config(quantization_config={"quant_method": "awq", "bits": 4}),
+     "quantization_config.quant_method='awq' is not supported"),
+    (set_config(quantization_config={"quant_method": "fp8"}), "quantization_config.weight_block_size=None"),
 ])
 def test_bad_checkpoint_is_clear_at_start(tiny_dir, tmp_path, edit, message):
     model = str(tmp_path / "missing") if edit is None else broken(tiny_dir, tmp_path, edit)
@@ -74,14 +75,14 @@ def test_a_prompt_limit_no_replica_can_admit_stops_start_up():
 def test_a_quantized_checkpoint_stops_nextserve_serve_before_ray_starts(tiny_dir, tmp_path, capsys):
     from deployments.cli import main
 
-    model = broken(tiny_dir, tmp_path, set_config(quantization_config={"quant_method": "fp8"}))
-    with pytest.raises(ValueError, match=r"quantization_config\.quant_method='fp8'"):
+    model = broken(tiny_dir, tmp_path, set_config(quantization_config={"quant_method": "awq"}))
+    with pytest.raises(ValueError, match=r"quantization_config\.quant_method='awq'"):
         from deployments.app import build_app
 
         build_app({"model": model})
     assert main(["serve", "--model", model]) == 2
     err = capsys.readouterr().err
-    assert "quantization_config.quant_method='fp8' is not supported" in err and err.count("\n") == 1, err
+    assert "quantization_config.quant_method='awq' is not supported" in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("edit", [

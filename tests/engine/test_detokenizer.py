@@ -76,3 +76,13 @@ def test_text_is_kept_in_pieces(tokenizer):
         d.take(final=False)
     d.take(final=True)
     assert d.text == tokenizer.decode(ids)
+
+
+def test_stop_strings_wait_for_min_tokens(tokenizer):
+    """As vLLM: no stop-string check until more than min_tokens tokens are out; then a match
+    must end in the new text (it may begin before)."""
+    ids = tokenizer.encode("ab ab ab ab ab ab ab ab")
+    d = IncrementalDetokenizer(tokenizer, ("ab",), min_tokens=len(ids) - 1)
+    stopped = [d.add(t) for t in ids]
+    assert stopped == [False] * (len(ids) - 1) + [True]
+    assert d.text + "ab" == tokenizer.decode(ids)

@@ -6,7 +6,7 @@ import pytest
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 from engine.scheduler import PromptTooLongError
-from tests.engine.fakes import EOS, FakeExecutor, reference_greedy
+from tests.engine.fakes import EOS, FakeExecutor, fake_logits, reference_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=True)
 
@@ -194,3 +194,52 @@ def test_prompt_logprobs_across_prefill_chunks(budget):
     assert all(o.prompt_logprobs is None for o in got["a"][1:] + got["b"])
     assert tokens(got["a"]) == reference_greedy(p, 2, eos=None)  # scoring changes nothing sampled
     assert all(len(o.new_top_logprobs[0]) == 3 for o in got["a"]) and got["b"][0].new_top_logprobs is None
+
+
+def reference_penalized(prompt_ids: list[int], p: SamplingParams, eos: int = EOS) -> list[int]:
+    """Greedy decoding with the penalties, logit_bias and min_tokens written as a plain loop over
+    one sequence's tokens (no batching, no count tensors)."""
+    out: list[int] = []
+    while len(out) < p.max_tokens:
+        x = fake_logits(prompt_ids + out, 32)
+        for t, b in p.logit_bias:
+            x[t] += b
+        if len(out) < p.min_tokens:
+            for t in {*p.stop_token_ids, *(() if p.ignore_eos else (eos,))}:
+                x[t] = float("-inf")
+        for t in set(prompt_ids + out):
+            x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+        for t in set(out):
+            x[t] -= p.frequency_penalty * out.count(t) + p.presence_penalty
+        out.append(int(x.argmax()))
+        stops = out[-1] in p.stop_token_ids or (not p.ignore_eos and out[-1] == eos)
+        if stops and len(out) >= p.min_tokens:  # as vLLM's check_stop
+            break
+    return out
+
+
+def test_penalties_bias_and_min_tokens_in_a_batch_match_a_plain_loop():
+    g = dict(temperature=0, max_tokens=12)
+    params = [SamplingParams(**g, repetition_penalty=1.8), SamplingParams(**g, presence_penalty=2),
+              SamplingParams(**g, frequency_penalty=1.5, repetition_penalty=0.7),
+              SamplingParams(**g, logit_bias={5: 4.0, 9: -100, EOS: 40}, min_tokens=6),
+              SamplingParams(**g, min_tokens=10, logit_bias={EOS: 40, 3: 30}, stop_token_ids=[3]),
+              SamplingParams(**g)]
+    prompts = [prompt(4 + i, i) for i in range(len(params))]
+    engine = LLMEngine(FakeExecutor(num_slots=3, max_model_len=64))  # 3 slots: requests join later
+    results = engine.generate(prompts, params)
+    for p, sp, r in zip(prompts, params, results, strict=True):
+        assert list(r.token_ids) == reference_penalized(p, sp), sp
+    plain = reference_greedy(prompts[0], 12)
+    assert list(results[0].token_ids) != plain  # the penalty changed something
+    # the biased EOS (and stop id) would end #3 and #4 at once: min_tokens holds them off
+    assert results[3].token_ids[6] == EOS and len(results[3].token_ids) == 7
+    assert EOS not in results[4].token_ids[:10] and 3 not in results[4].token_ids[:10]
+    assert len(results[4].token_ids) == 11 and results[4].finish_reason == "stop"
+
+
+def test_logit_bias_must_name_tokens_of_the_model():
+    engine = LLMEngine(FakeExecutor())
+    with pytest.raises(ValueError, match="logit_bias names token id 32, out of range for vocab_size 32"):
+        engine.add_request("a", prompt(3), SamplingParams(logit_bias={32: 1.0}))
+    assert not engine.has_unfinished()

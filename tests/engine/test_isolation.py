@@ -103,8 +103,8 @@ class PickySampler(Sampler):
     """Refuses a batch holding a row with top_k == 13, after drawing (so the seeded rows' draws
     were spent); a row of its own fails only if it is that row."""
 
-    def __call__(self, logits, params, generators=None):
-        out = super().__call__(logits, params, generators)
+    def __call__(self, logits, params, generators=None, histories=None):
+        out = super().__call__(logits, params, generators, histories)
         if any(p.top_k == 13 for p in params):
             raise ValueError("top_k 13 is unlucky")
         return out

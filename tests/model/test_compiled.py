@@ -133,3 +133,67 @@ def test_delta_rule_step_matches_recurrence():
                                               beta[:, None], state)
     torch.testing.assert_close(o, o_ref[:, 0], rtol=0, atol=2e-5)
     torch.testing.assert_close(s, s_ref, rtol=0, atol=2e-5)
+
+
+def test_fixed_key_width_of_cuda_graphs_matches_eager_on_cpu(model):
+    """What a CUDA graph replays, without the graph: every row reads keys up to the cache's
+    max_len (padded rows and keys past a row's end point at the scratch row, masked by kv_len)."""
+    if model.config.arch != "qwen3_next":
+        pytest.skip("one compile suffices: qwen3_next has both token mixers")
+    eager_caches = make_decode_caches(model, NUM_SLOTS, MAX_LEN, BLOCK, NUM_BLOCKS)
+    caches = make_decode_caches(model, NUM_SLOTS, MAX_LEN, BLOCK, NUM_BLOCKS)
+    decode = CompiledDecode(model, caches, NUM_SLOTS, NUM_BLOCKS, buckets=(4,), static_kv_width=True)
+    assert decode.kv_width == MAX_LEN and not decode.cuda_graphs
+    table = tables(seed=2)
+    seqs = {s: list(PROMPTS[s]) for s in (0, 2, 3)}
+    with torch.inference_mode():
+        slots = list(seqs)
+        layout = BatchLayout.build(slots, [0] * 3, [len(seqs[s]) for s in slots],
+                                   block_tables=[table[s] for s in slots])
+        ids = torch.tensor([t for s in slots for t in seqs[s]])
+        model(ids, layout, eager_caches)
+        model(ids, layout, caches)
+    for step in range(4):
+        slots = sorted(seqs)
+        layout = BatchLayout.build(slots, [len(seqs[s]) - 1 for s in slots], [1] * 3,
+                                   block_tables=[table[s] for s in slots])
+        inp = decode.inputs(layout, decode.bucket(3))
+        if step == 0:  # the padded inputs the graph's static buffers receive
+            scratch_row = NUM_BLOCKS * BLOCK
+            assert decode.bucket(3) == 4 and inp.read_at.shape == (4, MAX_LEN)
+            assert inp.slots[3] == NUM_SLOTS and bool(inp.fresh[3]) and inp.kv_len[3] == 1
+            assert bool((inp.read_at[3] == scratch_row).all()) and inp.write_at[3] == scratch_row
+            assert inp.kv_len[:3].tolist() == [len(seqs[s]) for s in slots]
+            longest = max(len(seqs[s]) for s in slots)  # keys past it are padding: the scratch row
+            assert bool((inp.read_at[:, longest:] == scratch_row).all())
+        ids = torch.tensor([seqs[s][-1] for s in slots])
+        with torch.inference_mode():
+            expected = model.compute_logits(model(ids, layout, eager_caches))
+        assert_close_logits(expected, model.compute_logits(decode(ids, layout)))
+        for s, t in zip(slots, expected.argmax(-1).tolist(), strict=True):
+            seqs[s].append(t)
+    with pytest.raises(ValueError, match="CUDA device"):
+        CompiledDecode(model, caches, NUM_SLOTS, NUM_BLOCKS, cuda_graphs=True)
+
+
+def test_grouped_decode_experts_equal_the_gathered_ones():
+    """The compiled step's grouped-GEMM experts (its CUDA choice), run eagerly here: the same sum
+    as each row gathering its own experts, pairs of experts held elsewhere weighing nothing."""
+    from model.compiled import _gathered_experts, grouped_experts
+    from model.moe import Experts
+
+    if not hasattr(torch.nn.functional, "grouped_mm"):
+        pytest.skip("this torch has no grouped_mm")
+    g = torch.Generator().manual_seed(0)
+    ex = Experts(24, 16, range(6), 6)
+    with torch.no_grad():
+        ex.gate_up.copy_(torch.randn(ex.gate_up.shape, generator=g))
+        ex.down.copy_(torch.randn(ex.down.shape, generator=g))
+    x = torch.randn(5, 24, generator=g)
+    j = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(5)])
+    w = torch.rand(5, 3, generator=g)
+    w[1, 2] = 0  # a pair whose expert is held elsewhere (run on stacked expert j, weighted 0)
+    with torch.no_grad():
+        want = _gathered_experts(ex, x, j, w)
+        got = grouped_experts(ex, x, j, w)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * want.abs().max().item())

@@ -7,7 +7,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from model.config import ModelConfig
-from model.tiny import SPECIAL_TOKENS, make_tiny_model
+from model.tiny import SPECIAL_TOKENS, TAG_TOKENS, make_tiny_model
 from model.weights import INDEX_FILE, CheckpointReader
 
 ARCHS = ["qwen3_next", "qwen3_moe"]
@@ -103,6 +103,14 @@ def test_tokenizer_round_trips_and_matches_transformers(tiny):
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     generation = json.loads((path / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [482, 480]
+
+    # Qwen3's tags are single tokens that decoding keeps, as in Qwen3's vocabulary
+    text = "<think>\nhm\n</think>\n\n<tool_call>\n{}\n</tool_call>"
+    ids = tok.encode(text).ids
+    assert [tok.token_to_id(t) for t in TAG_TOKENS] == list(range(483, 483 + len(TAG_TOKENS)))
+    assert all(tok.token_to_id(t) in ids for t in TAG_TOKENS[:4])
+    assert hf(text)["input_ids"] == ids and hf.decode(ids, skip_special_tokens=True) == text
+    assert tok.decode(ids, skip_special_tokens=True) == text
 
 
 def test_sharded_checkpoint_has_a_valid_index_and_same_values(tmp_path):
