@@ -68,6 +68,14 @@ def test_chat_json_schema_validates(client):
         jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
 
 
+def test_every_choice_of_n_validates_with_penalties(client):
+    r = chat(client, 11, response_format=JSON_SCHEMA, n=3, presence_penalty=1.0, frequency_penalty=0.5)
+    assert len(r.choices) == 3
+    for c in r.choices:
+        assert c.finish_reason == "stop"
+        jsonschema.validate(json.loads(c.message.content), PERSON)
+
+
 def test_chat_json_schema_streamed(client):
     stream = chat(client, 7, response_format=JSON_SCHEMA, stream=True)
     text, reasons = "", []

@@ -391,3 +391,14 @@ def test_utf8_guard_refuses_what_utf8_forbids(tiny_dir):
     mask, _ = manager.masks([state])
     allowed = (apply_token_mask(torch.zeros(1, 512), mask)[0] == 0).nonzero().flatten().tolist()
     assert by_bytes[b"\xe0"] in allowed
+
+
+def test_the_mask_comes_after_logit_bias_and_penalties(engine, prompt):
+    """A +100 bias on a token the grammar refuses, and penalties, cannot push it past the mask."""
+    tok = engine.tokenizer
+    x = tok.encode("x", add_special_tokens=False)[0]
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=16, logit_bias=((x, 100.0),),
+                            presence_penalty=1.5, repetition_penalty=1.3,
+                            structured_outputs=S(regex="[0-9]{3}"))
+    (r,) = engine.generate([prompt], [params])
+    assert r.finish_reason == "stop" and re.fullmatch("[0-9]{3}", r.text)
