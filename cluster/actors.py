@@ -35,6 +35,7 @@ class ActorArgs:
     num_kv_blocks: int
     tensor_transport: str
     timeout_s: float  # for an actor's start-up and for reloading experts
+    num_state_snapshots: int = 0  # saved DeltaNet states per DeltaNet layer (prefix caching)
 
 
 def _device(pool: Any) -> str:
@@ -160,7 +161,8 @@ class ActorGroup:
         a = self.args
         actor = ray.remote(MixerWorker).options(**self._actor_options(spec.pool, pool, spec.index))
         return actor.remote(a.model_dir, a.dtype, spec, a.num_slots, a.max_model_len, self._placement.experts,
-                            _device(pool), a.block_size, a.num_kv_blocks, a.tensor_transport)
+                            _device(pool), a.block_size, a.num_kv_blocks, a.tensor_transport,
+                            a.num_state_snapshots)
 
     def _new_shard(self, s: int) -> Any:
         pool = self._pools.experts

@@ -32,7 +32,13 @@ from cluster.placement import ClusterPlacement, check_transport, resolve_placeme
 from cluster.recovery import ACTOR_FAILURES, describe, restart_all, restart_dead
 from cluster.session import RaySession, connect
 from cluster.step_graph import CompiledStep, RemoteStep
-from engine.executor import Executor, ExecutorStateLostError, StepInput, StepTelemetry
+from engine.executor import (
+    DEFAULT_PREFIX_CACHE_STATES,
+    Executor,
+    ExecutorStateLostError,
+    StepInput,
+    StepTelemetry,
+)
 from model.config import ModelConfig
 from router.placement import ExpertPlacement
 
@@ -55,15 +61,22 @@ class RebalanceError(RuntimeError):
 
 
 class ClusterExecutor(Executor):
+    # The DeltaNet actors keep the saved states, the attention actors the shared KV blocks; after a
+    # restart the engine forgets every cached prefix (ExecutorStateLostError), so a survivor's or a
+    # new actor's stale entries are never loaded.
+    supports_prefix_caching = True
+
     def __init__(self, model_dir: str | Path, dtype: str | None = None, num_slots: int = 8,
                  max_model_len: int | None = None, config: ClusterConfig | None = None,
-                 block_size: int = 16, num_kv_blocks: int | None = None) -> None:
+                 block_size: int = 16, num_kv_blocks: int | None = None,
+                 num_state_snapshots: int = DEFAULT_PREFIX_CACHE_STATES) -> None:
         """Each actor computes on its pool's GPU when `resources.num_gpus` > 0, else on CPU; logits
         come back on CPU. `num_kv_blocks` None: every slot can hold max_model_len tokens (never
-        preempts)."""
+        preempts). `num_state_snapshots`: saved DeltaNet states for prefix caching, each DeltaNet
+        actor keeping its layers' share."""
         self.model_dir = str(Path(model_dir).resolve())  # workers may start in another directory
         super().__init__(ModelConfig.from_dir(self.model_dir, dtype=dtype), num_slots, max_model_len,
-                         block_size, num_kv_blocks)
+                         block_size, num_kv_blocks, num_state_snapshots)
         self.settings = config or ClusterConfig()
         self.dtype = dtype
         cluster = self.settings.cluster
@@ -82,7 +95,7 @@ class ClusterExecutor(Executor):
         check_transport(self.settings, placement)
         self.session: RaySession = connect(cluster.ray_address, self.settings.pools)
         args = ActorArgs(self.model_dir, dtype, num_slots, self.max_model_len, block_size, self.num_kv_blocks,
-                         cluster.tensor_transport, cluster.timeout_s)
+                         cluster.tensor_transport, cluster.timeout_s, self.num_state_snapshots)
         self._actors = ActorGroup(args, self.session, self.settings.pools, placement)
         try:
             self._actors.start()

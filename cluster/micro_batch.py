@@ -32,8 +32,10 @@ def split_step(step: StepInput, min_tokens: int) -> Split:
     first = [i for i in step.logits_index if i < t0]
     second = [i - t0 for i in step.logits_index if i >= t0]
     tables = step.block_tables
+    # The snapshot copies travel with micro-batch 0, which reaches each layer first on every actor
+    # (cluster/step_graph.py binds lane 0 before lane 1), so they run before either lane's tokens.
     p0 = StepInput(step.token_ids[:t0], step.slots[:b], step.starts[:b], step.lengths[:b], tuple(first),
-                   None if tables is None else tables[:b])
+                   None if tables is None else tables[:b], step.state_saves, step.state_loads)
     p1 = StepInput(step.token_ids[t0:], step.slots[b:], step.starts[b:], step.lengths[b:], tuple(second),
                    None if tables is None else tables[b:])
     n0 = iter(range(len(first)))

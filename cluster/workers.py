@@ -30,6 +30,7 @@ from cluster.messages import (
 )
 from cluster.placement import MixerSpec
 from model.batch import BatchLayout
+from model.cache import DeltaNetState, StateSnapshots
 from model.config import ModelConfig
 from model.decoder import DecoderLayer
 from model.loading import load_experts, load_module, materialize
@@ -58,7 +59,7 @@ class MixerWorker:
     def __init__(self, model_dir: str, dtype: str | None, spec: MixerSpec, num_slots: int,
                  max_model_len: int, experts: ExpertPlacement | None, device: str = "cpu",
                  block_size: int = 16, num_kv_blocks: int | None = None,
-                 tensor_transport: str = "host") -> None:
+                 tensor_transport: str = "host", num_state_snapshots: int = 0) -> None:
         _init_process()
         self.host_wire = tensor_transport == "host"  # cluster/messages.py: numpy, else torch tensors
         c = self.config = ModelConfig.from_dir(model_dir, dtype=dtype)
@@ -87,6 +88,10 @@ class MixerWorker:
         # every slot at max_model_len); DeltaNet layers: per-slot state.
         self.caches = {i: m.make_cache(num_slots, max_model_len, self.dtype, device, block_size,
                                        num_kv_blocks) for i, m in self.layers.items()}
+        # Saved DeltaNet states for prefix caching, per DeltaNet layer here: each step's saves and
+        # loads run on a layer just before its tokens do (`run`).
+        self.snapshots = {i: StateSnapshots(c, num_state_snapshots) for i, c in self.caches.items()
+                          if isinstance(c, DeltaNetState) and num_state_snapshots > 0}
         self.router = Router(experts) if experts is not None else None
         self.accessed = list(reader.accessed)
         reader.close()
@@ -115,6 +120,9 @@ class MixerWorker:
         m = self.layers[layer]
         with torch.inference_mode():
             layout, _ = self._batch(msg)
+            step = msg.step
+            if layer in self.snapshots and (step.state_saves or step.state_loads):
+                self.snapshots[layer].apply(step.state_saves, step.state_loads)
             h = m.mix(h, layout, self.caches[layer])  # [T, H]
             if not moe:
                 out = self._wire(m.feed_forward(h))

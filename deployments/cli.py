@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-kv-blocks", type=int, default=None,
                      help="KV-cache blocks per attention layer (default: every sequence at --max-model-len; "
                           "fewer: sequences are preempted and recomputed when they run out)")
+    gen.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                     help="compute every prompt in full instead of reusing cached prefixes")
+    gen.add_argument("--prefix-cache-states", type=int, default=32,
+                     help="saved DeltaNet states kept for prefix caching (default: %(default)s)")
+    gen.add_argument("--prefix-cache-state-interval", type=int, default=32,
+                     help="KV-cache blocks between DeltaNet states saved along a prompt "
+                          "(default: %(default)s)")
     gen.add_argument("--compile", action="store_true",
                      help="local executor: decode steps through torch.compile (the first step of each batch "
                           "size waits for its compile)")
@@ -150,7 +157,10 @@ def _engine_limits(args: argparse.Namespace):
     try:
         return EngineLimits(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                             max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                            num_kv_blocks=args.num_kv_blocks, compile=args.compile)
+                            num_kv_blocks=args.num_kv_blocks, compile=args.compile,
+                            enable_prefix_caching=args.enable_prefix_caching,
+                            prefix_cache_states=args.prefix_cache_states,
+                            prefix_cache_state_interval=args.prefix_cache_state_interval)
     except ValidationError as e:
         first = e.errors()[0]
         flag = "--" + str(first["loc"][0]).replace("_", "-")

@@ -25,7 +25,8 @@ def build_executor(config: NextserveConfig) -> Executor:
     limits = config.engine
     sizes = dict(model_dir=config.model, dtype=config.dtype, num_slots=limits.max_num_seqs,
                  max_model_len=limits.max_model_len, block_size=limits.block_size,
-                 num_kv_blocks=limits.num_kv_blocks)
+                 num_kv_blocks=limits.num_kv_blocks,
+                 num_state_snapshots=limits.prefix_cache_states if limits.enable_prefix_caching else 0)
     if config.executor == "cluster":
         if limits.compile:
             raise NextserveConfigError("engine.compile: the cluster executor's actors run eager; set it to "
@@ -44,7 +45,10 @@ def build_llm_engine(config: NextserveConfig, tokenizer: Tokenizer | None) -> LL
     try:
         # Every slot must be able to decode in each step, so the budget is at least the slot count.
         budget = max(config.engine.max_num_batched_tokens, executor.num_slots)
-        engine = LLMEngine(executor, tokenizer=tokenizer, max_num_batched_tokens=budget)
+        limits = config.engine
+        engine = LLMEngine(executor, tokenizer=tokenizer, max_num_batched_tokens=budget,
+                           enable_prefix_caching=limits.enable_prefix_caching,
+                           prefix_cache_state_interval=limits.prefix_cache_state_interval)
         if config.executor == "cluster" and executor.config.num_experts > 0:
             from cluster.rebalance import RebalancePolicy
 

@@ -30,6 +30,21 @@ class EngineLimits(Settings):
                                 "max_model_len / block_size), so no sequence is ever preempted); fewer "
                                 "blocks hold less memory, and sequences are preempted and recomputed "
                                 "when they run out")
+    enable_prefix_caching: bool = Field(
+        True, description="reuse the KV blocks and DeltaNet states of earlier requests' prefixes (a shared "
+                          "system prompt, a chat's earlier turns) instead of computing them again "
+                          "(engine/prefix_cache.py); the outputs are those without it, within the float "
+                          "rounding of a different chunking")
+    prefix_cache_states: int = Field(
+        32, ge=0, description="saved DeltaNet states (conv + recurrent state of every DeltaNet layer, "
+                              "per entry e.g. ~74 MiB for Qwen3-Next-80B, ~0.02 MiB for the tiny model) "
+                              "kept for prefix caching, evicted least recently used; a hybrid model's "
+                              "prefix is reused only where a state was saved at its end (0: never)")
+    prefix_cache_state_interval: int = Field(
+        32, ge=1, description="KV-cache blocks between the DeltaNet states saved along a prompt (prefill "
+                              "chunks end there): a request sharing a prefix with an earlier one resumes "
+                              "at the last such point inside it; smaller: closer hits, more saves and "
+                              "shorter chunks")
     engine_process: Literal["auto", "inline", "separate"] = Field(
         "auto", description="where a serving replica runs the engine loop: `separate`, an engine core "
                             "process of its own (engine/core.py), which shares no GIL with HTTP, "

@@ -16,6 +16,9 @@ from model.config import ModelConfig
 # otherwise; a checkpoint's native context (262k for Qwen3-Next) would not fit, so without an
 # explicit length the slot length is capped here.
 DEFAULT_MAX_MODEL_LEN = 4096
+# Saved DeltaNet states an executor keeps for prefix caching unless told otherwise
+# (engine.prefix_cache_states); each holds one slot's state of every DeltaNet layer.
+DEFAULT_PREFIX_CACHE_STATES = 32
 
 
 class ExecutorStateLostError(RuntimeError):
@@ -36,7 +39,10 @@ class StepInput:
     positions whose next-token logits the caller wants (usually each sequence's last token).
     `block_tables[b]`: the KV-cache blocks holding sequence b's tokens in order, at least
     ceil((starts[b] + lengths[b]) / block_size) of them; None: each slot owns a fixed run of
-    blocks, which needs the executor's default num_kv_blocks."""
+    blocks, which needs the executor's default num_kv_blocks.
+    Prefix caching (engine/prefix_cache.py): before the step's tokens run, `state_saves` copies the
+    DeltaNet state of slot s into snapshot entry j for each (s, j), then `state_loads` copies entry
+    j into slot s for each (j, s); a sequence resumed from a snapshot starts past 0."""
 
     token_ids: tuple[int, ...]
     slots: tuple[int, ...]
@@ -44,6 +50,8 @@ class StepInput:
     lengths: tuple[int, ...]
     logits_index: tuple[int, ...]
     block_tables: tuple[tuple[int, ...], ...] | None = None
+    state_saves: tuple[tuple[int, int], ...] = ()  # (slot, snapshot entry)
+    state_loads: tuple[tuple[int, int], ...] = ()  # (snapshot entry, slot)
 
     def __post_init__(self) -> None:
         if not (len(self.slots) == len(self.starts) == len(self.lengths)):
@@ -57,6 +65,10 @@ class StepInput:
                 raise ValueError(f"{len(self.block_tables)} block tables for {len(self.slots)} sequences")
             if any(not t or min(t) < 0 for t in self.block_tables):
                 raise ValueError("every block table needs at least one block id, all >= 0")
+        if len({j for _, j in self.state_saves}) < len(self.state_saves):
+            raise ValueError(f"state_saves {self.state_saves} name a snapshot entry twice")
+        if len({s for _, s in self.state_loads}) < len(self.state_loads):
+            raise ValueError(f"state_loads {self.state_loads} name a slot twice")
 
 
 @dataclass(frozen=True)
@@ -83,21 +95,30 @@ class Executor(ABC):
     num_kv_blocks: int | None = None
     # Seconds without work after which the engine calls `idle()`; None: never.
     idle_after_s: float | None = None
+    # Whether the executor takes steps that start past 0 on a fresh slot (shared KV blocks, a
+    # loaded state) and carries state_saves / state_loads: the engine caches prefixes only then.
+    supports_prefix_caching: bool = False
+    num_state_snapshots: int = 0  # DeltaNet snapshot entries (0 for a model without DeltaNet)
 
     def __init__(self, config: ModelConfig, num_slots: int, max_model_len: int | None, block_size: int,
-                 num_kv_blocks: int | None) -> None:
+                 num_kv_blocks: int | None, num_state_snapshots: int = 0) -> None:
         """The cache sizes every executor shares, checked before anything is allocated.
         `max_model_len` None: min(the model's context, DEFAULT_MAX_MODEL_LEN); `num_kv_blocks`
-        None: every slot can hold max_model_len tokens, so the engine never preempts."""
+        None: every slot can hold max_model_len tokens, so the engine never preempts.
+        `num_state_snapshots`: saved DeltaNet states for prefix caching (none kept for a model
+        without DeltaNet layers)."""
         for name, value in (("num_slots", num_slots), ("max_model_len", max_model_len),
                             ("block_size", block_size), ("num_kv_blocks", num_kv_blocks)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if num_state_snapshots < 0:
+            raise ValueError(f"num_state_snapshots must be >= 0, got {num_state_snapshots}")
         self.config = config
         self.num_slots = num_slots
         self.max_model_len = max_model_len or min(config.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
         self.block_size = block_size
         self.num_kv_blocks = num_kv_blocks or num_slots * blocks_for(self.max_model_len, block_size)
+        self.num_state_snapshots = num_state_snapshots if config.deltanet_layers else 0
 
     def check_step(self, step: StepInput) -> None:
         """Refuse a step that names a slot or a position this executor does not have."""
@@ -105,6 +126,12 @@ class Executor(ABC):
             raise ValueError(f"slots {step.slots} outside 0..{self.num_slots - 1}")
         if any(s + n > self.max_model_len for s, n in zip(step.starts, step.lengths, strict=True)):
             raise ValueError(f"a sequence of the step runs past max_model_len={self.max_model_len}")
+        entries = [j for _, j in step.state_saves] + [j for j, _ in step.state_loads]
+        if any(not 0 <= j < self.num_state_snapshots for j in entries):
+            raise ValueError(f"snapshot entries {entries} outside 0..{self.num_state_snapshots - 1}")
+        slots = [s for s, _ in step.state_saves] + [s for _, s in step.state_loads]
+        if any(not 0 <= s < self.num_slots for s in slots):
+            raise ValueError(f"snapshot slots {slots} outside 0..{self.num_slots - 1}")
 
     @abstractmethod
     def execute(self, step: StepInput) -> Tensor:

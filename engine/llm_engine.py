@@ -17,6 +17,7 @@ import torch
 from engine.detokenizer import IncrementalDetokenizer
 from engine.executor import Executor, ExecutorStateLostError, StepInput
 from engine.output_processor import OutputProcessor, PromptRow, RequestOutput, Sampled, TopLogprobs
+from engine.prefix_cache import state_bytes
 from engine.sampling import Sampler, SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
@@ -58,6 +59,16 @@ class EngineStats:
     num_preemptions: int  # running sequences preempted for want of KV-cache blocks
     num_kv_blocks_used: int
     num_kv_blocks: int  # the KV cache's blocks; 0: unlimited (a model without attention layers)
+    # Prefix caching (engine/prefix_cache.py; all 0 when it is off): tokens of admitted sequences
+    # looked up and found cached, cached KV blocks reused for other tokens, DeltaNet states saved
+    # (held now, the pool's entries, their bytes in the executor) and evicted.
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prefix_cache_block_evictions: int = 0
+    prefix_cache_states: int = 0
+    prefix_cache_state_entries: int = 0
+    prefix_cache_state_bytes: int = 0
+    prefix_cache_state_evictions: int = 0
 
 
 StepHook = Callable[[EngineStats, float, dict[int, list[int]]], None]
@@ -67,13 +78,17 @@ class LLMEngine:
     def __init__(self, executor: Executor, tokenizer: Tokenizer | None = None,
                  max_num_seqs: int | None = None, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, eos_token_ids: Seq[int] | None = None,
-                 max_state_recoveries: int = 3) -> None:
+                 max_state_recoveries: int = 3, enable_prefix_caching: bool = True,
+                 prefix_cache_state_interval: int = 32) -> None:
         """`max_num_seqs` defaults to the executor's slots and `max_model_len` to its slot length;
         neither may exceed them. The KV-cache blocks are the executor's (`block_size`,
         `num_kv_blocks`): fewer than every slot at max_model_len means sequences may be preempted
         and recomputed. EOS ids default to the model config's plus the tokenizer's.
         `max_state_recoveries`: steps in a row that may lose the executor's state (an actor died)
-        and be recomputed before the error reaches the caller."""
+        and be recomputed before the error reaches the caller. `enable_prefix_caching`: reuse the
+        KV blocks and DeltaNet states of earlier requests' prefixes (engine/prefix_cache.py) where
+        the executor supports it, with its `num_state_snapshots` saved states, one saved along a
+        prompt each `prefix_cache_state_interval` blocks."""
         self.executor = executor
         self.tokenizer = tokenizer
         self.config = executor.config
@@ -86,12 +101,21 @@ class LLMEngine:
                              f"{executor.max_model_len}")
         # A model without attention layers caches nothing per token: no block is ever short.
         has_kv = "full_attention" in self.config.layer_types
+        caching = enable_prefix_caching and executor.supports_prefix_caching
         self.scheduler = Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs,
                                                    max_num_batched_tokens=max_num_batched_tokens,
                                                    max_model_len=max_model_len,
                                                    block_size=executor.block_size,
                                                    num_kv_blocks=executor.num_kv_blocks if has_kv else None),
-                                   executor.num_slots)
+                                   executor.num_slots,
+                                   num_prefix_states=executor.num_state_snapshots if caching else None,
+                                   needs_state=bool(self.config.deltanet_layers),
+                                   state_interval=prefix_cache_state_interval)
+        if self.scheduler.prefix is not None and self.config.deltanet_layers:
+            n = executor.num_state_snapshots
+            log.info("prefix caching: %d saved DeltaNet states of %.2f MiB each (%.1f MiB), one along a "
+                     "prompt each %d blocks", n, state_bytes(self.config) / 2**20,
+                     n * state_bytes(self.config) / 2**20, prefix_cache_state_interval)
         if eos_token_ids is None:
             eos_token_ids = [*self.config.eos_token_ids, *(tokenizer.eos_token_ids if tokenizer else ())]
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -178,11 +202,17 @@ class LLMEngine:
 
     @property
     def stats(self) -> EngineStats:
-        s = self.scheduler
+        s, p = self.scheduler, self.scheduler.prefix
+        cache = {} if p is None else dict(
+            prefix_cache_queried_tokens=p.queried_tokens, prefix_cache_hit_tokens=p.hit_tokens,
+            prefix_cache_block_evictions=s.blocks.num_evictions, prefix_cache_states=p.num_states_held,
+            prefix_cache_state_entries=p.num_states,
+            prefix_cache_state_bytes=p.num_states * state_bytes(self.config),
+            prefix_cache_state_evictions=p.state_evictions)
         return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting) + len(self._compiling),
                            num_slots_used=s.slots.num_used, num_slots=s.slots.num_slots,
                            num_preemptions=s.num_preemptions, num_kv_blocks_used=s.blocks.num_used,
-                           num_kv_blocks=s.blocks.num_blocks or 0, **self._counters)
+                           num_kv_blocks=s.blocks.num_blocks or 0, **cache, **self._counters)
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -198,10 +228,13 @@ class LLMEngine:
             self._recompute_after(e)
             return []
         except Exception as e:
+            if self.scheduler.prefix is not None:  # its saves may or may not have run
+                self.scheduler.prefix.discard(step.state_saves)
             return self._execute_failed(sched, e)
         self._state_losses = 0
         for chunk in sched.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
+        self.scheduler.computed(sched.chunks)
         if prompt_rows:
             self.processor.score_prompts(logits, prompt_rows)
         sampling = [c.seq for c in sched.chunks if c.samples]
@@ -269,12 +302,11 @@ class LLMEngine:
         and the tokens it already produced (a chunked prefill, which samples the same next token
         under greedy decoding), or re-raise once the executor could not recover or keeps failing."""
         self._state_losses += 1
+        running = list(self.scheduler.running)
+        self.scheduler.lost_state()  # also forgets every cached prefix: its blocks and states are gone
         if not error.recovered or self._state_losses > self.max_state_recoveries:
             self._state_losses = 0  # the caller ends these requests; later ones start afresh
             raise error
-        running = list(self.scheduler.running)
-        for seq in running:
-            seq.num_computed_tokens = 0
         log.warning("executor state lost (%s); recomputing %d running sequences, attempt %d of %d",
                     error, len(running), self._state_losses, self.max_state_recoveries)
 
@@ -299,14 +331,15 @@ class LLMEngine:
             if c.samples:
                 sample_rows.append(len(logits_index))
                 logits_index.append(len(token_ids) - 1)
-        blocks = self.scheduler.blocks
+        blocks, prefix = self.scheduler.blocks, self.scheduler.prefix
         tables = tuple(blocks.table(c.seq) for c in sched.chunks) if blocks.limited else None
+        saves, loads = prefix.take_ops() if prefix is not None else ((), ())
         step = StepInput(token_ids=tuple(token_ids),
                          slots=tuple(c.seq.slot for c in sched.chunks),
                          starts=tuple(c.start for c in sched.chunks),
                          lengths=tuple(c.num_tokens for c in sched.chunks),
                          logits_index=tuple(logits_index),
-                         block_tables=tables)
+                         block_tables=tables, state_saves=saves, state_loads=loads)
         return step, sample_rows, prompt_rows
 
     def _execute_failed(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:

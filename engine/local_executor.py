@@ -1,6 +1,8 @@
 """The `local` executor: the whole model in this process, with one cache per layer (a paged KV
 cache, or DeltaNet state for every slot). The reference the cluster executor is checked against.
-With `compile`, decode steps run through model/compiled.py's compiled layers, other steps eagerly."""
+With `compile`, decode steps run through model/compiled.py's compiled layers, other steps eagerly.
+For prefix caching it keeps a pool of saved DeltaNet states per DeltaNet layer, which steps save
+into and load from (engine/prefix_cache.py decides)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from engine.executor import Executor, StepInput
+from engine.executor import DEFAULT_PREFIX_CACHE_STATES, Executor, StepInput
 from model.batch import BatchLayout
+from model.cache import DeltaNetState, StateSnapshots
 from model.compiled import CompiledDecode, make_decode_caches
 from model.config import ModelConfig
 from model.decoder import CausalLM
@@ -19,13 +22,17 @@ from model.moe import SparseMoeBlock
 
 
 class LocalExecutor(Executor):
+    supports_prefix_caching = True
+
     def __init__(self, model_dir: str | Path, dtype: str | None = None, num_slots: int = 8,
                  max_model_len: int | None = None, device: torch.device | str = "cpu",
-                 block_size: int = 16, num_kv_blocks: int | None = None, compile: bool = False) -> None:
+                 block_size: int = 16, num_kv_blocks: int | None = None, compile: bool = False,
+                 num_state_snapshots: int = DEFAULT_PREFIX_CACHE_STATES) -> None:
         """`compile`: decode steps through torch.compile'd layers, compiled on the first step of each
-        batch bucket (model/compiled.py)."""
+        batch bucket (model/compiled.py). `num_state_snapshots`: saved DeltaNet states for prefix
+        caching (0: none, so a hybrid model's prefixes are never reused)."""
         super().__init__(ModelConfig.from_dir(model_dir, dtype=dtype), num_slots, max_model_len, block_size,
-                         num_kv_blocks)
+                         num_kv_blocks, num_state_snapshots)
         self.model = CausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
         self.device = torch.device(device)
         # The gate's routing result, read at its boundary for expert-load metrics.
@@ -40,11 +47,21 @@ class LocalExecutor(Executor):
                                          record_gate=self.gate_tap.record)
         else:
             self.caches = self.model.make_caches(*sizes)
+        self.snapshots = [StateSnapshots(c, self.num_state_snapshots) for c in self.caches
+                          if isinstance(c, DeltaNetState)] if self.num_state_snapshots else []
+
+    @property
+    def snapshot_bytes(self) -> int:
+        """Memory the saved DeltaNet states take."""
+        return sum(s.nbytes for s in self.snapshots)
 
     def execute(self, step: StepInput) -> Tensor:
         self.check_step(step)
         layout = BatchLayout.build(list(step.slots), list(step.starts), list(step.lengths), self.device,
                                    step.block_tables)
+        if step.state_saves or step.state_loads:
+            for pool in self.snapshots:
+                pool.apply(step.state_saves, step.state_loads)
         token_ids = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)  # [T]
         if self.decode is not None and self.decode.supports(layout):
             hidden = self.decode(token_ids, layout)  # [T, H]

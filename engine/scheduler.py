@@ -8,7 +8,9 @@ all within the step's token budget; a prompt that does not fit is split over sev
 admitted one, which gives back its slot and blocks and is recomputed later (vLLM's recompute
 policy: prompt + output prefilled again, the next token sampled from that). The sequences of a
 step the executor failed are isolated: each is recomputed in steps of its own, so a request whose
-data breaks the model fails alone (`isolate`)."""
+data breaks the model fails alone (`isolate`). With prefix caching (engine/prefix_cache.py) an
+admitted sequence resumes after its longest cached prefix, and prefill chunks end where DeltaNet
+states are saved."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.block_manager import BlockManager, blocks_for
+from engine.prefix_cache import PrefixCache
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -123,10 +126,18 @@ class _StepPlan:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, num_slots: int) -> None:
+    def __init__(self, config: SchedulerConfig, num_slots: int, num_prefix_states: int | None = None,
+                 needs_state: bool = False, state_interval: int = 32) -> None:
+        """`num_prefix_states` None: no prefix caching; else the DeltaNet snapshot entries the
+        executor keeps (`needs_state`: the model has DeltaNet layers; `state_interval`: blocks
+        between saved states along a prompt)."""
         self.config = config
         self.slots = SlotAllocator(num_slots)
         self.blocks = BlockManager(config.num_kv_blocks, config.block_size)
+        self.prefix: PrefixCache | None = None
+        if num_prefix_states is not None:
+            self.prefix = PrefixCache(self.blocks, config.block_size, num_prefix_states, needs_state,
+                                      state_interval)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()  # in order of admission, the newest last
         self.num_preemptions = 0
@@ -189,7 +200,7 @@ class Scheduler:
         # Then prefills already under way, oldest first.
         for seq in [s for s in self.running if s.is_prefilling]:
             if seq.status is SequenceStatus.RUNNING and plan.budget > 0:
-                n = min(seq.num_uncomputed_tokens, plan.budget)
+                n = self._chunk(seq, seq.num_computed_tokens, min(seq.num_uncomputed_tokens, plan.budget))
                 if self._reserve(seq, n, plan):
                     plan.add(seq, n)
         # Then admit waiting sequences, oldest (and preempted) first, while there is budget, a
@@ -197,16 +208,42 @@ class Scheduler:
         while (self.waiting and plan.budget > 0 and self.slots.num_free > 0
                and len(self.running) < self.config.max_num_seqs and self.num_preemptions == preempted_before):
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, plan.budget)
-            if not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
+            hit = self.prefix.match(seq) if self.prefix is not None else None
+            start = hit.num_blocks * self.config.block_size if hit else seq.num_computed_tokens
+            n = self._chunk(seq, start, min(seq.num_tokens - start, plan.budget))
+            if not self.blocks.can_allocate(seq, start + n, hit.blocks if hit else ()):
                 break
             self.waiting.popleft()
             seq.slot = self.slots.allocate()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            if self.prefix is not None:
+                self.prefix.resume(seq, hit)
             self.blocks.allocate(seq, seq.num_computed_tokens + n)
             plan.add(seq, n)
         return SchedulerOutput(tuple(plan.chunks))
+
+    def _chunk(self, seq: Sequence, start: int, num_tokens: int) -> int:
+        """Tokens of a prefill chunk from `start`: ended early where a DeltaNet state is saved."""
+        return num_tokens if self.prefix is None else self.prefix.chunk_limit(seq, start, num_tokens)
+
+    def computed(self, chunks: tuple[ScheduledChunk, ...]) -> None:
+        """The step of `chunks` went through (their sequences' computed counts are updated): the
+        prefix cache registers their new full blocks and saves states where due."""
+        if self.prefix is not None:
+            for c in chunks:
+                self.prefix.computed(c.seq)
+
+    def lost_state(self) -> None:
+        """The executor lost every cache (an actor restarted): nothing cached is trusted any more,
+        and every running sequence is recomputed from its first token into the blocks it holds."""
+        if self.prefix is not None:
+            self.prefix.invalidate()
+        for seq in self.running:
+            seq.num_computed_tokens = 0
+            seq.num_registered_blocks = 0
+            if self.prefix is not None:
+                self.prefix.forget(seq)
 
     def _next_isolated(self) -> Sequence | None:
         """The first isolated sequence still short of its mark; those past it rejoin the batch."""
@@ -235,6 +272,8 @@ class Scheduler:
         self.isolated.pop(seq, None)  # recomputed from its first token anyway
         self.running.remove(seq)
         self.blocks.free(seq)
+        if self.prefix is not None:
+            self.prefix.forget(seq)
         self.slots.free(seq.slot)
         seq.slot = None
         seq.num_computed_tokens = 0
@@ -252,6 +291,8 @@ class Scheduler:
         seq.finish_reason = reason
         self.isolated.pop(seq, None)
         self.blocks.free(seq)
+        if self.prefix is not None:
+            self.prefix.forget(seq)
         if seq.slot is not None:
             self.slots.free(seq.slot)
             seq.slot = None

@@ -30,6 +30,12 @@ class Sequence:
         # Tokens whose keys/values (or DeltaNet state) are in the slot; the newest sampled token
         # is not among them until the next step feeds it.
         self.num_computed_tokens = 0
+        # Prefix caching (engine/prefix_cache.py): the chained hashes of its full blocks so far,
+        # how many of its table's blocks are registered in the cache, and the tokens its latest
+        # admission found cached.
+        self.block_hashes: list[bytes] = []
+        self.num_registered_blocks = 0
+        self.num_cached_tokens = 0
         self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
         self.error: str | None = None  # why it failed, with finish_reason "error"
         self.generator: torch.Generator | None = None  # made on first draw, on the logits' device

@@ -1,12 +1,16 @@
 """The caches of the token mixers: the paged KV cache of a full-attention layer and the per-slot
-conv/recurrent state of a Gated DeltaNet layer. A sequence whose start is 0 ignores whatever an
-earlier owner left in its blocks or slot, so freeing them needs no clearing.
+conv/recurrent state of a Gated DeltaNet layer, with a pool of saved states for prefix caching. A
+sequence whose start is 0 ignores whatever an earlier owner left in its blocks or slot, so freeing
+them needs no clearing; one that starts past 0 reads what its slot holds (its own state, or one
+loaded from the pool).
 
 Legend: S slots, M max tokens per slot, NB blocks, BS tokens per block, P blocks in a table,
 B sequences, T packed tokens, Lk longest cached+new run, N heads, D head dim, C conv channels,
 K conv kernel."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -132,3 +136,44 @@ class DeltaNetState:
     def write(self, layout: BatchLayout, conv: Tensor, recurrent: Tensor) -> None:
         self.conv[layout.slots] = conv.to(self.conv.dtype)
         self.recurrent[layout.slots] = recurrent.float()
+
+
+class StateSnapshots:
+    """Saved DeltaNet states of one layer for prefix caching: `num` pool entries, each a copy of one
+    slot's conv and recurrent state at a point the engine chose (engine/prefix_cache.py). Saving
+    copies a slot into an entry; loading copies an entry into a slot, whose sequence then resumes
+    from that point as if it had computed the tokens before it. The engine keeps the table of what
+    each entry holds; a copy here knows nothing of tokens."""
+
+    def __init__(self, state: DeltaNetState, num: int) -> None:
+        if num < 1:
+            raise ValueError(f"a snapshot pool needs >= 1 entries, got {num}")
+        self.state = state
+        self.conv = torch.zeros(num, *state.conv.shape[1:], dtype=state.conv.dtype,
+                                device=state.conv.device)  # [J, C, K-1]
+        self.recurrent = torch.zeros(num, *state.recurrent.shape[1:], dtype=state.recurrent.dtype,
+                                     device=state.recurrent.device)  # [J, Hv, Dk, Dv]
+
+    @property
+    def num(self) -> int:
+        return self.conv.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.conv.nbytes + self.recurrent.nbytes
+
+    def apply(self, saves: Sequence[tuple[int, int]], loads: Sequence[tuple[int, int]]) -> None:
+        """Saves ((slot, entry) pairs) first, then loads ((entry, slot) pairs): a state saved by a
+        finished sequence can be loaded into a new one, even into the same slot, in one step.
+        Entries of `saves` and slots of `loads` are distinct (duplicate indices would race)."""
+        if saves:
+            slots, entries = self._index([s for s, _ in saves]), self._index([e for _, e in saves])
+            self.conv[entries] = self.state.conv[slots]
+            self.recurrent[entries] = self.state.recurrent[slots]
+        if loads:
+            entries, slots = self._index([e for e, _ in loads]), self._index([s for _, s in loads])
+            self.state.conv[slots] = self.conv[entries]
+            self.state.recurrent[slots] = self.recurrent[entries]
+
+    def _index(self, ids: list[int]) -> Tensor:
+        return torch.tensor(ids, dtype=torch.long, device=self.conv.device)

@@ -67,6 +67,19 @@ METRICS: tuple[MetricDef, ...] = (
     _m("kv_blocks_used", "gauge", "KV-cache blocks held by running requests (per attention layer)."),
     _m("kv_blocks_total", "gauge", "KV-cache blocks the executor has per attention layer (0: the model "
                                    "has no attention layers, so blocks are not counted)."),
+    # -- prefix caching (engine stats hook) --------------------------------------------------------
+    _m("prefix_cache_queried_tokens", "counter", "Tokens of admitted requests looked up in the prefix "
+                                                 "cache (recomputed ones again)."),
+    _m("prefix_cache_hit_tokens", "counter", "Of those, tokens found cached and not computed (their KV "
+                                             "blocks, and the DeltaNet state at their end, reused)."),
+    _m("prefix_cache_states", "gauge", "DeltaNet states saved for prefix caching, held now."),
+    _m("prefix_cache_state_entries", "gauge", "DeltaNet states the executor can hold for prefix caching "
+                                              "(engine.prefix_cache_states)."),
+    _m("prefix_cache_state_bytes", "gauge", "Memory the executor holds for saved DeltaNet states."),
+    _m("prefix_cache_evictions", "counter", "Prefix-cache entries evicted to make room, by what (block: a "
+                                            "cached KV block reused for other tokens; state: a saved "
+                                            "DeltaNet state).", ("what",),
+       values={"what": ("block", "state")}),
     _m("step_tokens", "gauge", "Tokens in the last engine step (prefill chunks + decodes)."),
     _m("time_to_first_token_seconds", "histogram", "From a request's arrival to its first output token.",
        buckets=LATENCY_BUCKETS),

@@ -26,6 +26,13 @@ class StatsLike(Protocol):
     num_preemptions: int
     num_kv_blocks_used: int
     num_kv_blocks: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    prefix_cache_block_evictions: int
+    prefix_cache_states: int
+    prefix_cache_state_entries: int
+    prefix_cache_state_bytes: int
+    prefix_cache_state_evictions: int
 
 
 class TelemetryLike(Protocol):
@@ -39,7 +46,10 @@ class TelemetryLike(Protocol):
 _COUNTERS = (("num_prompt_tokens", "nextserve_prompt_tokens"),
              ("num_generated_tokens", "nextserve_generation_tokens"),
              ("num_steps", "nextserve_engine_steps"),
-             ("num_preemptions", "nextserve_preemptions"))
+             ("num_preemptions", "nextserve_preemptions"),
+             ("prefix_cache_queried_tokens", "nextserve_prefix_cache_queried_tokens"),
+             ("prefix_cache_hit_tokens", "nextserve_prefix_cache_hit_tokens"))
+_EVICTIONS = (("prefix_cache_block_evictions", "block"), ("prefix_cache_state_evictions", "state"))
 
 
 class EngineMetrics:
@@ -59,6 +69,13 @@ class EngineMetrics:
             now = getattr(stats, field)
             s.inc(name, now - self._last.get(field, 0))
             self._last[field] = now
+        for field, what in _EVICTIONS:
+            now = getattr(stats, field)
+            s.inc("nextserve_prefix_cache_evictions", now - self._last.get(field, 0), what=what)
+            self._last[field] = now
+        s.set("nextserve_prefix_cache_states", stats.prefix_cache_states)
+        s.set("nextserve_prefix_cache_state_entries", stats.prefix_cache_state_entries)
+        s.set("nextserve_prefix_cache_state_bytes", stats.prefix_cache_state_bytes)
         s.set("nextserve_requests_running", stats.num_running)
         s.set("nextserve_requests_waiting", stats.num_waiting)
         s.set("nextserve_slots_used", stats.num_slots_used)

@@ -96,11 +96,15 @@ def dashboard_data(sink: MetricsSink, engine: EngineMetrics | None) -> dict[str,
     return {
         "counters": {"prompt_tokens": v("nextserve_prompt_tokens"),
                      "generation_tokens": v("nextserve_generation_tokens"),
-                     "engine_steps": v("nextserve_engine_steps")},
+                     "engine_steps": v("nextserve_engine_steps"),
+                     "prefix_cache_queried_tokens": v("nextserve_prefix_cache_queried_tokens"),
+                     "prefix_cache_hit_tokens": v("nextserve_prefix_cache_hit_tokens")},
         "gauges": {"requests_running": v("nextserve_requests_running"),
                    "requests_waiting": v("nextserve_requests_waiting"),
                    "slots_used": v("nextserve_slots_used"), "slots_total": v("nextserve_slots_total"),
-                   "active_params_ratio": v("nextserve_moe_active_params_ratio")},
+                   "active_params_ratio": v("nextserve_moe_active_params_ratio"),
+                   "prefix_cache_states": v("nextserve_prefix_cache_states"),
+                   "prefix_cache_state_entries": v("nextserve_prefix_cache_state_entries")},
         # JSON has no infinity: the last bucket's bound is null.
         "histograms": {name: [(None if le == float("inf") else le, n)
                               for le, n in sink.histogram(f"nextserve_{name}")] for name in

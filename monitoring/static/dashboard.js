@@ -101,6 +101,11 @@ function render() {
   document.getElementById("ttft").textContent = lat("time_to_first_token_seconds");
   document.getElementById("tpot").textContent = lat("time_per_output_token_seconds");
   document.getElementById("params").textContent = fmt(100 * d.gauges.active_params_ratio, 1) + " %";
+  // Share of looked-up prompt tokens found cached over the last minute (all time if none came).
+  let queried = rate("prefix_cache_queried_tokens", 60), hits = rate("prefix_cache_hit_tokens", 60);
+  if (!queried) { queried = d.counters.prefix_cache_queried_tokens; hits = d.counters.prefix_cache_hit_tokens; }
+  document.getElementById("prefix-cache").textContent = (queried ? fmt(100 * hits / queried, 0) + " %" : "–") +
+    ` / ${d.gauges.prefix_cache_states} of ${d.gauges.prefix_cache_state_entries}`;
   drawThroughput();
   drawHeatmap(d.expert_load);
 }

@@ -40,6 +40,9 @@ def run_cli(argv, capsys) -> tuple[int, str]:
     (["--prompt-token-ids", "1", "--max-model-len", "0"], ["--max-model-len", "0"]),
     (["--prompt-token-ids", "1", "--num-kv-blocks", "0"], ["--num-kv-blocks", "0"]),
     (["--prompt-token-ids", "1", "--block-size", "0"], ["--block-size", "0"]),
+    (["--prompt-token-ids", "1", "--prefix-cache-states", "-1"], ["--prefix-cache-states", "-1"]),
+    (["--prompt-token-ids", "1", "--prefix-cache-state-interval", "0"],
+     ["--prefix-cache-state-interval", "0"]),
     (["--prompt-token-ids", "1", "--prompt", "hi"], ["--prompt", "--prompt-token-ids", "not allowed"]),
     ([], ["--prompt", "--prompt-token-ids", "required"]),
     (["--prompt", "hi"], ["--prompt", "tokenizer.json"]),
@@ -108,6 +111,24 @@ def test_generate_with_a_small_kv_cache(tiny_dir, capsys):
         assert g["logprobs"] == pytest.approx(w["logprobs"], abs=5e-4)
     code, err = run_cli([*argv, "--block-size", "2", "--num-kv-blocks", "3"], capsys)
     assert code == 2 and "--prompt-token-ids" in err and "KV-cache blocks" in err and err.count("\n") == 1
+
+
+def test_generate_with_and_without_prefix_caching(tiny_dir, capsys):
+    """The second prompt extends the first: with the cache (the default) it resumes from the
+    first's saved state when run after it; --no-prefix-caching computes it whole. Same tokens."""
+    first = [5, 9, 13, 2, 77, 31, 8, 40, 41, 42]
+    argv = ["generate", "--model", str(tiny_dir), "--max-tokens", "6", "--temperature", "0", "--json",
+            "--block-size", "4", "--max-num-seqs", "1", "--prefix-cache-state-interval", "1",
+            "--prompt-token-ids", ",".join(map(str, first)),
+            "--prompt-token-ids", ",".join(map(str, [*first, 7, 7]))]
+    outs = []
+    for extra in ([], ["--no-prefix-caching"], ["--prefix-cache-states", "0"]):
+        assert main([*argv, *extra]) == 0
+        outs.append([json.loads(line) for line in capsys.readouterr().out.strip().split("\n")])
+    for got in outs[1:]:
+        assert [g["token_ids"] for g in got] == [w["token_ids"] for w in outs[0]]
+        for g, w in zip(got, outs[0], strict=True):
+            assert g["logprobs"] == pytest.approx(w["logprobs"], abs=5e-4)
 
 
 def test_generate_text_prompts(tiny_dir, capsys):

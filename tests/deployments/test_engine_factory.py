@@ -33,6 +33,25 @@ def test_block_settings_reach_the_executor_and_bound_the_context(tiny_dir):
     assert (default.engine.block_size, default.engine.num_kv_blocks) == (16, None)
 
 
+def test_prefix_cache_settings_reach_engine_and_executor(tmp_path):
+    from deployments.engine_factory import build_llm_engine
+    from model.tiny import make_tiny_model
+
+    model = str(make_tiny_model(tmp_path / "next", arch="qwen3_next"))
+    sizes = {"max_num_seqs": 2, "max_model_len": 64}
+    on = build_llm_engine(NextserveConfig.from_args({"model": model, "executor": "local", "engine": {
+        **sizes, "prefix_cache_states": 5, "prefix_cache_state_interval": 3}}), None)
+    assert on.executor.num_state_snapshots == 5 and on.scheduler.prefix.num_states == 5
+    assert on.scheduler.prefix.state_interval == 3 and on.stats.prefix_cache_state_entries == 5
+    off = build_llm_engine(NextserveConfig.from_args({"model": model, "executor": "local", "engine": {
+        **sizes, "enable_prefix_caching": False}}), None)
+    assert off.scheduler.prefix is None and off.executor.num_state_snapshots == 0
+    default = NextserveConfig.from_args({}).engine
+    assert default.enable_prefix_caching and default.prefix_cache_states == 32
+    with pytest.raises(NextserveConfigError, match=r"engine\.prefix_cache_states: .*greater than or equal"):
+        NextserveConfig.from_args({"engine": {"prefix_cache_states": -1}})
+
+
 @pytest.mark.parametrize("key", ["block_size", "num_kv_blocks"])
 def test_bad_block_settings_name_the_key(key):
     with pytest.raises(NextserveConfigError, match=rf"engine\.{key}: .*greater than or equal to 1 \(got 0\)"):

@@ -28,6 +28,13 @@ class Stats:
     num_preemptions: int = 0
     num_kv_blocks_used: int = 0
     num_kv_blocks: int = 0
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prefix_cache_block_evictions: int = 0
+    prefix_cache_states: int = 0
+    prefix_cache_state_entries: int = 0
+    prefix_cache_state_bytes: int = 0
+    prefix_cache_state_evictions: int = 0
 
 
 def test_hook_takes_the_increase_of_preemptions_and_sets_block_gauges():
