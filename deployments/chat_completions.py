@@ -39,6 +39,7 @@ from deployments.protocol import (
 )
 from deployments.reasoning_parser import Qwen3ReasoningParser
 from deployments.serving import SSE_DONE, APIError, Choice, ServingContext, new_id, run_choices, sse
+from deployments.structured_outputs import structured_outputs_params
 from deployments.tool_parser import CallArguments, CallHeader, Content, HermesToolParser, ToolCall
 from engine.llm_engine import TopLogprobs
 from engine.sampling import SamplingParams
@@ -137,8 +138,10 @@ def prepare(ctx: ServingContext,
     if not ids:
         raise APIError(400, "messages render to an empty prompt", param="messages")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    structured = structured_outputs_params(req)
     params = [ctx.sampling_params(req, len(ids), max_tokens, choice=i, logprobs=req.logprobs,
-                                  top_logprobs=req.top_logprobs if req.logprobs else 0) for i in range(req.n)]
+                                  top_logprobs=req.top_logprobs if req.logprobs else 0,
+                                  structured_outputs=structured) for i in range(req.n)]
     plan = OutputPlan(prompt_text=text, reasoning=ctx.reasoning_parser == "qwen3", tool_names=tool_names,
                       include_reasoning=req.include_reasoning,
                       max_calls=None if req.parallel_tool_calls else 1,

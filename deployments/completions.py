@@ -17,6 +17,7 @@ from deployments.protocol import (
     Usage,
 )
 from deployments.serving import SSE_DONE, APIError, Choice, ServingContext, new_id, run_choices, sse
+from deployments.structured_outputs import structured_outputs_params
 from engine.llm_engine import TopLogprobs
 
 
@@ -34,6 +35,7 @@ def prepare(ctx: ServingContext, req: CompletionRequest):
         # never 429: retrying cannot help a request that no replica can ever admit
         raise APIError(400, f"prompt: {len(prompts)} prompts in one request; this server takes at most "
                             f"{ctx.max_prompts} (serve.max_prompts_per_request)", param="prompt")
+    structured = structured_outputs_params(req)
     ctx.check_choices(len(prompts), req.n)
     choices, params, texts = [], [], []
     for i, p in enumerate(prompts):
@@ -46,7 +48,8 @@ def prepare(ctx: ServingContext, req: CompletionRequest):
         for j in range(req.n):
             params.append(ctx.sampling_params(
                 req, len(ids), req.max_tokens, choice=j, logprobs=k is not None, top_logprobs=k or 0,
-                prompt_logprobs=k if (req.echo and k is not None) else None))
+                prompt_logprobs=k if (req.echo and k is not None) else None,
+                structured_outputs=structured))
             choices.append(Choice(i * req.n + j, ids, drop_output=req.max_tokens == 0))
             texts.append(text)
     return choices, params, texts

@@ -34,13 +34,12 @@ _OFF = _neutral(None)
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     # best_of > 1 as vLLM V1 refuses it: sample n instead
     "length_penalty": _neutral(None, 1), "best_of": _neutral(None, 1),
-    "response_format": _neutral(None, {"type": "text"}),
     "tools": _neutral(None, []), "tool_choice": _neutral(None, "none", "auto"),
     "parallel_tool_calls": _neutral(None, True, False),
     "functions": _neutral(None, []), "function_call": _neutral(None, "none", "auto"),
     "use_beam_search": _neutral(None, False), "logits_processors": _neutral(None, []),
-    "guided_json": _OFF, "guided_regex": _OFF, "guided_choice": _OFF, "guided_grammar": _OFF,
-    "guided_decoding_backend": _OFF, "guided_whitespace_pattern": _OFF, "structured_outputs": _OFF,
+    # one structured-output backend (xgrammar): naming it is fine, any other is refused
+    "guided_decoding_backend": _neutral(None, "auto", "xgrammar"), "guided_whitespace_pattern": _OFF,
     "allowed_token_ids": _OFF, "bad_words": _neutral(None, []), "truncate_prompt_tokens": _OFF,
     "include_stop_str_in_output": _neutral(None, False), "skip_special_tokens": _neutral(None, True),
     "spaces_between_special_tokens": _neutral(None, True), "prompt_logprobs": _OFF,
@@ -125,6 +124,37 @@ class StreamOptions(_Request):
     continuous_usage_stats: Literal[False] = False  # vLLM's; not implemented
 
 
+class JsonSchemaFormat(_Request):
+    """response_format.json_schema, as OpenAI's: the schema is enforced whatever `strict` says."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # `schema` would shadow BaseModel's
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(_Request):
+    """vLLM's `structured_outputs` (>= 0.10): one of json, regex, choice, grammar, json_object."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    json_: dict[str, Any] | bool | str | None = Field(None, alias="json")  # `json` would shadow BaseModel's
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_fallback: bool = False  # one backend: nothing to fall back to
+    disable_additional_properties: bool = False  # what nextserve does anyway (strict schemas)
+    whitespace_pattern: None = None  # not implemented: refused unless null
+    structural_tag: None = None  # not implemented: refused unless null
+
+
 class _SamplingFields(_TopLevelRequest):
     model: str
     # 0 < temperature < 0.01 is taken as 0.01 (as vLLM does): smaller ones overflow the logits
@@ -145,6 +175,14 @@ class _SamplingFields(_TopLevelRequest):
     stream: bool = False
     stream_options: StreamOptions | None = None
     return_token_ids: bool = Field(False, description="vLLM extension: token ids of prompt and output")
+    # Structured outputs (deployments/structured_outputs.py): OpenAI's response_format, vLLM's
+    # structured_outputs and its older guided_* fields; at most one of them per request.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod

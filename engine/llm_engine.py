@@ -4,6 +4,7 @@ returns. A request whose data breaks a step fails alone; the others go on unchan
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
@@ -22,6 +23,7 @@ from engine.sampling import Sampler, SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
 from engine.spec_decode import verify
+from engine.structured_output import StructuredOutputManager, TokenMask
 from engine.tokenizer import Tokenizer
 
 # RequestOutput and TopLogprobs are defined with the output processor and imported from here.
@@ -131,6 +133,10 @@ class LLMEngine:
         self.sampler = Sampler(self.eos_token_ids)  # min_tokens masks them
         self.processor = OutputProcessor(self.eos_token_ids, self.scheduler.max_seq_len)
         self._requests: dict[str, Sequence] = {}  # unfinished requests
+        # Structured outputs: made on the first request that asks for them; requests whose
+        # grammar is still compiling wait here, outside the scheduler (engine/structured_output.py).
+        self.structured: StructuredOutputManager | None = None
+        self._compiling: dict[str, tuple[Sequence, concurrent.futures.Future]] = {}
         self.max_state_recoveries = max_state_recoveries
         self._state_losses = 0  # steps in a row that lost the executor's state
         self._ids = itertools.count()
@@ -167,19 +173,43 @@ class LLMEngine:
                                                      min_tokens=seq.params.min_tokens)
         elif seq.params.stop:
             raise ValueError(f"request {request_id!r}: stop strings need a tokenizer; the model has none")
-        self.scheduler.add(seq)
+        structured = seq.params.structured_outputs
+        if structured is None:
+            self.scheduler.add(seq)
+        else:
+            self.scheduler.check(seq)
+            manager = self._structured_manager(request_id)
+            compiled = manager.cached(structured)
+            if compiled is not None:
+                seq.grammar = manager.new_state(compiled)
+                self.scheduler.add(seq)
+            else:  # compiled off the engine thread; the request is scheduled once it is ready
+                self._compiling[request_id] = (seq, manager.submit(structured))
         self._requests[request_id] = seq
+
+    def _structured_manager(self, request_id: str) -> StructuredOutputManager:
+        if self.tokenizer is None:
+            raise ValueError(f"request {request_id!r}: structured outputs need a tokenizer; the model "
+                             f"has none")
+        if self.structured is None:
+            self.structured = StructuredOutputManager(self.tokenizer, self.config.vocab_size,
+                                                      self.eos_token_ids)
+        return self.structured
 
     def abort_request(self, request_id: str) -> bool:
         """Drop a waiting or running request and free its slot; False if it is not unfinished."""
         seq = self._requests.pop(request_id, None)
         if seq is None:
             return False
+        if self._compiling.pop(request_id, None) is not None:
+            # Its compile is not cancelled: another request may share it, and it ends in the cache.
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+            return True
         self.scheduler.finish(seq, "abort")
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._compiling)
 
     def unfinished_request_ids(self) -> list[str]:
         return list(self._requests)
@@ -193,7 +223,7 @@ class LLMEngine:
             prefix_cache_state_entries=p.num_states,
             prefix_cache_state_bytes=p.num_states * state_bytes(self.config),
             prefix_cache_state_evictions=p.state_evictions)
-        return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting),
+        return EngineStats(num_running=len(s.running), num_waiting=len(s.waiting) + len(self._compiling),
                            num_slots_used=s.slots.num_used, num_slots=s.slots.num_slots,
                            num_preemptions=s.num_preemptions, num_kv_blocks_used=s.blocks.num_used,
                            num_kv_blocks=s.blocks.num_blocks or 0, **cache, **self._counters, **self._spec,
@@ -202,9 +232,10 @@ class LLMEngine:
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
+        refused = self._admit_compiled() if self._compiling else []
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            return []
+            return refused
         step, sample_rows, prompt_rows = self._step_input(sched)
         try:
             logits = self.executor.execute(step)  # [len(step.logits_index), V]
@@ -234,6 +265,7 @@ class LLMEngine:
         self.scheduler.computed(verified)
         if self.speculative_tokens:
             self._propose(sched, emitted)
+        outputs = refused + outputs
         self._count(sched, outputs)
         if self.step_hooks:  # metrics (monitoring/engine_metrics.py), after the step's bookkeeping
             counts = self.executor.take_expert_counts()
@@ -266,6 +298,27 @@ class LLMEngine:
         return [self._completion(s) for s in seqs]
 
     # -- helpers -----------------------------------------------------------------------------
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Schedule the requests whose grammar compiled; fail those whose grammar did not. With
+        nothing else to run, wait a little for a compile rather than spin."""
+        if not self.scheduler.has_unfinished():
+            concurrent.futures.wait([f for _, f in self._compiling.values()], timeout=0.01,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        failed = []
+        for request_id, (seq, future) in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[request_id]
+            try:
+                seq.grammar = self.structured.new_state(future.result())  # type: ignore[union-attr]
+                self.scheduler.add(seq)
+            except Exception as e:
+                log.warning("request %s: its structured output spec failed: %s", request_id, e)
+                failed.append(self.processor.failed(seq, f"structured outputs: {e}"))
+                del self._requests[request_id]
+                seq.status, seq.finish_reason, seq.error = SequenceStatus.FINISHED, "error", failed[-1].error
+        return failed
+
     def _recompute_after(self, error: ExecutorStateLostError) -> None:
         """The executor lost every slot's cache: recompute each running sequence from its prompt
         and the tokens it already produced (a chunked prefill, which samples the same next token
@@ -412,7 +465,7 @@ class LLMEngine:
     def _propose(self, sched: SchedulerOutput, emitted: dict[Sequence, int]) -> None:
         """Draft tokens for the step's sequences from the executor's drafter, which also caches
         every chunk's tokens. A sequence drafts only where its next step could use them all: below
-        max_tokens and the longest sequence."""
+        max_tokens and the longest sequence; one with structured outputs not at all."""
         accepted, next_ids, num_drafts = [], [], []
         limit = self.scheduler.max_seq_len
         for c in sched.chunks:
@@ -425,7 +478,9 @@ class LLMEngine:
             accepted.append(c.num_tokens + (emitted.get(seq, 1) - 1 if c.num_drafts else 0))
             end = c.start + accepted[-1]
             next_ids.append(seq.token_slice(end, end + 1)[0])
-            if end == seq.num_tokens - 1:  # it took a new token this step
+            # A request with structured outputs drafts nothing: its grammar would have to accept
+            # and roll back every draft (its steps run unspeculated, masked as without drafts).
+            if end == seq.num_tokens - 1 and seq.grammar is None:  # it took a new token this step
                 left = seq.params.max_tokens - seq.num_output_tokens - 1
                 num_drafts.append(max(0, min(self.speculative_tokens, left, limit - seq.num_tokens)))
             else:
@@ -447,13 +502,20 @@ class LLMEngine:
         and only those that raise fail; seeded generators restart from where the step found them."""
         generators: list[torch.Generator | None] = []
         states: list[torch.Tensor] = []
+        mask, mask_failed = None, {}
+        if self.structured is not None:
+            mask, mask_failed = self.structured.masks([s.grammar for s in seqs])
         try:
             for seq in seqs:
                 generators.append(g := self._generator(seq, logits.device))
                 if g is not None:
                     states.append(g.get_state())
-            out = self.sampler(logits, [s.params for s in seqs], generators, seqs)
-            return list(zip(out.token_ids.tolist(), out.logprobs.tolist(), strict=True))
+            # token_mask only where a row has a grammar: a sampler without structured outputs
+            # (a test's, another backend's) keeps its plain signature.
+            masked = {"token_mask": mask} if mask is not None else {}
+            out = self.sampler(logits, [s.params for s in seqs], generators, seqs, **masked)
+            sampled = list(zip(out.token_ids.tolist(), out.logprobs.tolist(), strict=True))
+            return self._advance_grammars(seqs, sampled, mask_failed)
         except Exception:
             log.exception("sampling %d rows failed; sampling them one by one", len(seqs))
         for g, state in zip([g for g in generators if g is not None], states, strict=False):
@@ -461,12 +523,33 @@ class LLMEngine:
         sampled: list[Sampled] = []
         for i, seq in enumerate(seqs):
             try:
+                row_mask = None
+                if mask is not None and i in mask.rows:
+                    j = mask.rows.index(i)
+                    row_mask = TokenMask(rows=(0,), bitmask=mask.bitmask[j:j + 1])
                 gen = self._generator(seq, logits.device)
-                out = self.sampler(logits[i:i + 1], [seq.params], [gen], [seq])
+                out = self.sampler(logits[i:i + 1], [seq.params], [gen], [seq],
+                                   **({"token_mask": row_mask} if row_mask is not None else {}))
                 sampled.append((int(out.token_ids[0]), float(out.logprobs[0])))
             except Exception as e:
                 log.warning("request %s: sampling failed: %s: %s", seq.request_id, type(e).__name__, e)
                 sampled.append(e)
+        return self._advance_grammars(seqs, sampled, mask_failed)
+
+    @staticmethod
+    def _advance_grammars(seqs: list[Sequence], sampled: list[Sampled],
+                          mask_failed: dict[int, Exception]) -> list[Sampled]:
+        """Each grammar takes its row's token; a row whose mask could not be built, or whose
+        token its grammar refuses (never, with the mask applied), fails its request alone."""
+        for i, seq in enumerate(seqs):
+            s = sampled[i]
+            if seq.grammar is None or isinstance(s, Exception):
+                continue
+            if i in mask_failed:
+                e = mask_failed[i]
+                sampled[i] = RuntimeError(f"the grammar mask failed: {type(e).__name__}: {e}")
+            elif not seq.grammar.accept(s[0]):
+                sampled[i] = RuntimeError(f"token {s[0]} is not allowed by the request's grammar")
         return sampled
 
     @staticmethod

@@ -11,6 +11,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from engine.structured_output import StructuredOutputsParams, TokenMask, apply_token_mask
+
 
 class SamplingParamsError(ValueError):
     """An invalid sampling parameter; `field` names it so a CLI or HTTP layer can point at it."""
@@ -47,6 +49,8 @@ class SamplingParams:
     top_logprobs: int = 0  # with logprobs: also the n likeliest tokens of each step
     prompt_logprobs: int | None = None  # None: off; n >= 0: each prompt token's logprob and top n
     stop: tuple[str, ...] = ()  # stop strings; the output text ends before the first match
+    # Output held to a JSON schema / regex / choice / grammar (engine/structured_output.py).
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         # Lists are welcome from callers; a frozen params object keeps a tuple.
@@ -93,6 +97,9 @@ class SamplingParams:
         _require(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs)
                                                   and 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS),
                  "prompt_logprobs", f"must be None or in [0, {MAX_TOP_LOGPROBS}]", self.prompt_logprobs)
+        so = self.structured_outputs
+        _require(so is None or isinstance(so, StructuredOutputsParams), "structured_outputs",
+                 "must be None or StructuredOutputsParams", so)
 
     @property
     def greedy(self) -> bool:
@@ -173,9 +180,12 @@ class Sampler:
 
     def __call__(self, logits: Tensor, params: Sequence[SamplingParams],
                  generators: Sequence[torch.Generator | None] | None = None,
-                 histories: Sequence[TokenHistory] | None = None) -> SamplerOutput:
+                 histories: Sequence[TokenHistory] | None = None,
+                 token_mask: TokenMask | None = None) -> SamplerOutput:
         """`histories`: each row's prompt and output tokens so far; None: every row is at its
-        first output token with an empty prompt (penalties then only see what is given)."""
+        first output token with an empty prompt (penalties then only see what is given).
+        `token_mask`: the grammar masks of structured-output rows, applied after the steps on raw
+        logits and before temperature, as in vLLM."""
         B = logits.shape[0]
         if len(params) != B:
             raise ValueError(f"{B} logit rows but {len(params)} sampling params")
@@ -184,6 +194,8 @@ class Sampler:
         generators = generators if generators is not None else [None] * B
         raw = logits.float()
         logits = self.adjusted_logits(raw, params, histories)
+        if token_mask is not None:
+            logits = apply_token_mask(logits.clone() if logits is raw else logits, token_mask)
         token_ids = logits.argmax(-1)  # [B]
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if rows:

@@ -160,6 +160,12 @@ class Scheduler:
         return min(self.config.max_model_len, self.config.num_kv_blocks * self.config.block_size)
 
     def add(self, seq: Sequence) -> None:
+        self.check(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def check(self, seq: Sequence) -> None:
+        """Raise PromptTooLongError if `seq`'s prompt can never run (what `add` refuses)."""
         limit = self.config.max_model_len
         if seq.num_prompt_tokens > limit:
             raise PromptTooLongError(f"prompt of request {seq.request_id!r} has {seq.num_prompt_tokens} "
@@ -171,8 +177,6 @@ class Scheduler:
                 f"{blocks_for(seq.num_prompt_tokens, c.block_size)} KV-cache blocks of {c.block_size} "
                 f"tokens; the whole cache has {c.num_kv_blocks} blocks ({c.num_kv_blocks * c.block_size} "
                 f"tokens, num_kv_blocks)")
-        seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

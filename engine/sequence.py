@@ -9,6 +9,7 @@ import torch
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.sampling import SamplingParams
+from engine.structured_output import GrammarState
 
 
 class SequenceStatus(enum.Enum):
@@ -42,6 +43,7 @@ class Sequence:
         self.error: str | None = None  # why it failed, with finish_reason "error"
         self.generator: torch.Generator | None = None  # made on first draw, on the logits' device
         self.detokenizer: IncrementalDetokenizer | None = None  # when the engine has a tokenizer
+        self.grammar: GrammarState | None = None  # with params.structured_outputs, once compiled
         # With params.prompt_logprobs: entry j scores prompt token j (None for the first token).
         self.prompt_logprobs: list[float | None] = [None]
         self.prompt_top_logprobs: list[tuple[tuple[int, float], ...]] = [()]

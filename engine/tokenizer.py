@@ -44,6 +44,20 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def vocab(self) -> dict[str, int]:
+        """Each token's string as tokenizer.json spells it (byte-level tokens in their byte
+        alphabet), added tokens included: what a grammar library builds its token tables from."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids of the added tokens marked special (<|im_start|>, <|endoftext|>, ...)."""
+        return frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+
+    def to_json(self) -> str:
+        """The tokenizer.json text (its model type, pre-tokenizer and decoder say how tokens
+        spell bytes)."""
+        return self._tok.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 

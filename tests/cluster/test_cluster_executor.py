@@ -199,3 +199,34 @@ def test_other_placement_same_logits(hf_moe_dir):
     finally:
         ex.shutdown()
     assert ex.state is State.SHUT_DOWN and not ex.healthy()
+
+
+def test_structured_outputs_through_the_cluster_executor(tmp_path):
+    """The grammar masks are the engine's (its sampler), so they hold with the cluster executor too."""
+    import json
+    import re
+
+    from engine.llm_engine import LLMEngine
+    from engine.sampling import SamplingParams
+    from engine.structured_output import StructuredOutputsParams
+    from engine.tokenizer import Tokenizer
+    from model.tiny import make_tiny_model
+
+    d = make_tiny_model(tmp_path / "tiny")
+    ex = make(d, cluster={"micro_batch_tokens": 0}, pools={"experts": {"actors": 2}})
+    try:
+        tok = Tokenizer(d)
+        engine = LLMEngine(ex, tokenizer=tok)
+        prompt = tok.encode("<|im_start|>user\nA code?<|im_end|>\n<|im_start|>assistant\n")
+        specs = [StructuredOutputsParams(regex="[a-z]{3}-[0-9]{2}"),
+                 StructuredOutputsParams(choice=("yes", "no")),
+                 StructuredOutputsParams(json={"type": "object", "properties": {"n": {"type": "integer"}},
+                                               "required": ["n"]}, disable_any_whitespace=True)]
+        params = [SamplingParams(temperature=1.0, seed=i, max_tokens=40, structured_outputs=s)
+                  for i, s in enumerate(specs)]
+        code, answer, obj = engine.generate([prompt] * 3, params)
+        assert re.fullmatch("[a-z]{3}-[0-9]{2}", code.text) and answer.text in ("yes", "no")
+        if obj.finish_reason == "stop":  # a random model may write digits until max_tokens
+            assert isinstance(json.loads(obj.text)["n"], int)
+    finally:
+        ex.shutdown()

@@ -220,8 +220,8 @@ def test_extreme_but_valid_values_run(base_url, offline):
 UNSUPPORTED = [
     (CMPL, "best_of", 2), (CMPL, "suffix", "end"), (CMPL, "use_beam_search", True),
     (CMPL, "length_penalty", 2), (CMPL, "tools", [{"type": "function"}]),
-    (CMPL, "guided_json", {"type": "object"}), (CMPL, "logits_processors", ["x"]),
-    (CHAT, "response_format", {"type": "json_object"}), (CHAT, "functions", [{"name": "f"}]),
+    (CMPL, "guided_whitespace_pattern", " "), (CMPL, "logits_processors", ["x"]),
+    (CHAT, "guided_decoding_backend", "outlines"), (CHAT, "functions", [{"name": "f"}]),
     (CHAT, "include_stop_str_in_output", True), (CHAT, "continue_final_message", True),
 ]
 

@@ -270,3 +270,27 @@ def test_speculation_needs_an_mtp_layer(tmp_path):
     moe = make_tiny_model(tmp_path / "moe", arch="qwen3_moe")
     with pytest.raises(ValueError, match=r"engine\.speculative_tokens=2"):
         LocalExecutor(moe, dtype="float32", num_slots=2, max_model_len=64, speculative_tokens=2)
+
+
+def test_structured_outputs_run_unspeculated_beside_speculating_requests(next_dir):
+    """A request with a grammar drafts nothing (its mask applies as without speculation); its
+    neighbours still speculate, and both give the tokens of an engine without speculation."""
+    import re
+
+    from engine.structured_output import StructuredOutputsParams
+    from engine.tokenizer import Tokenizer
+
+    def engine(k: int) -> LLMEngine:
+        ex = LocalExecutor(next_dir, dtype="float32", num_slots=4, max_model_len=256, speculative_tokens=k)
+        return LLMEngine(ex, tokenizer=Tokenizer(next_dir))
+
+    ps = prompts(21, 2)
+    params = [SamplingParams(temperature=0, max_tokens=12,
+                             structured_outputs=StructuredOutputsParams(regex=r"[a-c]{2,4}-\d\d")), GREEDY]
+    base = engine(0)
+    want = base.generate(ps, params)
+    spec = engine(2)
+    got = spec.generate(ps, params)
+    assert_same(got, want)
+    assert re.fullmatch(r"[a-c]{2,4}-\d\d", got[0].text)
+    assert spec.stats.spec_decode_num_draft_tokens > 0
