@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from engine.drafter import Drafter
 from engine.executor import DEFAULT_PREFIX_CACHE_STATES, Executor, StepInput
 from model.batch import BatchLayout
 from model.cache import DeltaNetState, StateSnapshots
@@ -23,7 +24,6 @@ from model.config import ModelConfig
 from model.decoder import CausalLM
 from model.gate_tap import GateTap
 from model.moe import SparseMoeBlock
-from model.mtp import MTPProposer
 
 
 class LocalExecutor(Executor):
@@ -58,16 +58,8 @@ class LocalExecutor(Executor):
         self.snapshots = [StateSnapshots(c, self.num_state_snapshots) for c in self.caches
                           if isinstance(c, DeltaNetState)] if self.num_state_snapshots else []
         self.speculative_tokens = speculative_tokens
-        self.proposer: MTPProposer | None = None
-        if speculative_tokens:
-            try:
-                self.proposer = MTPProposer.from_pretrained(self.model, model_dir)
-            except (ValueError, OSError) as e:  # CheckpointError is a ValueError
-                raise ValueError(f"engine.speculative_tokens={speculative_tokens} needs the checkpoint's MTP "
-                                 f"layer: {e}") from None
-            self.mtp_cache = self.proposer.make_cache(*sizes)
-        # The last step's layout, tokens and hidden states, which `propose` drafts from.
-        self._last: tuple[BatchLayout, Tensor, Tensor] | None = None
+        self.drafter = Drafter(self.model, model_dir, speculative_tokens, sizes, self.device) \
+            if speculative_tokens else None
 
     @property
     def snapshot_bytes(self) -> int:
@@ -86,60 +78,19 @@ class LocalExecutor(Executor):
             hidden = self.decode(token_ids, layout)  # [T, H]
         else:
             hidden = self.model(token_ids, layout, self.caches)  # [T, H]
-        if self.proposer is not None:
-            self._last = (layout, token_ids, hidden)
+        if self.drafter is not None:
+            self.drafter.record(layout, token_ids, hidden)
         index = torch.tensor(step.logits_index, dtype=torch.long, device=self.device)  # [R]
         return self.model.compute_logits(hidden[index])  # [R, V] float32
 
-    @torch.inference_mode()
     def propose(self, accepted: Sequence[int], next_token_ids: Sequence[int], num_drafts: Sequence[int],
                 ) -> list[list[int]]:
-        if self.proposer is None or self._last is None:
-            raise RuntimeError("propose needs speculative_tokens > 0 and a step executed before it")
-        layout, token_ids, hidden = self._last
-        self._last = None
-        lengths = layout.lengths.tolist()
-        if not (len(accepted) == len(next_token_ids) == len(num_drafts) == len(lengths)):
-            raise ValueError(f"accepted, next_token_ids and num_drafts need one entry per sequence of the "
-                             f"step ({len(lengths)})")
-        if any(not 0 <= a <= n for a, n in zip(accepted, lengths, strict=True)):
-            raise ValueError(f"accepted {list(accepted)} outside 0..lengths {lengths}")
-        if any(not 0 <= d <= self.speculative_tokens for d in num_drafts):
-            raise ValueError(f"num_drafts {list(num_drafts)} outside 0..{self.speculative_tokens}")
-        # Roll the DeltaNet states of sequences with rejected drafts back to their last accepted token.
-        back = [b for b, (a, n) in enumerate(zip(accepted, lengths, strict=True)) if 0 < a < n]
-        if back:
-            rows = torch.tensor(back, dtype=torch.long, device=self.device)
-            kept = torch.tensor([accepted[b] for b in back], dtype=torch.long, device=self.device)
-            for cache in self.caches:
-                if isinstance(cache, DeltaNetState):
-                    cache.rollback(rows, kept)
+        if self.drafter is None:
+            raise RuntimeError("propose needs speculative_tokens > 0")
+        drafts, rollbacks = self.drafter.propose(accepted, next_token_ids, num_drafts)
         for cache in self.caches:
             if isinstance(cache, DeltaNetState):
-                cache.kept = None
-        # The MTP over the accepted tokens (filling its cache), then the drafts.
-        live = [b for b, a in enumerate(accepted) if a > 0]
-        drafts: list[list[int]] = [[] for _ in lengths]
-        if not live:
-            return drafts
-        offsets = (layout.starts.new_tensor([0, *lengths[:-1]]).cumsum(0)).tolist()
-        keep = torch.cat([torch.arange(offsets[b], offsets[b] + accepted[b]) for b in live]).to(self.device)
-        rows_t = torch.tensor(live, dtype=torch.long, device=self.device)
-        cut = BatchLayout.build([int(s) for s in layout.slots[rows_t].tolist()],
-                                [int(s) for s in layout.starts[rows_t].tolist()], [accepted[b] for b in live],
-                                self.device, None if layout.block_tables is None
-                                else [[x for x in t if x >= 0] for t in layout.block_tables[rows_t].tolist()])
-        ids = token_ids[keep]
-        nxt = torch.tensor([next_token_ids[b] for b in live], dtype=torch.long, device=self.device)
-        next_ids = torch.roll(ids, -1)
-        next_ids[cut.last_token_index()] = nxt
-        out = self.proposer.step(next_ids, hidden[keep], cut, self.mtp_cache)
-        for k in sorted({num_drafts[b] for b in live} - {0}):
-            group = [i for i, b in enumerate(live) if num_drafts[b] == k]
-            ids_k, _ = self.proposer.draft(out, cut, self.mtp_cache, k,
-                                           torch.tensor(group, dtype=torch.long, device=self.device))
-            for i, row in zip(group, ids_k.tolist(), strict=True):
-                drafts[live[i]] = row
+                cache.rollback(rollbacks)
         return drafts
 
     def take_expert_counts(self) -> dict[int, list[int]]:

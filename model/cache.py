@@ -121,9 +121,9 @@ class DeltaNetState:
         self.conv = torch.zeros(num_slots, conv_dim, conv_kernel - 1, dtype=dtype, device=device)
         self.recurrent = torch.zeros(num_slots, num_v_heads, k_head_dim, v_head_dim,
                                      dtype=torch.float32, device=device)
-        # Speculative decoding: the last step's slots [B] and per-position states, conv
-        # [B, n, C, K-1] and recurrent [B, n, Hv, Dk, Dv], after each of its first n tokens.
-        self.kept: tuple[Tensor, Tensor, Tensor] | None = None
+        # Speculative decoding: per slot of the last verify step (both micro-batch lanes of it),
+        # its states after each of its first n tokens: conv [n, C, K-1], recurrent [n, Hv, Dk, Dv].
+        self.kept: dict[int, tuple[Tensor, Tensor]] = {}
 
     def read(self, layout: BatchLayout) -> tuple[Tensor, Tensor]:
         """Conv [B, C, K-1] and recurrent [B, Hv, Dk, Dv] state of each sequence; zeros for a
@@ -141,19 +141,24 @@ class DeltaNetState:
         self.recurrent[layout.slots] = recurrent.float()
 
     def keep(self, layout: BatchLayout, conv: Tensor, recurrent: Tensor) -> None:
-        """Hold the step's per-position states (layout.keep_states) until `rollback` or the next keep."""
-        self.kept = (layout.slots, conv.to(self.conv.dtype), recurrent.float())
+        """Hold a verify step's per-position states (layout.keep_states), conv [B, n, C, K-1] and
+        recurrent [B, n, Hv, Dk, Dv], until `rollback`."""
+        conv, recurrent = conv.to(self.conv.dtype), recurrent.float()
+        for b, slot in enumerate(layout.slots.tolist()):
+            self.kept[slot] = (conv[b], recurrent[b])
 
-    def rollback(self, rows: Tensor, num_tokens: Tensor) -> None:
-        """Set sequence rows[i] of the last kept step back to its state after its first
-        num_tokens[i] new tokens (1 <= num_tokens[i] <= kept positions): the rejected draft tokens
-        after them leave no trace."""
-        if self.kept is None:
-            raise RuntimeError("no per-position DeltaNet states kept: the step had no keep_states")
-        slots, conv, rec = self.kept
-        index = num_tokens - 1
-        self.conv[slots[rows]] = conv[rows, index]
-        self.recurrent[slots[rows]] = rec[rows, index]
+    def rollback(self, rollbacks: Sequence[tuple[int, int]]) -> None:
+        """For each (slot, n): set the slot back to its state after the first n new tokens of the
+        last verify step (1 <= n <= kept positions); the rejected drafts after them leave no trace.
+        Then forget every kept state."""
+        for slot, n in rollbacks:
+            if slot not in self.kept or not 1 <= n <= self.kept[slot][0].shape[0]:
+                raise RuntimeError(f"no kept DeltaNet state after token {n} of slot {slot}'s last verify "
+                                   f"step")
+            conv, rec = self.kept[slot]
+            self.conv[slot] = conv[n - 1]
+            self.recurrent[slot] = rec[n - 1]
+        self.kept.clear()
 
 
 class StateSnapshots:

@@ -109,9 +109,12 @@ def test_kept_states_equal_one_token_steps(next_dir):
             steps.append([(c.conv[0].clone(), c.recurrent[0].clone()) for c in caches_b
                           if isinstance(c, DeltaNetState)])
     states_a = [c for c in caches_a if isinstance(c, DeltaNetState)]
+    kept = [dict(c.kept) for c in states_a]
     for j in (4, 2, 1):
-        for c, (conv, rec) in zip(states_a, steps[j - 1], strict=True):
-            c.rollback(torch.tensor([0]), torch.tensor([j]))
+        for c, saved, (conv, rec) in zip(states_a, kept, steps[j - 1], strict=True):
+            c.kept = dict(saved)
+            c.rollback([(0, j)])
+            assert not c.kept
             torch.testing.assert_close(c.conv[0], conv)
             torch.testing.assert_close(c.recurrent[0], rec)
 
