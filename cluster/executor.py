@@ -8,13 +8,14 @@ arrays by default, or torch tensors GPU to GPU by NCCL between GPU actors."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from cluster.placement import ClusterPlacement, check_transport, resolve_placeme
 from cluster.recovery import ACTOR_FAILURES, describe, restart_all, restart_dead
 from cluster.session import RaySession, connect
 from cluster.step_graph import CompiledStep, RemoteStep
+from engine.drafter import Drafter, head_only
 from engine.executor import (
     DEFAULT_PREFIX_CACHE_STATES,
     Executor,
@@ -39,6 +41,7 @@ from engine.executor import (
     StepInput,
     StepTelemetry,
 )
+from model.batch import BatchLayout
 from model.config import ModelConfig
 from router.placement import ExpertPlacement
 
@@ -69,8 +72,12 @@ class ClusterExecutor(Executor):
     def __init__(self, model_dir: str | Path, dtype: str | None = None, num_slots: int = 8,
                  max_model_len: int | None = None, config: ClusterConfig | None = None,
                  block_size: int = 16, num_kv_blocks: int | None = None,
-                 num_state_snapshots: int = DEFAULT_PREFIX_CACHE_STATES) -> None:
-        """Each actor computes on its pool's GPU when `resources.num_gpus` > 0, else on CPU; logits
+                 num_state_snapshots: int = DEFAULT_PREFIX_CACHE_STATES,
+                 speculative_tokens: int = 0) -> None:
+        """`speculative_tokens` k > 0: MTP speculative decoding, the MTP layer (and the embedding and
+        LM head it shares) in this process, the DeltaNet actors keeping the per-position states of
+        verify steps and rolling back with the next step. Each actor computes on its pool's GPU when
+        `resources.num_gpus` > 0, else on CPU; logits
         come back on CPU. `num_kv_blocks` None: every slot can hold max_model_len tokens (never
         preempts). `num_state_snapshots`: saved DeltaNet states for prefix caching, each DeltaNet
         actor keeping its layers' share."""
@@ -79,6 +86,15 @@ class ClusterExecutor(Executor):
                          block_size, num_kv_blocks, num_state_snapshots)
         self.settings = config or ClusterConfig()
         self.dtype = dtype
+        if speculative_tokens < 0:
+            raise ValueError(f"engine.speculative_tokens must be >= 0, got {speculative_tokens}")
+        self.speculative_tokens = speculative_tokens
+        self.drafter: Drafter | None = None
+        if speculative_tokens:  # before any Ray starts: a checkpoint without MTP is refused here
+            self.drafter = Drafter(head_only(self.model_dir, self.config), self.model_dir, speculative_tokens,
+                                   (num_slots, self.max_model_len, block_size, self.num_kv_blocks),
+                                   torch.device("cpu"))
+        self._rollbacks: tuple[tuple[int, int], ...] = ()  # the last propose's, for the next step
         cluster = self.settings.cluster
         self.num_lanes = 2 if cluster.micro_batch_tokens > 0 else 1
         self._seq = itertools.count()
@@ -244,13 +260,23 @@ class ClusterExecutor(Executor):
                 self._state = State.RUNNING
             except Exception as e:  # e.g. an actor died while the graph was down: restart what is dead
                 raise self._recover(e) from None
+        if self._rollbacks:
+            step = dataclasses.replace(step, state_rollbacks=self._rollbacks)
+            self._rollbacks = ()
         split = split_step(step, self.settings.cluster.micro_batch_tokens)
         parts = split.parts[: self.num_lanes]
-        msgs = [StepMsg(next(self._seq), p) for p in parts]
+        want_hidden = self.drafter is not None
+        msgs = [StepMsg(next(self._seq), p, lane=i, want_hidden=want_hidden) for i, p in enumerate(parts)]
         try:
             results = self._step(msgs)
         except ACTOR_FAILURES as e:  # the engine recomputes its sequences on the restarted actors
             raise self._recover(e) from None
+        if self.drafter is not None:  # lane 0's tokens come first in the step, then lane 1's
+            hidden = torch.cat([from_wire(r.hidden, self.config.torch_dtype).to("cpu") for r in results
+                                if r is not None and r.hidden is not None])
+            layout = BatchLayout.build(list(step.slots), list(step.starts), list(step.lengths), "cpu",
+                                       step.block_tables)
+            self.drafter.record(layout, torch.tensor(step.token_ids, dtype=torch.long), hidden)
         logits = [None if r is None else from_wire(r.logits, torch.float32) for r in results]
         done = [r for r in results if r is not None]
         for r in done:
@@ -259,10 +285,21 @@ class ClusterExecutor(Executor):
         self._telemetry.append(_step_telemetry(done))
         return join_logits(split, logits)
 
+    def propose(self, accepted: Sequence[int], next_token_ids: Sequence[int], num_drafts: Sequence[int],
+                ) -> list[list[int]]:
+        if self.drafter is None:
+            raise RuntimeError("propose needs speculative_tokens > 0")
+        drafts, rollbacks = self.drafter.propose(accepted, next_token_ids, num_drafts)
+        self._rollbacks = tuple(rollbacks)  # the DeltaNet actors apply them before the next step's tokens
+        return drafts
+
     def _recover(self, cause: BaseException) -> ExecutorStateLostError:
         """Restart the dead actors (every actor when BROKEN, or when that fails) and rebuild the
         step; the error for the engine says whether that worked."""
         start = time.monotonic()
+        self._rollbacks = ()  # the kept states died with the actors; the engine recomputes
+        if self.drafter is not None:
+            self.drafter.forget()
         log.warning("cluster step failed (%s); restarting %s", describe(cause),
                     "every actor" if self._state is State.BROKEN else "the dead actors")
         # After a failed restart or change the actors may be half made: start them afresh.

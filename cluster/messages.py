@@ -47,6 +47,8 @@ class StepMsg:
 
     seq: int
     step: StepInput | None
+    lane: int = 0  # micro-batch lane: lane 0 reaches every layer first and carries the state copies
+    want_hidden: bool = False  # speculative decoding: the last mixer returns every token's hidden state
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class StepResult:
     logits: np.ndarray
     counts: dict[int, np.ndarray]
     telemetry: Telemetry = field(default_factory=Telemetry)
+    hidden: Wired | None = None  # [T, H] final-normed, with StepMsg.want_hidden (the drafter's input)
 
 
 @dataclass(frozen=True)

@@ -34,10 +34,14 @@ def split_step(step: StepInput, min_tokens: int) -> Split:
     tables = step.block_tables
     # The snapshot copies travel with micro-batch 0, which reaches each layer first on every actor
     # (cluster/step_graph.py binds lane 0 before lane 1), so they run before either lane's tokens.
+    # So do speculative decoding's state rollbacks, which run before the saves.
+    drafts = step.num_drafts
     p0 = StepInput(step.token_ids[:t0], step.slots[:b], step.starts[:b], step.lengths[:b], tuple(first),
-                   None if tables is None else tables[:b], step.state_saves, step.state_loads)
+                   None if tables is None else tables[:b], step.state_saves, step.state_loads,
+                   num_drafts=drafts[:b] if any(drafts[:b]) else (), state_rollbacks=step.state_rollbacks)
     p1 = StepInput(step.token_ids[t0:], step.slots[b:], step.starts[b:], step.lengths[b:], tuple(second),
-                   None if tables is None else tables[b:])
+                   None if tables is None else tables[b:],
+                   num_drafts=drafts[b:] if any(drafts[b:]) else ())
     n0 = iter(range(len(first)))
     n1 = iter(range(len(first), len(first) + len(second)))
     order = tuple(next(n0) if i < t0 else next(n1) for i in step.logits_index)

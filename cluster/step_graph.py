@@ -74,8 +74,9 @@ def _remote(actor: Any, method: str, num_returns: int, *args: Any) -> Any:
 
 
 def _copied(r: StepResult) -> StepResult:
+    hidden = np.array(r.hidden, copy=True) if isinstance(r.hidden, np.ndarray) else r.hidden
     return StepResult(np.array(r.logits, copy=True), {k: np.array(v, copy=True) for k, v in r.counts.items()},
-                      r.telemetry)
+                      r.telemetry, hidden)
 
 
 def _set_channel_poll(actor: Any, poll_us: float) -> float:

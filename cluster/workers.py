@@ -121,6 +121,11 @@ class MixerWorker:
         with torch.inference_mode():
             layout, _ = self._batch(msg)
             step = msg.step
+            cache = self.caches[layer]
+            # Speculative decoding: the previous verify step's rollbacks (lane 0, before the saves),
+            # which also forget its kept states.
+            if msg.lane == 0 and isinstance(cache, DeltaNetState) and (cache.kept or step.state_rollbacks):
+                cache.rollback(step.state_rollbacks)
             if layer in self.snapshots and (step.state_saves or step.state_loads):
                 self.snapshots[layer].apply(step.state_saves, step.state_loads)
             h = m.mix(h, layout, self.caches[layer])  # [T, H]
@@ -153,10 +158,12 @@ class MixerWorker:
         h, telemetry = self._resume(msg, carry, partials)
         with torch.inference_mode():
             index = torch.tensor(msg.step.logits_index, dtype=torch.long, device=self.device)
-            logits = to_wire(self.lm_head(self.norm(h)[index]).float())
+            normed = self.norm(h)
+            logits = to_wire(self.lm_head(normed[index]).float())
+            hidden = to_wire(normed) if msg.want_hidden else None
         counts = counts_by_layer(None if carry is None else carry.counts, self.config.moe_layers)
         return StepResult(logits, counts,
-                          telemetry.add(self.spec.name, time.perf_counter() - start))
+                          telemetry.add(self.spec.name, time.perf_counter() - start), hidden)
 
     def _batch(self, msg: StepMsg) -> tuple[BatchLayout, Tensor]:
         """Layout and token ids of a (micro-)batch, built on its first layer here; the two lanes'
@@ -164,7 +171,7 @@ class MixerWorker:
         if msg.seq not in self._batches:
             s = msg.step
             layout = BatchLayout.build(list(s.slots), list(s.starts), list(s.lengths), self.device,
-                                       s.block_tables)
+                                       s.block_tables, keep_states=s.keep_states)
             tokens = torch.tensor(s.token_ids, dtype=torch.long, device=self.device)
             self._batches = {k: v for k, v in self._batches.items() if k > msg.seq - 2}
             self._batches[msg.seq] = (layout, tokens)

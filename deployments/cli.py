@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: %(default)s)")
     gen.add_argument("--speculative-tokens", type=int, default=0,
                      help="MTP speculative decoding: draft tokens per step from the checkpoint's MTP layer "
-                          "(0: off; local executor)")
+                          "(0: off)")
     gen.add_argument("--compile", action="store_true",
                      help="local executor: decode steps through torch.compile (the first step of each batch "
                           "size waits for its compile)")

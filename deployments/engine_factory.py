@@ -28,16 +28,17 @@ def build_executor(config: NextserveConfig) -> Executor:
                  num_kv_blocks=limits.num_kv_blocks,
                  num_state_snapshots=limits.prefix_cache_states if limits.enable_prefix_caching else 0)
     if config.executor == "cluster":
-        if limits.speculative_tokens:
-            raise NextserveConfigError(f"engine.speculative_tokens={limits.speculative_tokens}: speculative "
-                                       f"decoding runs only with executor: local (the cluster's DeltaNet "
-                                       f"actors keep no per-token states to roll back); set it to 0")
         if limits.compile:
             raise NextserveConfigError("engine.compile: the cluster executor's actors run eager; set it to "
                                        "false, or use executor: local")
         from cluster.executor import ClusterExecutor
 
-        return ClusterExecutor(config=config, **sizes)
+        try:
+            return ClusterExecutor(config=config, speculative_tokens=limits.speculative_tokens, **sizes)
+        except ValueError as e:
+            if limits.speculative_tokens and "engine.speculative_tokens" in str(e):
+                raise NextserveConfigError(str(e)) from None
+            raise
     from engine.local_executor import LocalExecutor
 
     try:

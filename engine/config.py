@@ -49,8 +49,7 @@ class EngineLimits(Settings):
         0, ge=0, le=8, description="MTP speculative decoding: draft tokens per sequence and step from the "
                                    "checkpoint's multi-token-prediction layer (Qwen3-Next's mtp.*), verified "
                                    "by one target step of k+1 tokens; greedy output is unchanged, sampled "
-                                   "output keeps its distribution (rejection sampling); 0: off. Local "
-                                   "executor only")
+                                   "output keeps its distribution (rejection sampling); 0: off")
     engine_process: Literal["auto", "inline", "separate"] = Field(
         "auto", description="where a serving replica runs the engine loop: `separate`, an engine core "
                             "process of its own (engine/core.py), which shares no GIL with HTTP, "

@@ -46,7 +46,10 @@ class StepInput:
     j into slot s for each (j, s); a sequence resumed from a snapshot starts past 0.
     Speculative decoding: `num_drafts[b]` of sequence b's new tokens, at the end of its chunk, are
     draft tokens to verify (empty: none); the executor then keeps the DeltaNet state after each of
-    them until `propose` rolls back to the accepted ones."""
+    them until it rolls back to the accepted ones: `state_rollbacks` (slot, n) sets slot's DeltaNet
+    state to the one after the first n tokens of its chunk in the previous step (an executor that
+    defers the rollback to the next step, as the cluster executor does, carries them here; applied
+    before `state_saves`)."""
 
     token_ids: tuple[int, ...]
     slots: tuple[int, ...]
@@ -57,6 +60,7 @@ class StepInput:
     state_saves: tuple[tuple[int, int], ...] = ()  # (slot, snapshot entry)
     state_loads: tuple[tuple[int, int], ...] = ()  # (snapshot entry, slot)
     num_drafts: tuple[int, ...] = ()
+    state_rollbacks: tuple[tuple[int, int], ...] = ()  # (slot, tokens kept)
 
     def __post_init__(self) -> None:
         if not (len(self.slots) == len(self.starts) == len(self.lengths)):
