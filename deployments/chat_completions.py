@@ -34,6 +34,7 @@ from deployments.protocol import (
     ChatTokenLogprob,
     FunctionCall,
     NamedToolChoice,
+    PromptTokensDetails,
     ResponseToolCall,
     TopLogprob,
     Usage,
@@ -263,7 +264,8 @@ async def stream(ctx: ServingContext, req: ChatCompletionRequest) -> AsyncIterat
 def _usage(choices: list[Choice]) -> Usage:
     """The prompt once, as OpenAI and vLLM count it; every choice's output."""
     p, n = len(choices[0].prompt_token_ids), sum(len(c.token_ids) for c in choices)
-    return Usage(prompt_tokens=p, completion_tokens=n, total_tokens=p + n)
+    cached = PromptTokensDetails(cached_tokens=choices[0].num_cached_tokens or 0)
+    return Usage(prompt_tokens=p, completion_tokens=n, total_tokens=p + n, prompt_tokens_details=cached)
 
 
 def _delta(reasoning: str, events: list[Content | CallHeader | CallArguments]) -> ChatResponseMessage | None:
