@@ -1,15 +1,16 @@
 """POST /v1/chat/completions: messages through the checkpoint's chat template, `n` choices,
-streaming or not, with per-token logprobs and vLLM's `return_token_ids`; tools rendered by the template, the
-model's `<tool_call>`s returned as tool_calls and its `<think>` text as reasoning_content
-(deployments/tool_parser.py and reasoning_parser.py, on when serve.tool_call_parser and
-serve.reasoning_parser say so).
+streaming or not, with per-token logprobs and vLLM's `return_token_ids`; tools rendered by the
+template, the model's `<tool_call>`s returned as tool_calls and its `<think>` text as
+reasoning_content (deployments/tool_parser.py and reasoning_parser.py, on when
+serve.tool_call_parser and serve.reasoning_parser say so).
 
 tool_choice: auto (the default with tools) parses calls; none renders the tools but parses
-nothing (as vLLM does); required and a named function parse calls and keep only calls to the
-allowed functions. They are not enforced while the model writes (vLLM constrains the output
-with a grammar there): the answer to a model that writes no valid call is its text, with no
-tool_calls, and finish_reason says how it ended. A named call ends with finish_reason "stop",
-as OpenAI's do; other calls with "tool_calls". parallel_tool_calls false keeps the first call."""
+nothing (as vLLM does); required and a named function are enforced as vLLM enforces them, by a
+grammar (deployments/structured_outputs.py `tool_call_params`): the model can write only calls
+to the allowed functions, with arguments valid against their parameters (one call for a named
+function or with parallel_tool_calls false), so only max_tokens can cut a call short. The
+grammar starts at the first output token, so such a request gets no reasoning. A named call
+ends with finish_reason "stop", as OpenAI's do; other calls with "tool_calls"."""
 
 from __future__ import annotations
 
@@ -33,13 +34,14 @@ from deployments.protocol import (
     ChatTokenLogprob,
     FunctionCall,
     NamedToolChoice,
+    PromptTokensDetails,
     ResponseToolCall,
     TopLogprob,
     Usage,
 )
 from deployments.reasoning_parser import Qwen3ReasoningParser
 from deployments.serving import SSE_DONE, APIError, Choice, ServingContext, new_id, run_choices, sse
-from deployments.structured_outputs import structured_outputs_params
+from deployments.structured_outputs import structured_outputs_params, tool_call_params
 from deployments.tool_parser import CallArguments, CallHeader, Content, HermesToolParser, ToolCall
 from engine.llm_engine import TopLogprobs
 from engine.sampling import SamplingParams
@@ -139,10 +141,19 @@ def prepare(ctx: ServingContext,
         raise APIError(400, "messages render to an empty prompt", param="messages")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     structured = structured_outputs_params(req)
+    choice = req.effective_tool_choice
+    if tool_names is not None and choice != "auto":  # required or a named function: enforced
+        if structured is not None:
+            raise APIError(400, "tool_choice: a required or named tool call cannot be combined with "
+                                "response_format or other structured outputs", param="tool_choice")
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        structured = tool_call_params(req.tools, named, 1 if named or not req.parallel_tool_calls else None)
     params = [ctx.sampling_params(req, len(ids), max_tokens, choice=i, logprobs=req.logprobs,
                                   top_logprobs=req.top_logprobs if req.logprobs else 0,
                                   structured_outputs=structured) for i in range(req.n)]
-    plan = OutputPlan(prompt_text=text, reasoning=ctx.reasoning_parser == "qwen3", tool_names=tool_names,
+    enforced = tool_names is not None and choice != "auto"
+    plan = OutputPlan(prompt_text=text, reasoning=ctx.reasoning_parser == "qwen3" and not enforced,
+                      tool_names=tool_names,
                       include_reasoning=req.include_reasoning,
                       max_calls=None if req.parallel_tool_calls else 1,
                       named=isinstance(req.effective_tool_choice, NamedToolChoice))
@@ -253,7 +264,8 @@ async def stream(ctx: ServingContext, req: ChatCompletionRequest) -> AsyncIterat
 def _usage(choices: list[Choice]) -> Usage:
     """The prompt once, as OpenAI and vLLM count it; every choice's output."""
     p, n = len(choices[0].prompt_token_ids), sum(len(c.token_ids) for c in choices)
-    return Usage(prompt_tokens=p, completion_tokens=n, total_tokens=p + n)
+    cached = PromptTokensDetails(cached_tokens=choices[0].num_cached_tokens or 0)
+    return Usage(prompt_tokens=p, completion_tokens=n, total_tokens=p + n, prompt_tokens_details=cached)
 
 
 def _delta(reasoning: str, events: list[Content | CallHeader | CallArguments]) -> ChatResponseMessage | None:

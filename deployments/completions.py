@@ -14,6 +14,7 @@ from deployments.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    PromptTokensDetails,
     Usage,
 )
 from deployments.serving import SSE_DONE, APIError, Choice, ServingContext, new_id, run_choices, sse
@@ -114,8 +115,9 @@ async def stream(ctx: ServingContext, req: CompletionRequest) -> AsyncIterator[s
 def _usage(choices: list[Choice], n: int) -> Usage:
     """Each prompt counted once, as OpenAI and vLLM count it; every choice's output."""
     p = sum(len(c.prompt_token_ids) for c in choices[::n])
+    cached = PromptTokensDetails(cached_tokens=sum(c.num_cached_tokens or 0 for c in choices[::n]))
     n = sum(len(c.token_ids) for c in choices)
-    return Usage(prompt_tokens=p, completion_tokens=n, total_tokens=p + n)
+    return Usage(prompt_tokens=p, completion_tokens=n, total_tokens=p + n, prompt_tokens_details=cached)
 
 
 def _logprobs(ctx: ServingContext, c: Choice, token_ids: list[int], logprobs: list[float],

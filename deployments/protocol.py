@@ -410,10 +410,15 @@ class _Response(BaseModel):
     model_config = ConfigDict(frozen=True)
 
 
+class PromptTokensDetails(_Response):
+    cached_tokens: int  # prompt tokens served from the prefix cache, not computed
+
+
 class Usage(_Response):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(_Response):

@@ -167,8 +167,11 @@ class Choice:
     prompt_top_logprobs: tuple[TopLogprobs, ...] | None = None
     finish_reason: str | None = None
     drop_output: bool = False  # max_tokens=0 with echo: the one sampled token is not shown
+    num_cached_tokens: int | None = None  # of the prompt, from the prefix cache; set by the first output
 
     def add(self, out: RequestOutput) -> RequestOutput:
+        if self.num_cached_tokens is None:  # a request preempted later may resume from more
+            self.num_cached_tokens = out.num_cached_tokens
         if out.prompt_logprobs is not None:
             self.prompt_logprobs, self.prompt_top_logprobs = out.prompt_logprobs, out.prompt_top_logprobs
         if out.finished:

@@ -61,3 +61,32 @@ def structured_outputs_params(req: Any) -> StructuredOutputsParams | None:
         field = fields.get(e.field, source)
         raise APIError(400, f"{field}: {e}", param=field) from None
     return params
+
+
+def tool_call_params(tools: list[Any], only: str | None, max_calls: int | None) -> StructuredOutputsParams:
+    """A grammar that makes the model write tool calls in Qwen's hermes form and nothing else:
+    `tool_choice` "required" (calls to any of `tools`) or a named function (`only`: one call to
+    it), as vLLM enforces both. Each call is `<tool_call>\\n{"name": ..., "arguments": ...}\\n
+    </tool_call>` (JSON with the separators Qwen writes, no free whitespace) with `arguments`
+    valid against the function's `parameters`; calls follow one
+    another on new lines (Qwen3's template joins them so), at most `max_calls` (None: any number,
+    at least one). APIError 400 naming `tools` if a function's parameters are not a schema the
+    grammar can enforce."""
+    from engine.structured_output import json_ebnf
+
+    chosen = [t for t in tools if only is None or t.function.name == only]
+    schemas = [{"type": "object", "properties": {"name": {"const": t.function.name},
+                                                 "arguments": t.function.parameters or {"type": "object"}},
+                "required": ["name", "arguments"]} for t in chosen]
+    try:
+        one = json_ebnf(schemas, prefix="<tool_call>\n", suffix="\n</tool_call>", any_whitespace=False)
+    except StructuredOutputError as e:
+        raise APIError(400, f"tools: a function's parameters cannot be enforced as tool_choice asks: {e}",
+                       param="tools") from None
+    # json_ebnf's start rule is `root`; rename it so a new root can repeat one call
+    lines = one.splitlines()
+    if not lines or not lines[0].startswith("root ::= "):
+        raise RuntimeError(f"unexpected grammar from json_ebnf: {one[:80]!r}")
+    lines[0] = "tool_call_one ::= " + lines[0][len("root ::= "):]
+    repeat = "" if max_calls == 1 else ' ("\\n" tool_call_one)*'
+    return StructuredOutputsParams(grammar="\n".join([f"root ::= tool_call_one{repeat}", *lines]))

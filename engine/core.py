@@ -83,7 +83,7 @@ class CoreStep:
 def to_row(o: RequestOutput) -> OutputRow:
     return (o.request_id, o.new_token_ids, o.new_logprobs, o.finished, o.finish_reason, o.num_prompt_tokens,
             o.num_output_tokens, o.new_text, o.new_top_logprobs, o.prompt_logprobs, o.prompt_top_logprobs,
-            o.error)
+            o.error, o.num_cached_tokens)
 
 
 def from_row(row: OutputRow) -> RequestOutput:

@@ -38,6 +38,7 @@ class RequestOutput:
     prompt_logprobs: tuple[float | None, ...] | None = None  # with params.prompt_logprobs
     prompt_top_logprobs: tuple[TopLogprobs, ...] | None = None
     error: str | None = None  # why the request failed; only with finish_reason "error"
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache served when the request was admitted
 
 
 Sampled = tuple[int, float] | Exception  # a row's (token id, logprob), or why sampling it failed
@@ -101,7 +102,8 @@ class OutputProcessor:
             new_text=seq.detokenizer.take(reason is not None) if seq.detokenizer else "",
             new_top_logprobs=(top,) if top is not None else None,
             prompt_logprobs=tuple(seq.prompt_logprobs) if want_prompt else None,
-            prompt_top_logprobs=tuple(seq.prompt_top_logprobs) if want_prompt else None)
+            prompt_top_logprobs=tuple(seq.prompt_top_logprobs) if want_prompt else None,
+            num_cached_tokens=min(seq.num_cached_tokens, seq.num_prompt_tokens))
 
     def _top_logprobs(self, seqs: list[Sequence], logits: torch.Tensor, sampled: list[Sampled],
                       ) -> list[TopLogprobs | None]:

@@ -474,3 +474,14 @@ def test_missing_builtin_model_is_a_config_error_naming_the_fix(tmp_path, monkey
     monkeypatch.setattr(app, "TINY_MODEL_DIR", tmp_path / "tiny-qwen3-next")
     with pytest.raises(NextserveConfigError, match="git checkout -- models/tiny-qwen3-next"):
         app.resolve_model(None)
+
+
+def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(client):
+    # 40 prompt tokens and 4 more: the DeltaNet state at the prompt's last block boundary (32) is
+    # kept, since the output reaches no later one, so the same prompt again resumes there
+    prompt = [(7 * i) % 200 + 5 for i in range(40)]
+    first, second = (client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
+                     for _ in range(2))
+    assert first.choices[0].text == second.choices[0].text
+    assert first.usage.prompt_tokens_details.cached_tokens == 0, first.usage
+    assert second.usage.prompt_tokens_details.cached_tokens == 32, second.usage

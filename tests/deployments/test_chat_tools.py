@@ -138,15 +138,17 @@ def test_tool_choice_none_named_and_malformed(engine):
     m = complete(ctx, request("weather", tools=[WEATHER], tool_choice="none"))["choices"][0]
     assert m["finish_reason"] == "stop" and "tool_calls" not in m["message"]
     assert m["message"]["content"].startswith("<tool_call>\n{\"name\": \"get_weather\"")
-    # named: calls to that function only; OpenAI ends a forced call with "stop"
+    # named: enforced by a grammar (tests/deployments/test_tool_choice_enforced.py): the model
+    # that would write two calls writes one, to that function; OpenAI ends a forced call with "stop"
     named = {"type": "function", "function": {"name": "get_weather"}}
     m = complete(ctx, request("two_calls", tools=[WEATHER, TIME], tool_choice=named))["choices"][0]
-    assert m["finish_reason"] == "stop"
+    assert m["finish_reason"] == "stop" and not m["message"]["content"]
     assert [c["function"]["name"] for c in m["message"]["tool_calls"]] == ["get_weather"]
-    assert "get_time" in m["message"]["content"]  # the other call is text, not dropped
-    # required: a model that writes no call answers with text
-    m = complete(ctx, request("plain", tools=[WEATHER], tool_choice="required"))["choices"][0]
-    assert m["message"]["content"] == "Hello there!" and m["finish_reason"] == "stop"
+    # required: a model that would answer with text writes a call all the same
+    m = complete(ctx, request("plain", tools=[WEATHER], tool_choice="required", max_tokens=64))["choices"][0]
+    assert m["finish_reason"] in ("tool_calls", "length"), m
+    if m["finish_reason"] == "tool_calls":
+        assert [c["function"]["name"] for c in m["message"]["tool_calls"]] == ["get_weather"]
     # malformed JSON in the call: the text, verbatim
     for req_kw in ({}, {"stream": True}):
         req = request("malformed", tools=[WEATHER], **req_kw)

@@ -31,12 +31,12 @@ from engine.structured_output import (
     StructuredOutputManager,
     StructuredOutputsParams,
     TokenMask,
-    _bounded_strings_as_patterns,
     apply_token_mask,
     grammar_of,
     json_ebnf,
     tokenizer_info,
 )
+from engine.structured_spec import _bounded_strings_as_patterns
 from engine.tokenizer import Tokenizer
 from tests.engine.schemas import TOP_SCHEMAS
 
