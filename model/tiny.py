@@ -317,9 +317,8 @@ def _write_weights(path: Path, tensors: dict[str, torch.Tensor], max_shard_bytes
     _write_json(path / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def build_tokenizer() -> Tokenizer:
-    """Qwen2's byte-level BPE pipeline, trained on the built-in text (deterministic: the trainer
-    breaks count ties by pair order), with the ChatML special tokens after the BPE vocab."""
+def byte_level_bpe() -> Tokenizer:
+    """Qwen2's byte-level BPE pipeline (NFC, its pre-tokenizing regex, byte-level), untrained."""
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -328,6 +327,13 @@ def build_tokenizer() -> Tokenizer:
     ])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def build_tokenizer() -> Tokenizer:
+    """Qwen2's byte-level BPE pipeline, trained on the built-in text (deterministic: the trainer
+    breaks count ties by pair order), with the ChatML special tokens after the BPE vocab."""
+    tok = byte_level_bpe()
     trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB_SIZE, show_progress=False, special_tokens=[],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS.split("\n\n"), trainer=trainer)

@@ -34,14 +34,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, pre_tokenizers, trainers
 
 from model.batch import BatchLayout
 from model.config import ModelConfig
 from model.decoder import CausalLM
 from model.moe import Experts, SparseMoeBlock
 from model.mtp import MultiTokenPredictor
-from model.tiny import CHAT_TEMPLATE, PRETOKENIZE_REGEX
+from model.tiny import CHAT_TEMPLATE, byte_level_bpe
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # Qwen's order after the BPE vocab: <|endoftext|>, <|im_start|>, <|im_end|>, then non-special added
@@ -139,14 +139,7 @@ def training_texts(docs: list[tuple[str, str]], rng: random.Random) -> list[str]
 
 def build_tokenizer(texts: list[str]) -> Tokenizer:
     """Qwen2's byte-level BPE pipeline (model/tiny.py's), trained on `texts`, then Qwen's tokens."""
-    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok = byte_level_bpe()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE - len(SPECIAL) - len(ADDED), show_progress=False,
                                   special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     # Chat markup is not BPE material: the trainer sees the texts without it.

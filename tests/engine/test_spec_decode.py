@@ -233,7 +233,6 @@ def test_prefix_cache_hits_with_speculation(next_dir):
     assert on.stats.prefix_cache_hit_tokens > 0
 
 
-@pytest.mark.skipif(not (TRAINED / "config.json").is_file(), reason="the built-in model is not checked out")
 def test_trained_model_accepts_most_first_drafts_with_identical_tokens():
     from engine.tokenizer import Tokenizer
 

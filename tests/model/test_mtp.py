@@ -197,7 +197,6 @@ def test_checkpoint_without_mtp_is_refused_by_name(tmp_path):
         MultiTokenPredictor.from_pretrained(moe, CausalLM.from_pretrained(moe).config)
 
 
-@pytest.mark.skipif(not (BUILTIN / "config.json").is_file(), reason="no built-in model in this checkout")
 def test_builtin_model_drafts_are_accepted():
     """The shipped trained model: its MTP head's first draft equals the target's greedy next
     token on most positions of held-out docstrings (bench/mtp_acceptance.py measures it in full)."""
