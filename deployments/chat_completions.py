@@ -22,24 +22,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from deployments.chat import RESERVED_TEMPLATE_VARIABLES, ChatTemplateError, render_chat
-from deployments.protocol import (
+from deployments.chat_messages import ChatMessage, NamedToolChoice
+from deployments.reasoning_parser import Qwen3ReasoningParser
+from deployments.request_models import ChatCompletionRequest
+from deployments.response_models import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
-    ChatMessage,
     ChatResponseMessage,
     ChatTokenLogprob,
     FunctionCall,
-    NamedToolChoice,
     PromptTokensDetails,
     ResponseToolCall,
     TopLogprob,
     Usage,
 )
-from deployments.reasoning_parser import Qwen3ReasoningParser
 from deployments.serving import SSE_DONE, APIError, Choice, ServingContext, new_id, run_choices, sse
 from deployments.structured_outputs import structured_outputs_params, tool_call_params
 from deployments.tool_parser import CallArguments, CallHeader, Content, HermesToolParser, ToolCall

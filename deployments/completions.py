@@ -9,10 +9,10 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from deployments.protocol import (
+from deployments.request_models import CompletionRequest
+from deployments.response_models import (
     CompletionChoice,
     CompletionLogprobs,
-    CompletionRequest,
     CompletionResponse,
     PromptTokensDetails,
     Usage,

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from deployments.config import NextserveConfig
-from deployments.protocol import error_body
+from deployments.response_models import error_body
 from engine.config import NextserveConfigError
 
 API_KEY_ENV = "NEXTSERVE_API_KEY"

@@ -30,14 +30,8 @@ from starlette.exceptions import HTTPException
 from deployments import chat_completions, completions, tokenization
 from deployments.config import NextserveConfig
 from deployments.monitor import ReplicaMonitor
-from deployments.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    ModelCard,
-    ModelList,
-    error_body,
-)
+from deployments.request_models import ChatCompletionRequest, CompletionRequest, DetokenizeRequest
+from deployments.response_models import ModelCard, ModelList, error_body
 from deployments.security import (
     AuthMiddleware,
     BodyLimitMiddleware,

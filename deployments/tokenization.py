@@ -7,13 +7,8 @@ import asyncio
 from typing import Any
 
 from deployments.chat_completions import render_prompt
-from deployments.protocol import (
-    DetokenizeRequest,
-    DetokenizeResponse,
-    TokenizeChatRequest,
-    TokenizeCompletionRequest,
-    TokenizeResponse,
-)
+from deployments.request_models import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
+from deployments.response_models import DetokenizeResponse, TokenizeResponse
 from deployments.serving import APIError, ServingContext
 
 TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest

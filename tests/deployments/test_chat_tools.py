@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from deployments import chat_completions
-from deployments.protocol import ChatCompletionRequest
+from deployments.request_models import ChatCompletionRequest
 from deployments.serving import APIError, ServingContext
 from engine.async_engine import AsyncLLMEngine
 from engine.llm_engine import LLMEngine

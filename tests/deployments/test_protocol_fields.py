@@ -7,7 +7,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from deployments.protocol import NO_EFFECT, UNSUPPORTED, ChatCompletionRequest, CompletionRequest
+from deployments.request_fields import NO_EFFECT, UNSUPPORTED
+from deployments.request_models import ChatCompletionRequest, CompletionRequest
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 ROUTES = (CompletionRequest, ChatCompletionRequest)
@@ -49,7 +50,7 @@ def test_a_response_message_sent_back_whole_is_accepted_when_its_extra_keys_are_
     import pytest
     from pydantic import ValidationError
 
-    from deployments.protocol import ChatMessage
+    from deployments.chat_messages import ChatMessage
 
     echoed = {"role": "assistant", "content": "hi", "refusal": None, "annotations": [], "audio": None,
               "function_call": None, "tool_calls": None}

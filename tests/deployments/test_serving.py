@@ -12,7 +12,7 @@ import pytest
 
 from deployments import completions
 from deployments.config import NextserveConfig
-from deployments.protocol import CompletionRequest
+from deployments.request_models import CompletionRequest
 from deployments.security import (
     RebalanceGate,
     SecuritySettings,

@@ -3,49 +3,22 @@ block gauges; over a real engine whose small pool forces preemption."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 from monitoring.definitions import BY_NAME
 from monitoring.engine_metrics import EngineMetrics
 from monitoring.sink import MetricsSink
 from tests.engine.fakes import PagedFakeExecutor
+from tests.monitoring.fakes import engine_stats
 
 PROMPTS = [[3, 4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14, 15], [16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26]]
-
-
-@dataclass
-class Stats:
-    num_running: int = 0
-    num_waiting: int = 0
-    num_slots_used: int = 0
-    num_slots: int = 4
-    num_steps: int = 0
-    num_prompt_tokens: int = 0
-    num_generated_tokens: int = 0
-    last_step_num_tokens: int = 0
-    num_preemptions: int = 0
-    num_kv_blocks_used: int = 0
-    num_kv_blocks: int = 0
-    prefix_cache_queried_tokens: int = 0
-    prefix_cache_hit_tokens: int = 0
-    prefix_cache_block_evictions: int = 0
-    prefix_cache_states: int = 0
-    prefix_cache_state_entries: int = 0
-    prefix_cache_state_bytes: int = 0
-    prefix_cache_state_evictions: int = 0
-    spec_decode_num_drafts: int = 0
-    spec_decode_num_draft_tokens: int = 0
-    spec_decode_num_accepted_tokens: int = 0
-    spec_decode_accepted_per_pos: tuple[int, ...] = ()
 
 
 def test_hook_takes_the_increase_of_preemptions_and_sets_block_gauges():
     s = MetricsSink(ray_export=False)
     hook = EngineMetrics(s)
-    hook.on_step(Stats(num_steps=1, num_preemptions=2, num_kv_blocks_used=7, num_kv_blocks=10), 0.01)
-    hook.on_step(Stats(num_steps=2, num_preemptions=5, num_kv_blocks_used=3, num_kv_blocks=10), 0.01)
+    hook.on_step(engine_stats(num_steps=1, num_preemptions=2, num_kv_blocks_used=7, num_kv_blocks=10), 0.01)
+    hook.on_step(engine_stats(num_steps=2, num_preemptions=5, num_kv_blocks_used=3, num_kv_blocks=10), 0.01)
     assert s.value("nextserve_preemptions") == 5
     assert s.value("nextserve_kv_blocks_used") == 3 and s.value("nextserve_kv_blocks_total") == 10
     assert "never preempts" not in BY_NAME["nextserve_preemptions"].help

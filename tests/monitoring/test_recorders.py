@@ -5,50 +5,33 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.executor import StepTelemetry
+from engine.llm_engine import EngineStats
 from monitoring.definitions import METRICS, series_names
 from monitoring.engine_metrics import EngineMetrics
 from monitoring.expert_load import ExpertLoad
 from monitoring.http import MetricsMiddleware, dashboard_data, error_kind
 from monitoring.requests import MeteredEngine, RequestTimer
 from monitoring.sink import MetricsSink
-
-
-@dataclass
-class Stats:
-    num_running: int = 1
-    num_waiting: int = 2
-    num_slots_used: int = 1
-    num_slots: int = 4
-    num_steps: int = 0
-    num_prompt_tokens: int = 0
-    num_generated_tokens: int = 0
-    num_finished: int = 0
-    last_step_num_tokens: int = 0
-    last_step_num_seqs: int = 0
-    num_preemptions: int = 0
-    num_kv_blocks_used: int = 0
-    num_kv_blocks: int = 0
-    prefix_cache_queried_tokens: int = 0
-    prefix_cache_hit_tokens: int = 0
-    prefix_cache_block_evictions: int = 0
-    prefix_cache_states: int = 0
-    prefix_cache_state_entries: int = 0
-    prefix_cache_state_bytes: int = 0
-    prefix_cache_state_evictions: int = 0
-    spec_decode_num_drafts: int = 0
-    spec_decode_num_draft_tokens: int = 0
-    spec_decode_num_accepted_tokens: int = 0
-    spec_decode_accepted_per_pos: tuple[int, ...] = ()
+from tests.monitoring.fakes import engine_stats
 
 
 def sink() -> MetricsSink:
     return MetricsSink(ray_export=False)
+
+
+def test_the_engine_stats_fake_fills_every_field():
+    stats = engine_stats(num_slots=4, spec_decode_accepted_per_pos=(1, 2))
+    assert stats.num_slots == 4 and stats.spec_decode_accepted_per_pos == (1, 2)
+    assert all(getattr(stats, f.name) in (0, ()) for f in fields(EngineStats)
+               if f.name not in ("num_slots", "spec_decode_accepted_per_pos"))
+    with pytest.raises(TypeError):
+        engine_stats(num_slot=4)  # a misspelt field is not taken silently
 
 
 def test_table_is_consistent():
@@ -63,7 +46,7 @@ def test_table_is_consistent():
 def test_every_metric_is_exposed():
     s = sink()
     exposed = {smp.name for fam in text_string_to_metric_families(s.render().decode()) for smp in fam.samples}
-    EngineMetrics(s, ExpertLoad(2)).on_step(Stats(num_steps=1), 0.01, {0: [1, 1]})
+    EngineMetrics(s, ExpertLoad(2)).on_step(engine_stats(num_steps=1), 0.01, {0: [1, 1]})
     exposed |= {smp.name for fam in text_string_to_metric_families(s.render().decode())
                 for smp in fam.samples}
     # every unlabelled metric shows up at once; labelled ones once recorded
@@ -75,10 +58,10 @@ def test_every_metric_is_exposed():
 def test_engine_hook_takes_increases_and_gauges():
     s = sink()
     hook = EngineMetrics(s, ExpertLoad(4, [[0, 1], [2, 3]]), active_params_ratio=0.25)
-    hook.on_step(Stats(num_steps=1, num_prompt_tokens=10, num_generated_tokens=2, last_step_num_tokens=12),
-                 0.02, {0: [4, 0, 0, 0], 2: [1, 1, 1, 1]})
-    hook.on_step(Stats(num_steps=2, num_prompt_tokens=10, num_generated_tokens=4, num_running=2), 0.01,
-                 {0: [0, 2, 0, 0], 2: [0, 0, 0, 2]})
+    hook.on_step(engine_stats(num_steps=1, num_prompt_tokens=10, num_generated_tokens=2,
+                              last_step_num_tokens=12, num_slots=4), 0.02, {0: [4, 0, 0, 0], 2: [1, 1, 1, 1]})
+    hook.on_step(engine_stats(num_steps=2, num_prompt_tokens=10, num_generated_tokens=4, num_running=2,
+                              num_slots=4), 0.01, {0: [0, 2, 0, 0], 2: [0, 0, 0, 2]})
     assert s.value("nextserve_prompt_tokens") == 10
     assert s.value("nextserve_generation_tokens") == 4
     assert s.value("nextserve_engine_steps") == 2
@@ -140,7 +123,7 @@ class FakeEngine:
         yield Out((2,), True, "stop")
 
     def stats(self):
-        return Stats()
+        return engine_stats()
 
 
 def test_metered_engine():
@@ -153,7 +136,7 @@ def test_metered_engine():
     assert len(asyncio.run(run())) == 2
     assert s.value("nextserve_requests_finished", reason="stop") == 1
     assert s.histogram("nextserve_e2e_request_latency_seconds")[-1][1] == 1
-    assert eng.stats() == Stats()
+    assert eng.stats() == engine_stats()
 
 
 def test_middleware_counts_routes_and_errors():
@@ -188,7 +171,7 @@ def test_middleware_counts_routes_and_errors():
 def test_dashboard_data_shape():
     s = sink()
     hook = EngineMetrics(s, ExpertLoad(2))
-    hook.on_step(Stats(num_steps=1, num_generated_tokens=3), 0.01, {0: [2, 1]})
+    hook.on_step(engine_stats(num_steps=1, num_generated_tokens=3), 0.01, {0: [2, 1]})
     d = dashboard_data(s, hook)
     assert d["counters"]["generation_tokens"] == 3
     assert d["expert_load"]["counts"] == [[2, 1]]
@@ -199,10 +182,12 @@ def test_dashboard_data_shape():
 def test_spec_decode_counters_take_increases_per_draft_position():
     s = sink()
     hook = EngineMetrics(s)
-    hook.on_step(Stats(spec_decode_num_drafts=2, spec_decode_num_draft_tokens=6,
-                       spec_decode_num_accepted_tokens=3, spec_decode_accepted_per_pos=(2, 1, 0)), 0.01)
-    hook.on_step(Stats(spec_decode_num_drafts=3, spec_decode_num_draft_tokens=9,
-                       spec_decode_num_accepted_tokens=6, spec_decode_accepted_per_pos=(3, 2, 1)), 0.01)
+    hook.on_step(engine_stats(spec_decode_num_drafts=2, spec_decode_num_draft_tokens=6,
+                              spec_decode_num_accepted_tokens=3,
+                              spec_decode_accepted_per_pos=(2, 1, 0)), 0.01)
+    hook.on_step(engine_stats(spec_decode_num_drafts=3, spec_decode_num_draft_tokens=9,
+                              spec_decode_num_accepted_tokens=6,
+                              spec_decode_accepted_per_pos=(3, 2, 1)), 0.01)
     assert s.value("nextserve_spec_decode_num_drafts") == 3
     assert s.value("nextserve_spec_decode_num_draft_tokens") == 9
     assert s.value("nextserve_spec_decode_num_accepted_tokens") == 6
