@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import row_sampler
 from engine.detokenizer import IncrementalDetokenizer
 from engine.executor import Executor, ExecutorStateLostError, StepInput
 from engine.output_processor import OutputProcessor, PromptRow, RequestOutput, Sampled, TopLogprobs
@@ -22,8 +23,8 @@ from engine.prefix_cache import state_bytes
 from engine.sampling import Sampler, SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
-from engine.spec_decode import verify
-from engine.structured_output import StructuredOutputManager, TokenMask
+from engine.spec_decode import plan_drafts
+from engine.structured_output import StructuredOutputManager
 from engine.tokenizer import Tokenizer
 
 # RequestOutput and TopLogprobs are defined with the output processor and imported from here.
@@ -402,10 +403,12 @@ class LLMEngine:
         if plain:
             seqs = [c.seq for c, _ in plain]
             rows = logits[[r for _, r in plain]]  # [len(plain), V]
-            processed = self.processor.process(seqs, rows, self._sample(seqs, rows))
+            sampled = row_sampler.sample(self.sampler, seqs, rows, self.structured)
+            processed = self.processor.process(seqs, rows, sampled)
             outputs.update(zip(seqs, processed, strict=True))
         if spec:
-            tokens = self._verify([c for c, _ in spec], [logits[r:r + c.num_drafts + 1] for c, r in spec])
+            tokens = row_sampler.verify_drafts(self.sampler, [c for c, _ in spec],
+                                               [logits[r:r + c.num_drafts + 1] for c, r in spec])
             # Each emitted token goes through the output processor as if sampled in a step of its
             # own (stop checks, text, logprobs); a sequence that stops drops the rest.
             for j in range(self.speculative_tokens + 1):
@@ -430,31 +433,6 @@ class LLMEngine:
                     self._count_spec(c.num_drafts, len(t[0]) - 1)
         return [outputs[c.seq] for c in chunks]
 
-    def _verify(self, chunks: list[ScheduledChunk], rows: list[torch.Tensor],
-                ) -> list[tuple[list[int], list[float]] | Exception]:
-        """engine/spec_decode.py over the verify chunks, batched; if that raises, one by one, so
-        only the sequences that raise fail (seeded generators restart where the step found them)."""
-        seqs = [c.seq for c in chunks]
-        drafts = [c.seq.draft_token_ids[:c.num_drafts] for c in chunks]
-        generators = [self._generator(s, rows[0].device) for s in seqs]
-        states = [g.get_state() if g is not None else None for g in generators]
-        try:
-            return list(verify(self.sampler, torch.cat(rows), [s.params for s in seqs], seqs, drafts,
-                               generators))
-        except Exception:
-            log.exception("verifying %d sequences' drafts failed; verifying them one by one", len(seqs))
-        results: list[tuple[list[int], list[float]] | Exception] = []
-        for seq, r, d, g, state in zip(seqs, rows, drafts, generators, states, strict=True):
-            if g is not None and state is not None:
-                g.set_state(state)
-            try:
-                results.append(verify(self.sampler, r, [seq.params], [seq], [d], [g])[0])
-            except Exception as e:
-                log.warning("request %s: verifying drafts failed: %s: %s", seq.request_id,
-                            type(e).__name__, e)
-                results.append(e)
-        return results
-
     def _count_spec(self, num_drafts: int, accepted: int) -> None:
         self._spec["spec_decode_num_drafts"] += 1
         self._spec["spec_decode_num_draft_tokens"] += num_drafts
@@ -466,25 +444,8 @@ class LLMEngine:
         """Draft tokens for the step's sequences from the executor's drafter, which also caches
         every chunk's tokens. A sequence drafts only where its next step could use them all: below
         max_tokens and the longest sequence; one with structured outputs not at all."""
-        accepted, next_ids, num_drafts = [], [], []
-        limit = self.scheduler.max_seq_len
-        for c in sched.chunks:
-            seq = c.seq
-            if seq.status is not SequenceStatus.RUNNING:  # finished (or failed) this step
-                accepted.append(0)
-                next_ids.append(0)
-                num_drafts.append(0)
-                continue
-            accepted.append(c.num_tokens + (emitted.get(seq, 1) - 1 if c.num_drafts else 0))
-            end = c.start + accepted[-1]
-            next_ids.append(seq.token_slice(end, end + 1)[0])
-            # A request with structured outputs drafts nothing: its grammar would have to accept
-            # and roll back every draft (its steps run unspeculated, masked as without drafts).
-            if end == seq.num_tokens - 1 and seq.grammar is None:  # it took a new token this step
-                left = seq.params.max_tokens - seq.num_output_tokens - 1
-                num_drafts.append(max(0, min(self.speculative_tokens, left, limit - seq.num_tokens)))
-            else:
-                num_drafts.append(0)
+        accepted, next_ids, num_drafts = plan_drafts(sched.chunks, emitted, self.speculative_tokens,
+                                                     self.scheduler.max_seq_len)
         try:
             drafts = self.executor.propose(accepted, next_ids, num_drafts)
         except Exception as e:
@@ -496,67 +457,6 @@ class LLMEngine:
             return
         for c, d in zip(sched.chunks, drafts, strict=True):
             c.seq.draft_token_ids = list(d)
-
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Sampled]:
-        """Each row's (token, logprob). If the batched sampler raises, rows are sampled one by one
-        and only those that raise fail; seeded generators restart from where the step found them."""
-        generators: list[torch.Generator | None] = []
-        states: list[torch.Tensor] = []
-        mask, mask_failed = None, {}
-        if self.structured is not None:
-            mask, mask_failed = self.structured.masks([s.grammar for s in seqs])
-        try:
-            for seq in seqs:
-                generators.append(g := self._generator(seq, logits.device))
-                if g is not None:
-                    states.append(g.get_state())
-            # token_mask only where a row has a grammar: a sampler without structured outputs
-            # (a test's, another backend's) keeps its plain signature.
-            masked = {"token_mask": mask} if mask is not None else {}
-            out = self.sampler(logits, [s.params for s in seqs], generators, seqs, **masked)
-            sampled = list(zip(out.token_ids.tolist(), out.logprobs.tolist(), strict=True))
-            return self._advance_grammars(seqs, sampled, mask_failed)
-        except Exception:
-            log.exception("sampling %d rows failed; sampling them one by one", len(seqs))
-        for g, state in zip([g for g in generators if g is not None], states, strict=False):
-            g.set_state(state)
-        sampled: list[Sampled] = []
-        for i, seq in enumerate(seqs):
-            try:
-                row_mask = None
-                if mask is not None and i in mask.rows:
-                    j = mask.rows.index(i)
-                    row_mask = TokenMask(rows=(0,), bitmask=mask.bitmask[j:j + 1])
-                gen = self._generator(seq, logits.device)
-                out = self.sampler(logits[i:i + 1], [seq.params], [gen], [seq],
-                                   **({"token_mask": row_mask} if row_mask is not None else {}))
-                sampled.append((int(out.token_ids[0]), float(out.logprobs[0])))
-            except Exception as e:
-                log.warning("request %s: sampling failed: %s: %s", seq.request_id, type(e).__name__, e)
-                sampled.append(e)
-        return self._advance_grammars(seqs, sampled, mask_failed)
-
-    @staticmethod
-    def _advance_grammars(seqs: list[Sequence], sampled: list[Sampled],
-                          mask_failed: dict[int, Exception]) -> list[Sampled]:
-        """Each grammar takes its row's token; a row whose mask could not be built, or whose
-        token its grammar refuses (never, with the mask applied), fails its request alone."""
-        for i, seq in enumerate(seqs):
-            s = sampled[i]
-            if seq.grammar is None or isinstance(s, Exception):
-                continue
-            if i in mask_failed:
-                e = mask_failed[i]
-                sampled[i] = RuntimeError(f"the grammar mask failed: {type(e).__name__}: {e}")
-            elif not seq.grammar.accept(s[0]):
-                sampled[i] = RuntimeError(f"token {s[0]} is not allowed by the request's grammar")
-        return sampled
-
-    @staticmethod
-    def _generator(seq: Sequence, device: torch.device) -> torch.Generator | None:
-        if seq.generator is None and not seq.params.greedy:
-            seq.generator = seq.params.make_generator(device)
-        return seq.generator
 
     def _finish(self, outputs: list[RequestOutput]) -> None:
         """Give back the slots of the requests that `outputs` finish."""

@@ -17,12 +17,15 @@ Legend: R logit rows, V vocabulary, m drafts of one sequence."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from engine.sampling import History, Sampler, SamplingParams, TokenHistory, draw, filtered_probs
+from engine.scheduler import ScheduledChunk
+from engine.sequence import SequenceStatus
 
 
 def rejection_sample(target_probs: Tensor, draft_probs: Tensor, draft_ids: Sequence[int],
@@ -95,3 +98,29 @@ def verify(sampler: Sampler, raw: Tensor, params: Sequence[SamplingParams], hist
         results.append((tokens, lps))
         first += m + 1
     return results
+
+
+def plan_drafts(chunks: Sequence[ScheduledChunk], emitted: Mapping[Any, int], k: int, max_seq_len: int,
+                ) -> tuple[list[int], list[int], list[int]]:
+    """After a step: per chunk the tokens its sequence took into its cache (a verify chunk: its
+    real token + the accepted drafts, `emitted` - 1 of them), the token that follows them, and how
+    many drafts to propose next (k at most). A sequence drafts only where its next step could use
+    them all: below max_tokens and the longest sequence; one with structured outputs not at all
+    (its grammar would have to accept and roll back every draft); one that finished, nothing."""
+    accepted, next_ids, num_drafts = [], [], []
+    for c in chunks:
+        seq = c.seq
+        if seq.status is not SequenceStatus.RUNNING:  # finished (or failed) this step
+            accepted.append(0)
+            next_ids.append(0)
+            num_drafts.append(0)
+            continue
+        accepted.append(c.num_tokens + (emitted.get(seq, 1) - 1 if c.num_drafts else 0))
+        end = c.start + accepted[-1]
+        next_ids.append(seq.token_slice(end, end + 1)[0])
+        if end == seq.num_tokens - 1 and seq.grammar is None:  # it took a new token this step
+            left = seq.params.max_tokens - seq.num_output_tokens - 1
+            num_drafts.append(max(0, min(k, left, max_seq_len - seq.num_tokens)))
+        else:
+            num_drafts.append(0)
+    return accepted, next_ids, num_drafts
