@@ -218,20 +218,20 @@ def _node_info(worker: Any) -> tuple[str, str]:
 
 def _open(worker: Any, token: bytes, tcp_host: str | None) -> Address:
     _stop(worker)
-    worker._data_plane = ActorPlane(worker, token, tcp_host)
-    return worker._data_plane.address
+    worker.data_plane = ActorPlane(worker, token, tcp_host)
+    return worker.data_plane.address
 
 
 def _start(worker: Any, program: Program, addresses: dict[int, Address], timeout_s: float) -> bool:
-    worker._data_plane.start(program, addresses, timeout_s)
+    worker.data_plane.start(program, addresses, timeout_s)
     return True
 
 
 def _stop(worker: Any) -> bool:
-    plane = getattr(worker, "_data_plane", None)
+    plane = getattr(worker, "data_plane", None)
     if plane is not None:
         plane.stop()
-        worker._data_plane = None
+        worker.data_plane = None
     return True
 
 
