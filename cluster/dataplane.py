@@ -83,6 +83,7 @@ class Program:
     name: str
     ops: tuple[Op, ...]
     sends: dict[Ref, tuple[int, ...]]  # output -> other actors (or DRIVER) that consume it
+    receives_from: tuple[int, ...]  # the actors (and DRIVER) that send to this one
 
 
 def record(model: ModelConfig, placement: ClusterPlacement, num_lanes: int,
@@ -113,7 +114,8 @@ def programs(ops: Sequence[Op], results: Sequence[Ref], names: Sequence[str]) ->
     for i, name in enumerate(names):
         mine = tuple(op for op in ops if op.actor == i)
         sends = {r: tuple(sorted(c)) for r, c in consumers.items() if producer[r.node] == i}
-        out.append(Program(i, name, mine, sends))
+        senders = {DRIVER} | {producer[r.node] for r, c in consumers.items() if i in c}
+        out.append(Program(i, name, mine, sends, tuple(sorted(senders))))
     return out
 
 
@@ -123,8 +125,8 @@ class ActorPlane:
 
     def __init__(self, worker: Any, token: bytes, tcp_host: str | None) -> None:
         self.worker, self.token = worker, token
-        self.inbox = Inbox()
-        self.listener = Listener(token, self.inbox, tcp_host, on_eof=self._on_eof)
+        self.inbox = Inbox(on_eof=self._on_eof)
+        self.listener = Listener(token, self.inbox, tcp_host)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.address = Address(self.node_id, self.listener.path, self.listener.tcp)
         self.peers: dict[int, socket.socket] = {}
@@ -139,18 +141,22 @@ class ActorPlane:
         dests = {d for ds in program.sends.values() for d in ds if d != DRIVER}
         for d in sorted(dests):
             self.peers[d] = connect(addresses[d], self.node_id, self.token, program.actor, timeout_s)
-        self.peers[DRIVER] = self.listener.connection_of(DRIVER, timeout_s)
+            self.peers[d].setblocking(False)  # a send reads the inbox while the peer's buffer is full
+        self.listener.wait_senders(program.receives_from, timeout_s)
+        self.peers[DRIVER] = self.listener.senders[DRIVER]  # results and errors go back on it
         self.thread = threading.Thread(target=self._loop, daemon=True, name="dataplane-loop")
         self.thread.start()
 
     def stop(self) -> None:
         self.inbox.stop()
+        if self.thread is not None:
+            self.thread.join(STOP_S)
         self.listener.close()
         for d, s in self.peers.items():
             if d != DRIVER:
                 s.close()
-        if self.thread is not None:
-            self.thread.join(STOP_S)
+        if self.thread is None or not self.thread.is_alive():
+            self.inbox.close()
 
     def _loop(self) -> None:
         done = -1  # the last step this actor finished or abandoned
@@ -169,8 +175,9 @@ class ActorPlane:
                 if not lost:
                     text += "\n" + "".join(traceback.format_exception(e)[-6:])
                 try:
-                    send_frame(self.peers[DRIVER], ERROR, (0, 0), -1 if step is None else step, (lost, text))
-                except OSError:
+                    send_frame(self.peers[DRIVER], ERROR, (0, 0), -1 if step is None else step, (lost, text),
+                               self.inbox)
+                except (OSError, DataPlaneStoppedError):
                     return  # the driver is gone too
             if step is not None:
                 done = max(done, step)
@@ -197,7 +204,7 @@ class ActorPlane:
                     r = Ref(op.node, k)
                     local[r] = v
                     for d in self.program.sends.get(r, ()):
-                        send_frame(self.peers[d], DATA, (r.node, r.out), step, v)
+                        send_frame(self.peers[d], DATA, (r.node, r.out), step, v, self.inbox)
         except Exception as e:
             e.dataplane_step = step  # type: ignore[attr-defined]
             raise

@@ -90,13 +90,18 @@ def test_inbox_hands_a_steps_frames_and_drops_aborted_ones():
     assert inbox.get((1, 0), None, done=3).value == "a5"  # a4 skipped
     inbox.put(Frame(DATA, (2, 0), 7, "b7"))
     assert inbox.get((2, 0), 6, done=5) is None  # a later step's frame: step 6 was left behind
+    a, b = socket.socketpair()
+    eofs = []
+    inbox.on_eof = eofs.append
+    inbox.add(b, 6)  # the waiting loop reads its connections itself
     got = []
     t = threading.Thread(target=lambda: got.append(inbox.get((9, 9), None, done=-1)))
     t.start()
     time.sleep(0.05)
-    inbox.put(Frame(DATA, (9, 9), 8, "woken"))
+    send_frame(a, DATA, (9, 9), 8, "woken")
     t.join(5)
     assert got[0].value == "woken"
+    a.close()  # the sender's end closes: reported, and the wait goes on until the plane stops
     stopped = []
 
     def wait_stopped() -> None:
@@ -106,16 +111,20 @@ def test_inbox_hands_a_steps_frames_and_drops_aborted_ones():
 
     t = threading.Thread(target=wait_stopped)
     t.start()
-    inbox.stop()
+    deadline = time.monotonic() + 5
+    while not eofs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert eofs == [6] and t.is_alive()
+    inbox.stop()  # from another thread
     t.join(5)
     assert stopped
 
 
 @pytest.mark.parametrize("tcp", [True, False])
 def test_listener_takes_only_connections_with_the_token(tcp):
-    token, inbox = new_token(), Inbox()
     eofs = []
-    listener = Listener(token, inbox, "127.0.0.1" if tcp else None, on_eof=eofs.append)
+    token, inbox = new_token(), Inbox(on_eof=eofs.append)
+    listener = Listener(token, inbox, "127.0.0.1" if tcp else None)
     try:
         address = Address("n1", listener.path, listener.tcp)
         here = "n2" if tcp else "n1"  # another node: TCP
@@ -131,14 +140,38 @@ def test_listener_takes_only_connections_with_the_token(tcp):
         assert raw.recv(1) == b""
         raw.close()
         good = connect(address, here, token, 2, timeout_s=5)
+        listener.wait_senders([2], 5)
+        with pytest.raises(ConnectionError, match=r"senders \[5\] did not connect"):
+            listener.wait_senders([2, 5], 0.2)  # the one with the wrong token never joined
         send_frame(good, DATA, (4, 0), 1, "hello")
         assert inbox.get((4, 0), None, done=-1).value == "hello"
-        assert listener.connection_of(2, 5) is not None and 5 not in listener.senders
         good.close()
-        deadline = time.monotonic() + 5
-        while not eofs and time.monotonic() < deadline:
-            time.sleep(0.01)
+        inbox.pump()
         assert eofs == [2]  # only the authenticated sender's end is reported
         assert (listener.tcp is not None) == tcp and MAGIC == b"NSDP"
     finally:
         listener.close()
+
+
+def test_two_loops_sending_large_frames_to_each_other_do_not_deadlock():
+    """Each sends 8 MiB (far more than a socket buffer) to the other before reading: the sends
+    read their own inbox while the other's buffer is full."""
+    big = np.ones((2048, 1024), np.float32)
+    ab_send, ab_recv = socket.socketpair()
+    ba_send, ba_recv = socket.socketpair()
+    out: dict[str, object] = {}
+
+    def loop(name: str, send: socket.socket, recv: socket.socket, sender: int) -> None:
+        inbox = Inbox()
+        inbox.add(recv, sender)
+        send.setblocking(False)
+        send_frame(send, DATA, (1, 0), 1, (big, big), inbox)
+        out[name] = inbox.get((1, 0), None, done=0).value
+
+    threads = [threading.Thread(target=loop, args=("a", ab_send, ba_recv, 1), daemon=True),
+               threading.Thread(target=loop, args=("b", ba_send, ab_recv, 0), daemon=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert set(out) == {"a", "b"} and all(np.array_equal(v[1], big) for v in out.values())
