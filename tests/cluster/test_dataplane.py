@@ -68,6 +68,8 @@ def _inject(worker, how: str):
         worker.run = _fail.__get__(worker)
     elif how == "die":
         worker.run = lambda *args: os._exit(1)
+    elif how == "hang":
+        worker.run = lambda *args: time.sleep(6)
     else:
         del worker.run
     return True
@@ -111,4 +113,21 @@ def test_an_actor_dying_mid_step_is_noticed_at_once_and_restarted(cluster, hf_ne
     # noticed by its closed connection, not by the step timeout (20 s); the restart is the rest
     assert time.monotonic() - start - cluster.last_recovery_s < 5
     assert shard not in cluster.actors.actors
+    same_as_local(cluster, hf_next_dir)
+
+
+def test_an_actor_that_does_not_answer_times_the_step_out_and_the_step_is_rebuilt(cluster, hf_next_dir):
+    shard = actor(cluster, "experts-1")
+    ray.get(shard.__ray_call__.remote(_inject, "hang"), timeout=30)
+    before = cluster.num_recoveries
+    cluster._step.timeout_s = 2.0  # cluster.step_timeout_s, shortened for this step only
+    start = time.monotonic()
+    try:
+        with pytest.raises(ExecutorStateLostError, match="GetTimeoutError: data plane: step"):
+            cluster.execute(PREFILL)
+    finally:
+        ray.get(shard.__ray_call__.remote(_inject, "restore"), timeout=30)
+    # the timeout, then the rebuild waits (bounded) for the stuck call to leave the old plane
+    assert time.monotonic() - start < 2.0 + 20
+    assert cluster.num_recoveries == before + 1 and "(none dead)" in cluster.last_recovery_detail
     same_as_local(cluster, hf_next_dir)
