@@ -43,8 +43,10 @@ from cluster.wire import (
     Listener,
     PeerLostError,
     connect,
+    encode,
     new_token,
     recv_frame,
+    send_all,
     send_frame,
 )
 from model.config import ModelConfig
@@ -203,8 +205,11 @@ class ActorPlane:
                 for k, v in enumerate(out if op.num_returns > 1 else (out,)):
                     r = Ref(op.node, k)
                     local[r] = v
-                    for d in self.program.sends.get(r, ()):
-                        send_frame(self.peers[d], DATA, (r.node, r.out), step, v, self.inbox)
+                    dests = self.program.sends.get(r, ())
+                    if dests:
+                        pieces = encode(DATA, (r.node, r.out), step, v)  # once for every consumer
+                        for d in dests:
+                            send_all(self.peers[d], pieces, self.inbox)
         except Exception as e:
             e.dataplane_step = step  # type: ignore[attr-defined]
             raise
@@ -293,8 +298,9 @@ class SocketStep:
         step = next(self.steps)
         try:
             for lane, (msg, readers) in enumerate(zip(msgs, self.lane_readers, strict=True)):
+                pieces = encode(DATA, (-1, lane), step, msg)  # pickled once for every mixer
                 for i in readers:
-                    send_frame(self.conns[i], DATA, (-1, lane), step, msg)
+                    send_all(self.conns[i], pieces)
         except OSError as e:
             raise PeerLostError(f"data plane: sending the step to {self.names[i]} failed ({e})") from None
         want = {(r.node, r.out): lane for lane, r in enumerate(self.results)}
