@@ -1,5 +1,6 @@
-"""Decode step time of the cluster executor (compiled graph, plain remote calls) against the local
-executor in the same run, on the tiny and a wider Qwen3-Next, with where each step's time goes;
+"""Decode step time of the cluster executor (sockets data plane, compiled graph, plain remote calls)
+against the local executor in the same run, on the tiny and a wider Qwen3-Next, with where each
+step's time goes;
 and the per-hop latency of a compiled graph against plain actor calls. Prints markdown tables.
 
     unshare -n sh -c 'ip link set lo up; exec .venv/bin/python -m bench.cluster_step \\
@@ -49,13 +50,16 @@ WIDE: dict[str, Any] = dict(
 MODES: dict[str, dict[str, Any] | None] = {
     "local": None,
     "in-process": None,
-    "compiled": dict(compiled_graph=True, micro_batch_tokens=0, channel_poll_us=200.0),  # default on 2 cores
-    "compiled-spin": dict(compiled_graph=True, micro_batch_tokens=0, channel_poll_us=0),  # Ray's busy wait
-    "compiled-poll50": dict(compiled_graph=True, micro_batch_tokens=0, channel_poll_us=50),
-    "compiled-poll1000": dict(compiled_graph=True, micro_batch_tokens=0, channel_poll_us=1000),
-    "remote": dict(compiled_graph=False, micro_batch_tokens=0),
-    "compiled-2lane": dict(compiled_graph=True, micro_batch_tokens=16, channel_poll_us=200.0),
-    "remote-2mb": dict(compiled_graph=False, micro_batch_tokens=16),
+    # polling channel reads with the 2-core default cap; -spin: Ray's busy wait
+    "compiled": dict(data_plane="compiled_graph", micro_batch_tokens=0, channel_poll_us=200.0),
+    "compiled-spin": dict(data_plane="compiled_graph", micro_batch_tokens=0, channel_poll_us=0),
+    "compiled-poll50": dict(data_plane="compiled_graph", micro_batch_tokens=0, channel_poll_us=50),
+    "compiled-poll1000": dict(data_plane="compiled_graph", micro_batch_tokens=0, channel_poll_us=1000),
+    "remote": dict(data_plane="remote_calls", micro_batch_tokens=0),
+    "compiled-2lane": dict(data_plane="compiled_graph", micro_batch_tokens=16, channel_poll_us=200.0),
+    "remote-2mb": dict(data_plane="remote_calls", micro_batch_tokens=16),
+    "sockets": dict(data_plane="sockets", micro_batch_tokens=0),  # the default data plane
+    "sockets-2lane": dict(data_plane="sockets", micro_batch_tokens=16),
 }
 
 

@@ -1,11 +1,13 @@
 """Where one graph edge of the cluster's step goes: the edges a step crosses (from the placement),
 the µs to serialise and deserialise each kind of message at its real size (pickle protocol 5 with
-out-of-band buffers, as Ray's channels do), by batch and by layer depth; no Ray needed.
+out-of-band buffers, as Ray's channels do), by batch and by layer depth; and the µs of a whole edge
+of the sockets data plane (cluster/wire.py: framing, a Unix socket, the reader's wake-up from a
+blocking recv): half a round trip to a process that sends each frame back. No Ray needed.
 
     .venv/bin/python -m bench.edge_costs --layers 48 --batch 1 32
 
-The rest of an edge (channel write, the reader's wake-up, cores taken by actors that busy-wait on
-their channels) is what bench/cluster_step.py's "outside actors" leaves after these."""
+The rest of a compiled-graph edge (channel write, the reader's wake-up, cores taken by actors that
+busy-wait on their channels) is what bench/cluster_step.py's "outside actors" leaves after these."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import numpy as np
 from bench.cluster_step import decode_step, markdown_table
 
 REPEATS = 2000
+SOCKET_REPEATS = 500
 
 
 def roundtrip_us(value: Any, repeats: int = REPEATS) -> tuple[float, int]:
@@ -33,6 +36,39 @@ def roundtrip_us(value: Any, repeats: int = REPEATS) -> tuple[float, int]:
         pickle.loads(data, buffers=buffers)
         times.append(time.perf_counter() - t0)
     return 1e6 * float(np.median(times)), len(data) + sum(b.raw().nbytes for b in buffers)
+
+
+def socket_edge_us(value: Any, repeats: int = SOCKET_REPEATS) -> float:
+    """Median µs of one sockets data-plane edge carrying `value`: a frame to a forked echo process
+    over a Unix socket and back (cluster/wire.py's framing both ways), halved."""
+    import os
+    import socket
+
+    from cluster.wire import DATA, recv_frame, send_frame
+
+    a, b = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the echo: receive, send the same value back, until the socket closes
+        a.close()
+        try:
+            while True:
+                f = recv_frame(b)
+                send_frame(b, DATA, f.key, f.step, f.value)
+        except (EOFError, OSError):
+            os._exit(0)
+    b.close()
+    try:
+        times = []
+        for i in range(repeats + 20):
+            t0 = time.perf_counter()
+            send_frame(a, DATA, (1, 0), i, value)
+            recv_frame(a)
+            if i >= 20:
+                times.append(time.perf_counter() - t0)
+    finally:
+        a.close()
+        os.waitpid(pid, 0)
+    return 1e6 * float(np.median(times)) / 2
 
 
 def step_edges(model: Any, placement: Any) -> dict[str, int]:
@@ -104,8 +140,9 @@ def main(argv: list[str] | None = None) -> None:
                              model.moe_layers[-1]}):
             for name, msg in messages(model, step, layer, args.expert_shards).items():
                 us, nbytes = roundtrip_us(msg)
-                rows.append([b, layer, name, nbytes, us])
-    print(markdown_table(["batch", "layer", "message", "bytes", "pickle + unpickle µs"], rows))
+                rows.append([b, layer, name, nbytes, us, socket_edge_us(msg)])
+    print(markdown_table(["batch", "layer", "message", "bytes", "pickle + unpickle µs",
+                          "sockets edge µs"], rows))
 
 
 if __name__ == "__main__":

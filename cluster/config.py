@@ -3,13 +3,14 @@ failure handling (`cluster`), expert rebalancing (`rebalance`)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from engine.config import Settings
 
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+DataPlane = Literal["sockets", "compiled_graph", "remote_calls"]
 
 
 class ActorResources(Settings):
@@ -67,8 +68,12 @@ class ClusterSettings(Settings):
     ray_address: str | None = Field(
         None, description="Ray cluster to join (default: $RAY_ADDRESS, else a local cluster started and "
                           "stopped by nextserve)")
-    compiled_graph: bool = Field(True, description="run the step as a Ray Compiled Graph (false: one "
-                                                   "remote call per hop, the slower fallback)")
+    data_plane: DataPlane = Field(
+        "sockets", description="how the step's messages move between actors: sockets (each actor runs "
+                               "its share of the step in a loop and passes messages over blocking Unix "
+                               "/ TCP sockets, cluster/dataplane.py; waiting actors burn no CPU), "
+                               "compiled_graph (a Ray Compiled Graph; needed by tensor_transport "
+                               "accelerator / shm), remote_calls (one Ray call per hop, the slowest)")
     micro_batch_tokens: int = Field(
         0, ge=0, description="steps with at least this many tokens are split into two micro-batches so "
                                "that mixers and expert shards overlap (0: never split)")
@@ -76,14 +81,16 @@ class ClusterSettings(Settings):
         "host", description="how tensors cross the step graph's edges: host (numpy arrays through "
                             "Ray's shared memory / object store; CPU actors, and the safe default), "
                             "accelerator (torch tensors GPU to GPU by NCCL; every pool in use needs "
-                            "num_gpus >= 1 and compiled_graph), shm (torch tensors through shared "
-                            "memory: the accelerator code path on CPU, for testing)")
+                            "num_gpus >= 1 and data_plane compiled_graph), shm (torch tensors through "
+                            "shared memory: the accelerator code path on CPU, for testing; "
+                            "data_plane compiled_graph)")
     buffer_size_bytes: int = Field(1 << 20, ge=1024, description="initial compiled-graph channel buffer; "
                                                                  "channels grow for larger messages")
     idle_release_s: float = Field(
-        30.0, ge=0, description="after this many seconds without a request the compiled graph is torn "
-                                "down (its actors poll their channels, ~half a core each, while it "
-                                "stands) and compiled again by the next step (0: keep it)")
+        30.0, ge=0, description="data_plane compiled_graph: after this many seconds without a request "
+                                "the compiled graph is torn down (its actors poll their channels, ~half "
+                                "a core each, while it stands) and compiled again by the next step (0: "
+                                "keep it); the sockets data plane burns nothing while idle")
     channel_poll_us: float | None = Field(
         None, ge=0, description="compiled graph: a process waiting on a channel sleeps between tries, "
                                 "backing off up to this many µs, and leaves its core to the actor that "
@@ -91,6 +98,16 @@ class ClusterSettings(Settings):
                                 "where every actor and the driver have a core of their own; null: 0 "
                                 "there, 200 where the graph's processes outnumber the cores")
     timeout_s: float = Field(120.0, gt=0, description="longest wait for actor start-up (loading weights)")
+    @model_validator(mode="before")
+    @classmethod
+    def _compiled_graph_was_replaced(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "compiled_graph" in data:
+            raise ValueError(f"cluster.compiled_graph ({data['compiled_graph']!r}) was replaced by "
+                             f"cluster.data_plane: sockets | compiled_graph | remote_calls (compiled_graph: "
+                             f"true was data_plane: compiled_graph, false was remote_calls; the default "
+                             f"is now sockets)")
+        return data
+
     step_timeout_s: float = Field(
         15.0, gt=0, description="longest wait for one engine step; past it the step's actors are taken "
                                 "for dead and restarted (a dead actor is usually noticed at once)")

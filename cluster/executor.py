@@ -1,5 +1,7 @@
 """The `cluster` executor: the model taken apart into attention, DeltaNet and expert-shard actors
-placed by the `pools` of ray_config.yaml, one engine step run as a compiled graph of their calls.
+placed by the `pools` of ray_config.yaml, one engine step run as a static graph of their calls over
+`cluster.data_plane`: our sockets data plane (cluster/dataplane.py, the default), a Ray Compiled
+Graph, or plain remote calls (cluster/step_graph.py).
 Gives the logits of the `local` executor (tests/cluster). The actors belong to an ActorGroup
 (cluster/actors.py); the executor holds the step graph over them and one State.
 
@@ -27,6 +29,7 @@ from torch import Tensor
 from cluster.actors import ActorArgs, ActorGroup
 from cluster.channel_wait import auto_channel_poll_us
 from cluster.config import ClusterConfig
+from cluster.dataplane import SocketStep
 from cluster.messages import StepMsg, StepResult, from_wire
 from cluster.micro_batch import join_logits, split_step
 from cluster.placement import ClusterPlacement, check_transport, resolve_placement
@@ -98,9 +101,11 @@ class ClusterExecutor(Executor):
         cluster = self.settings.cluster
         self.num_lanes = 2 if cluster.micro_batch_tokens > 0 else 1
         self._seq = itertools.count()
-        self._step: CompiledStep | RemoteStep | None = None
+        self._step: SocketStep | CompiledStep | RemoteStep | None = None
         self._state = State.SHUT_DOWN  # until the actors are up
-        self.idle_after_s = (cluster.idle_release_s or None) if cluster.compiled_graph else None
+        # Only a compiled graph's actors burn CPU while idle (they poll their channels).
+        self.idle_after_s = ((cluster.idle_release_s or None) if cluster.data_plane == "compiled_graph"
+                             else None)
         self._expert_counts: dict[int, Any] = {}  # layer -> [E] pairs since the last take
         # Per step since the last take; bounded, so an engine without metrics hooks never grows it.
         self._telemetry: deque[StepTelemetry] = deque(maxlen=1024)
@@ -165,9 +170,12 @@ class ClusterExecutor(Executor):
             raise
         self._state = State.RUNNING
 
-    def _build_step(self) -> CompiledStep | RemoteStep:
+    def _build_step(self) -> SocketStep | CompiledStep | RemoteStep:
         c, a = self.settings.cluster, self._actors
-        if c.compiled_graph:
+        if c.data_plane == "sockets":
+            return SocketStep(self.config, a.placement, a.mixers, a.shards, self.num_lanes, c.step_timeout_s,
+                              a.names)
+        if c.data_plane == "compiled_graph":
             return CompiledStep(self.config, a.placement, a.mixers, a.shards, self.num_lanes,
                                 c.step_timeout_s, c.buffer_size_bytes, c.tensor_transport,
                                 self._channel_poll_us())
@@ -194,17 +202,23 @@ class ClusterExecutor(Executor):
             except Exception as e:  # a dead actor's channels: the rest is freed anyway
                 log.warning("step graph teardown: %s", describe(e))
 
-    def configure_step(self, compiled_graph: bool | None = None,
+    def configure_step(self, data_plane: str | None = None,
                        micro_batch_tokens: int | None = None, channel_poll_us: float | None = None) -> None:
-        """Rebuild the step on the same actors: compiled graph or plain remote calls, one lane or
-        two, how channels are waited on (tests and bench/cluster_step.py compare them without
-        restarting actors)."""
+        """Rebuild the step on the same actors: `data_plane` sockets, compiled_graph or remote_calls,
+        one lane or two, how compiled-graph channels are waited on (tests and bench/cluster_step.py
+        compare them without restarting actors)."""
+        update = {k: v for k, v in (("data_plane", data_plane), ("micro_batch_tokens", micro_batch_tokens),
+                                    ("channel_poll_us", channel_poll_us)) if v is not None}
+        # validated like the YAML, before anything is torn down: a wrong data_plane, or one that
+        # cannot carry the tensor transport, is refused and the step stays as it was
+        old = self.settings.cluster
+        cluster = type(old).model_validate({**old.model_dump(), **update})
+        settings = self.settings.model_copy(update={"cluster": cluster})
+        check_transport(settings, self._actors.placement)
         with self._paused():
-            update = {k: v for k, v in (("compiled_graph", compiled_graph),
-                                        ("micro_batch_tokens", micro_batch_tokens),
-                                        ("channel_poll_us", channel_poll_us)) if v is not None}
-            cluster = self.settings.cluster.model_copy(update=update)
-            self.settings = self.settings.model_copy(update={"cluster": cluster})
+            self.settings = settings
+            self.idle_after_s = ((cluster.idle_release_s or None) if cluster.data_plane == "compiled_graph"
+                                 else None)
             self.num_lanes = 2 if cluster.micro_batch_tokens > 0 else 1
 
     def set_expert_placement(self, experts: ExpertPlacement) -> float:

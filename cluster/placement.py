@@ -135,12 +135,19 @@ def _fits(node: Mapping[str, float], bundle: Mapping[str, float]) -> bool:
 
 
 def check_transport(settings: ClusterConfig, placement: ClusterPlacement) -> None:
-    """NCCL moves tensors between GPUs of a compiled graph, one whole GPU per actor."""
+    """Torch tensors on the edges are moved by Ray's compiled graph (NCCL between GPUs, one whole
+    GPU per actor; shm through shared memory)."""
     c = settings.cluster
+    if c.tensor_transport == "host":
+        return
+    # The sockets data plane carries host arrays; plain remote calls pass torch tensors through
+    # the object store (shm works there, NCCL does not).
+    nccl = c.tensor_transport == "accelerator"
+    if c.data_plane == "sockets" or (nccl and c.data_plane != "compiled_graph"):
+        raise NextserveConfigError(f"cluster.tensor_transport: {c.tensor_transport} needs "
+                                   f"cluster.data_plane: compiled_graph, got {c.data_plane}")
     if c.tensor_transport != "accelerator":
         return
-    if not c.compiled_graph:
-        raise NextserveConfigError("cluster.tensor_transport: accelerator needs cluster.compiled_graph: true")
     used = {m.pool for m in placement.mixers} | ({"experts"} if placement.experts is not None else set())
     for name in sorted(used):
         gpus = getattr(settings.pools, name).resources.num_gpus

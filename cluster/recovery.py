@@ -18,9 +18,11 @@ import time
 import ray
 
 from cluster.actors import ActorGroup
+from cluster.wire import PeerLostError
 
 # What a step raises when one of its actors (or their node) is gone: the actor's own death, a
-# compiled graph's channel closed under it, or no answer within the step timeout.
+# compiled graph's channel or a data-plane connection closed under it, or no answer within the
+# step timeout.
 ACTOR_FAILURES: tuple[type[BaseException], ...] = (
     ray.exceptions.RayActorError,  # ActorDiedError, ActorUnavailableError
     ray.exceptions.RayChannelError,  # RayChannelTimeoutError too
@@ -28,6 +30,7 @@ ACTOR_FAILURES: tuple[type[BaseException], ...] = (
     ray.exceptions.NodeDiedError,
     ray.exceptions.WorkerCrashedError,
     ray.exceptions.ObjectLostError,
+    PeerLostError,  # the sockets data plane (cluster/dataplane.py)
 )
 
 

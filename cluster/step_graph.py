@@ -2,9 +2,11 @@
 
     mixer(layer 0) ─► shards ─► mixer(layer 1) ─► shards ─► … ─► mixer(last layer).finish ─► logits
 
-The same wiring runs two ways. `CompiledStep` binds it once into a Ray Compiled Graph (shared-memory
-channels on one node; with `cluster.tensor_transport: accelerator`, tensors go GPU to GPU by NCCL;
-an actor calling itself uses an in-process channel), so a step costs one `execute`. `RemoteStep`
+The same wiring runs three ways (`cluster.data_plane`). The default, cluster/dataplane.py, records
+it into one static program per actor that the actor's loop runs, messages over sockets.
+`CompiledStep` binds it once into a Ray Compiled Graph (shared-memory channels on one node; with
+`cluster.tensor_transport: accelerator`, tensors go GPU to GPU by NCCL; an actor calling itself
+uses an in-process channel), so a step costs one `execute`. `RemoteStep`
 submits it as plain actor calls per step, ObjectRefs passed from actor to actor (never through the
 driver): the fallback, kept for debugging and for Ray set-ups without compiled graphs. Their
 cost per step against the local executor: README, "Cluster executor" (bench/cluster_step.py).

@@ -1,5 +1,6 @@
 """The cluster executor against the local one: same logits for prefill, chunked prefill, decode and
-mixed steps, slot reuse, both architectures, compiled graph and plain remote calls, one lane and
+mixed steps, slot reuse, both architectures, the sockets data plane (the default), the compiled
+graph and plain remote calls, one lane and
 two micro-batch lanes, redundant expert copies; and every actor reads only its own tensors.
 
 Starts Ray: run inside a loopback-only network namespace,
@@ -16,6 +17,7 @@ ray = pytest.importorskip("ray")
 
 from cluster.executor import ClusterExecutor, State  # noqa: E402
 from deployments.config import NextserveConfig  # noqa: E402
+from engine.config import NextserveConfigError  # noqa: E402
 from engine.executor import StepInput  # noqa: E402
 from engine.local_executor import LocalExecutor  # noqa: E402
 from model.weights import CheckpointReader  # noqa: E402
@@ -87,12 +89,12 @@ def moe_cluster(hf_moe_dir):
     ex.shutdown()
 
 
-def test_qwen3_next_compiled_two_lanes_redundant_experts(next_cluster, hf_next_dir):
+def test_qwen3_next_two_lanes_redundant_experts(next_cluster, hf_next_dir):
     assert next_cluster.num_lanes == 2 and next_cluster.placement.experts.copies(5) == (1, 2)
     assert_same_logits(next_cluster, local(hf_next_dir))
 
 
-def test_qwen3_moe_compiled_one_lane(moe_cluster, hf_moe_dir):
+def test_qwen3_moe_one_lane(moe_cluster, hf_moe_dir):
     assert [m.name for m in moe_cluster.placement.mixers] == ["attention-0", "attention-1"]
     assert_same_logits(moe_cluster, local(hf_moe_dir), seed=1)
 
@@ -123,19 +125,25 @@ def test_step_telemetry_per_actor_and_router_bytes(next_cluster):
 def test_torch_tensor_transport(hf_next_dir):
     """`tensor_transport: shm`: torch tensors in the messages, every actor-to-actor edge typed with
     Ray's tensor transport; the code path of NCCL between GPUs, with shared memory for NCCL."""
-    ex = make(hf_next_dir, cluster={"tensor_transport": "shm", "micro_batch_tokens": 8},
+    ex = make(hf_next_dir, cluster={"tensor_transport": "shm", "micro_batch_tokens": 8,
+                                    "data_plane": "compiled_graph"},
               pools={"experts": {"actors": 2}})
     try:
         assert_same_logits(ex, local(hf_next_dir), seed=3)
         (t,) = ex.take_step_telemetry()[-1:]
         assert t.combine_bytes > 0 and t.dispatch_bytes > t.combine_bytes
-        ex.configure_step(compiled_graph=False)  # plain calls pass the tensors by the object store
+        with pytest.raises(NextserveConfigError, match=r"tensor_transport: shm needs cluster\.data_plane"):
+            ex.configure_step(data_plane="sockets")  # refused before the graph is touched
+        assert ex.state is State.RUNNING
+        ex.configure_step(data_plane="remote_calls")  # plain calls pass the tensors by the object store
         assert_same_logits(ex, local(hf_next_dir), seed=4)
     finally:
         ex.shutdown()
 
 
 def test_idle_tears_the_graph_down_and_the_next_step_compiles_it(moe_cluster, hf_moe_dir):
+    assert moe_cluster.idle_after_s is None  # sockets burn nothing while idle: nothing to release
+    moe_cluster.configure_step(data_plane="compiled_graph")
     assert moe_cluster.idle_after_s == 30.0  # cluster.idle_release_s
     ref = local(hf_moe_dir)
     life = steps(seed=5)
@@ -147,14 +155,17 @@ def test_idle_tears_the_graph_down_and_the_next_step_compiles_it(moe_cluster, hf
         got, want = moe_cluster.execute(step), ref.execute(step)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
     assert moe_cluster.state is State.RUNNING
+    moe_cluster.configure_step(data_plane="sockets")
+    moe_cluster.idle()  # not a compiled graph: stays as it is
+    assert moe_cluster.state is State.RUNNING
 
 
 def test_plain_remote_calls_fallback(moe_cluster, hf_moe_dir):
-    moe_cluster.configure_step(compiled_graph=False, micro_batch_tokens=8)
+    moe_cluster.configure_step(data_plane="remote_calls", micro_batch_tokens=8)
     try:
         assert_same_logits(moe_cluster, local(hf_moe_dir), seed=2)
     finally:
-        moe_cluster.configure_step(compiled_graph=True, micro_batch_tokens=0)
+        moe_cluster.configure_step(data_plane="sockets", micro_batch_tokens=0)
 
 
 def expected_tensors(names: set[str], config, spec=None, experts=None) -> set[str]:

@@ -88,6 +88,11 @@ def test_resources_no_node_can_give(resources, strategy, message):
                                                              r"layers: 1 lists for actors=2"),
     ({"pools": {"experts": {"strategy": "TIGHT"}}}, r"args\.pools\.experts\.strategy: .*'TIGHT'"),
     ({"dtype": "float64"}, r"args\.dtype: .*'float64'"),
+    ({"cluster": {"data_plane": "grpc"}}, r"args\.cluster\.data_plane: Input should be 'sockets', "
+                                          r"'compiled_graph' or 'remote_calls'"),
+    ({"cluster": {"compiled_graph": True}},
+     r"args\.cluster: Value error, cluster\.compiled_graph \(True\) was replaced by cluster\.data_plane: "
+     r"sockets \| compiled_graph"),
 ])
 def test_config_errors_name_the_key_and_value(tmp_path, args, message):
     import yaml
@@ -100,10 +105,13 @@ def test_config_errors_name_the_key_and_value(tmp_path, args, message):
 
 @pytest.mark.parametrize("args, message", [
     ({"cluster": {"tensor_transport": "nccl"}}, "cluster.tensor_transport: Input should be 'host', "),
-    ({"cluster": {"tensor_transport": "accelerator"}}, "pools.attention.resources.num_gpus is 0"),
-    ({"cluster": {"tensor_transport": "accelerator", "compiled_graph": False}},
-     "needs cluster.compiled_graph"),
-    ({"cluster": {"tensor_transport": "accelerator"}, "pools": {
+    ({"cluster": {"tensor_transport": "accelerator", "data_plane": "compiled_graph"}},
+     "pools.attention.resources.num_gpus is 0"),
+    ({"cluster": {"tensor_transport": "accelerator", "data_plane": "remote_calls"}},
+     "tensor_transport: accelerator needs cluster.data_plane: compiled_graph, got remote_calls"),
+    ({"cluster": {"tensor_transport": "shm"}}, "tensor_transport: shm needs cluster.data_plane: "
+                                               "compiled_graph, got sockets"),
+    ({"cluster": {"tensor_transport": "accelerator", "data_plane": "compiled_graph"}, "pools": {
         "attention": {"resources": {"num_gpus": 1}}, "deltanet": {"resources": {"num_gpus": 1}},
         "experts": {"resources": {"num_gpus": 0.5}}}}, "pools.experts.resources.num_gpus is 0.5"),
 ])
@@ -115,7 +123,8 @@ def test_tensor_transport_errors_name_the_key(args, message):
 
 def test_accelerator_transport_with_a_gpu_per_actor_is_accepted():
     gpu = {"resources": {"num_gpus": 1}}
-    config = NextserveConfig.from_args({"cluster": {"tensor_transport": "accelerator"},
+    config = NextserveConfig.from_args({"cluster": {"tensor_transport": "accelerator",
+                                                    "data_plane": "compiled_graph"},
                                         "pools": {"attention": gpu, "experts": gpu}})
     check_transport(config, resolve_placement(config.pools, MOE))  # the deltanet pool is unused here
 
