@@ -240,10 +240,12 @@ def _start(worker: Any, program: Program, addresses: dict[int, Address], timeout
 
 
 def _stop(worker: Any) -> bool:
+    """Stop the actor's loop; False if it is still inside a call after STOP_S."""
     plane = getattr(worker, "data_plane", None)
     if plane is not None:
         plane.stop()
         worker.data_plane = None
+        return plane.thread is None or not plane.thread.is_alive()
     return True
 
 
@@ -352,8 +354,17 @@ class SocketStep:
             return
         refs = [a.__ray_call__.remote(_stop) for a in self.actors]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=STOP_S + 5)
-        for ref in ready:
-            try:
-                ray.get(ref, timeout=1)
-            except Exception as e:  # a dead actor: its loop is gone with it
-                log.debug("data plane stop: %s", e)
+        for actor, ref in zip(self.actors, refs, strict=True):
+            stopped = False
+            if ref in ready:
+                try:
+                    stopped = ray.get(ref, timeout=1)
+                except Exception as e:  # a dead actor: its loop is gone with it
+                    log.debug("data plane stop: %s", e)
+                    continue
+            if not stopped:
+                # Its loop is stuck in a call: a plane built next must not run beside it on the
+                # same caches, so the actor goes, and the executor's recovery restarts it.
+                log.warning("data plane: an actor's loop did not stop within %.0fs; killing it", STOP_S)
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)

@@ -131,3 +131,24 @@ def test_an_actor_that_does_not_answer_times_the_step_out_and_the_step_is_rebuil
     assert time.monotonic() - start < 2.0 + 20
     assert cluster.num_recoveries == before + 1 and "(none dead)" in cluster.last_recovery_detail
     same_as_local(cluster, hf_next_dir)
+
+
+def _short_stop(worker, seconds: float):
+    import cluster.dataplane
+    cluster.dataplane.STOP_S = seconds  # this actor's process only
+    return True
+
+
+def test_an_actor_stuck_in_a_call_past_the_stop_is_replaced(cluster, hf_next_dir):
+    """A loop that cannot leave its call must not run beside the next plane's on the same caches:
+    the actor is killed at teardown and restarted by the recovery."""
+    shard = actor(cluster, "experts-0")
+    ray.get([shard.__ray_call__.remote(_short_stop, 0.5), shard.__ray_call__.remote(_inject, "hang")],
+            timeout=30)
+    before = cluster.num_recoveries
+    cluster._step.timeout_s = 2.0
+    with pytest.raises(ExecutorStateLostError, match="GetTimeoutError"):
+        cluster.execute(PREFILL)
+    assert cluster.num_recoveries == before + 1 and "experts-0" in cluster.last_recovery_detail
+    assert shard not in cluster.actors.actors
+    same_as_local(cluster, hf_next_dir)
