@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 # RequestOutput's fields in order, as one row of a CoreStep (a tuple pickles smaller and faster
 # than the dataclass).
 OutputRow = tuple[Any, ...]
+COMPILE_POLL_S = 1.0  # how often an idle core looks at decode buckets compiling in the background
 
 
 # -- client → core ----------------------------------------------------------------------------
@@ -139,7 +140,7 @@ class EngineCore:
         while True:
             if not engine.has_unfinished() and not self.conn.poll(executor.idle_after_s):
                 self._idle()
-                self.conn.poll(None)
+                self._wait_for_work()
             accepted, refused, aborted = self._drain()
             if accepted is None:
                 return
@@ -157,6 +158,18 @@ class EngineCore:
                 self.conn.send(CoreStep(stats=stats, accepted=tuple(accepted), refused=tuple(refused),
                                         outputs=tuple(map(to_row, outputs)), failed=failed,
                                         step_seconds=seconds, expert_counts=counts or None))
+
+    def _wait_for_work(self) -> None:
+        """Block until a command comes; while decode buckets compile in the background, wake
+        every second to send the client the stats of each bucket that became ready (its /stats
+        and /health say so without a request having to step)."""
+        compiled = self.engine.executor.compiled_buckets()
+        while compiled[1] and not self.conn.poll(COMPILE_POLL_S):
+            now = self.engine.executor.compiled_buckets()
+            if now != compiled:
+                compiled = now
+                self.conn.send(CoreStep(stats=self.engine.stats))
+        self.conn.poll(None)
 
     def _drain(self) -> tuple[list[str] | None, list[tuple[str, BaseException]], bool]:
         """Take every waiting command: (requests taken, requests refused, whether one was aborted);
