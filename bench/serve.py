@@ -212,13 +212,16 @@ VARIANTS = {"local": ("inline", "separate"), "cluster": ("inline",)}  # executor
 
 
 def start_nextserve(model_dir: Path, max_num_seqs: int, max_model_len: int, dtypes: list[str],
-                    executors: list[str], engine_processes: list[str], compiles: list[str]
-                    ) -> dict[str, str]:
+                    executors: list[str], engine_processes: list[str], compiles: list[str],
+                    user_code: tuple[str, ...] = ("thread",)) -> dict[str, str]:
     """One Serve application per (executor, engine process, dtype, engine.compile), side by side
     under their own route prefixes, so that a load can alternate between them; {label: url}. The
     cluster executor's engine loop always runs inline (engine.engine_process) and eager. With
     engine.compile the buckets compile in the background while the replica serves; this waits
-    until every application's buckets are compiled (`compile_wait`), so no load measures a compile."""
+    until every application's buckets are compiled (`compile_wait`), so no load measures a compile.
+    `user_code`: where Serve runs the replica's code, `thread` (Serve's default: an event loop in
+    a thread of its own) or `main` (Serve's main event loop: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0
+    in the replica's environment)."""
     import ray
     from ray import serve
 
@@ -235,17 +238,23 @@ def start_nextserve(model_dir: Path, max_num_seqs: int, max_model_len: int, dtyp
     for executor in executors:
         for process in (p for p in engine_processes if p in VARIANTS[executor]):
             for dtype in dtypes:
-                for comp in (c for c in compiles if executor == "local" or c == "eager"):
+                for comp, where in ((c, u) for c in compiles for u in user_code
+                                    if executor == "local" or c == "eager"):
                     args = dict(model=str(model_dir), executor=executor, dtype=dtype,
                                 engine=dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                             max_num_batched_tokens=2048, engine_process=process,
                                             compile=comp == "compiled"),
                                 serve=dict(max_queued_requests=1024, torch_threads=1))
-                    name = f"{executor}-{process}-{dtype}-{comp}"
-                    serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+                    name = f"{executor}-{process}-{dtype}-{comp}-{where}"
+                    env = {"PYTHONPATH": str(ROOT)}
+                    if where == "main":
+                        env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] = "0"
+                    options = {"ray_actor_options": {"num_cpus": 1, "runtime_env": {"env_vars": env}}}
+                    serve.run(build_app(args, deployment_options=options), name=name, route_prefix=f"/{name}")
                     label = " ".join([f"nextserve {executor} {process}"]
                                      + ([dtype] if len(dtypes) > 1 else [])
-                                     + ([comp] if len(compiles) > 1 or comp == "compiled" else []))
+                                     + ([comp] if len(compiles) > 1 or comp == "compiled" else [])
+                                     + ([f"user code in {where}"] if len(user_code) > 1 else []))
                     urls[label] = f"http://127.0.0.1:{port}/{name}"
     return urls
 
@@ -284,6 +293,9 @@ def main() -> None:
                    default=["inline", "separate"],
                    help="where nextserve's engine loop runs (engine.engine_process; the cluster "
                         "executor's is always inline)")
+    p.add_argument("--user-code", nargs="+", choices=["thread", "main"], default=["thread"],
+                   help="where Serve runs the replica's code: its own thread's event loop (Serve's "
+                        "default) or Serve's main loop (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0)")
     p.add_argument("--rate", type=float, default=float("inf"), help="Poisson arrival rate, requests/s")
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=64)
@@ -317,7 +329,8 @@ def main() -> None:
         servers = [("nextserve", a.url, a.model or model_dir.name)]
     else:
         urls = start_nextserve(model_dir, max(a.concurrency), a.input_len + a.output_len + 8,
-                               a.nextserve_dtype or [a.dtype], a.executor, a.engine_process, a.compile)
+                               a.nextserve_dtype or [a.dtype], a.executor, a.engine_process, a.compile,
+                               tuple(a.user_code))
         if "compiled" in a.compile:
             compile_wait(urls)
         servers = [(label, url, model_dir.name) for label, url in urls.items()]
