@@ -6,6 +6,8 @@ architecture (the module's fixture); the one-token delta-rule step against the r
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -232,8 +234,13 @@ def test_background_compile_steps_eagerly_until_its_bucket_is_ready(model):
             seqs[s].append(t)
         return compiled
 
+    # The bucket's compile waits until a step has run eagerly (in this process another test may
+    # have compiled the same graph already, which would make it instant).
+    gate, compile_step = threading.Event(), decode._step
+    decode._step = lambda *a: gate.wait(60) and compile_step(*a)
     thread = decode.compile_in_background()
-    assert decode.compiling and not step()  # a compile takes seconds: this step ran eagerly
+    assert decode.compiling and not step()  # no bucket ready: this step ran eagerly
+    gate.set()
     while decode.compiling and len(seqs[0]) < 40:
         step()
     thread.join(timeout=600)
