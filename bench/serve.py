@@ -211,11 +211,17 @@ def engine_line(label: str, concurrency: int, before: dict[str, float], after: d
 VARIANTS = {"local": ("inline", "separate"), "cluster": ("inline",)}  # executor: engine processes
 
 
-def start_nextserve(model_dir: Path, max_num_seqs: int, max_model_len: int, dtype: str,
-                    executors: list[str], engine_processes: list[str]) -> dict[str, str]:
-    """One Serve application per (executor, engine process) pair, side by side under their own
-    route prefixes, so that a load can alternate between them; {label: url}. The cluster
-    executor's engine loop always runs inline (engine.engine_process)."""
+def start_nextserve(model_dir: Path, max_num_seqs: int, max_model_len: int, dtypes: list[str],
+                    executors: list[str], engine_processes: list[str], compiles: list[str],
+                    user_code: tuple[str, ...] = ("thread",)) -> dict[str, str]:
+    """One Serve application per (executor, engine process, dtype, engine.compile), side by side
+    under their own route prefixes, so that a load can alternate between them; {label: url}. The
+    cluster executor's engine loop always runs inline (engine.engine_process) and eager. With
+    engine.compile the buckets compile in the background while the replica serves; this waits
+    until every application's buckets are compiled (`compile_wait`), so no load measures a compile.
+    `user_code`: where Serve runs the replica's code, `thread` (Serve's default: an event loop in
+    a thread of its own) or `main` (Serve's main event loop: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0
+    in the replica's environment)."""
     import ray
     from ray import serve
 
@@ -231,14 +237,44 @@ def start_nextserve(model_dir: Path, max_num_seqs: int, max_model_len: int, dtyp
     urls = {}
     for executor in executors:
         for process in (p for p in engine_processes if p in VARIANTS[executor]):
-            args = dict(model=str(model_dir), executor=executor, dtype=dtype,
-                        engine=dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                                    max_num_batched_tokens=2048, engine_process=process),
-                        serve=dict(max_queued_requests=1024, torch_threads=1))
-            name = f"{executor}-{process}"
-            serve.run(build_app(args), name=name, route_prefix=f"/{name}")
-            urls[f"nextserve {executor} {process}"] = f"http://127.0.0.1:{port}/{name}"
+            for dtype in dtypes:
+                for comp, where in ((c, u) for c in compiles for u in user_code
+                                    if executor == "local" or c == "eager"):
+                    args = dict(model=str(model_dir), executor=executor, dtype=dtype,
+                                engine=dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                            max_num_batched_tokens=2048, engine_process=process,
+                                            compile=comp == "compiled"),
+                                serve=dict(max_queued_requests=1024, torch_threads=1))
+                    name = f"{executor}-{process}-{dtype}-{comp}-{where}"
+                    env = {"PYTHONPATH": str(ROOT)}
+                    if where == "main":
+                        env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] = "0"
+                    options = {"ray_actor_options": {"num_cpus": 1, "runtime_env": {"env_vars": env}}}
+                    serve.run(build_app(args, deployment_options=options), name=name, route_prefix=f"/{name}")
+                    label = " ".join([f"nextserve {executor} {process}"]
+                                     + ([dtype] if len(dtypes) > 1 else [])
+                                     + ([comp] if len(compiles) > 1 or comp == "compiled" else [])
+                                     + ([f"user code in {where}"] if len(user_code) > 1 else []))
+                    urls[label] = f"http://127.0.0.1:{port}/{name}"
     return urls
+
+
+def compile_wait(urls: dict[str, str], timeout_s: float = 1800) -> None:
+    """Until no replica's engine is compiling decode buckets (`GET /stats`: compiling)."""
+    import urllib.request
+
+    t0 = time.perf_counter()
+    for label, url in urls.items():
+        while True:
+            with urllib.request.urlopen(f"{url}/stats", timeout=30) as r:
+                stats = json.loads(r.read())
+            if not stats.get("compiling"):
+                break
+            if time.perf_counter() - t0 > timeout_s:
+                raise TimeoutError(f"{label}: decode buckets still compiling after {timeout_s:.0f} s")
+            time.sleep(2)
+        print(f"  {label}: decode buckets ready {stats.get('compiled_buckets')} after "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def main() -> None:
@@ -257,12 +293,19 @@ def main() -> None:
                    default=["inline", "separate"],
                    help="where nextserve's engine loop runs (engine.engine_process; the cluster "
                         "executor's is always inline)")
+    p.add_argument("--user-code", nargs="+", choices=["thread", "main"], default=["thread"],
+                   help="where Serve runs the replica's code: its own thread's event loop (Serve's "
+                        "default) or Serve's main loop (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0)")
     p.add_argument("--rate", type=float, default=float("inf"), help="Poisson arrival rate, requests/s")
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="of nextserve and transformers (start vLLM with the same)")
+                   help="of transformers, and of nextserve unless --nextserve-dtype (start vLLM in it)")
+    p.add_argument("--nextserve-dtype", nargs="+", choices=["float32", "bfloat16"],
+                   help="nextserve's compute dtypes, each served side by side (default: --dtype)")
+    p.add_argument("--compile", nargs="+", choices=["eager", "compiled"], default=["eager"],
+                   help="nextserve's engine.compile off / on (local executor), each served side by side")
     p.add_argument("--json", type=Path, help="also write the reports here")
     p.add_argument("--make-vllm-model", type=Path, metavar="DIR",
                    help="only write the head_dim-64 tiny Qwen3-Next that vLLM's CPU backend runs, and exit")
@@ -285,8 +328,11 @@ def main() -> None:
     if a.url:
         servers = [("nextserve", a.url, a.model or model_dir.name)]
     else:
-        urls = start_nextserve(model_dir, max(a.concurrency), a.input_len + a.output_len + 8, a.dtype,
-                               a.executor, a.engine_process)
+        urls = start_nextserve(model_dir, max(a.concurrency), a.input_len + a.output_len + 8,
+                               a.nextserve_dtype or [a.dtype], a.executor, a.engine_process, a.compile,
+                               tuple(a.user_code))
+        if "compiled" in a.compile:
+            compile_wait(urls)
         servers = [(label, url, model_dir.name) for label, url in urls.items()]
     reports = []
     if a.vllm_url:

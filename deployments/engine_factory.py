@@ -50,10 +50,17 @@ def build_executor(config: NextserveConfig) -> Executor:
         raise
 
 
-def build_llm_engine(config: NextserveConfig, tokenizer: Tokenizer | None) -> LLMEngine:
-    """Executor and engine; the executor is shut down again if the engine cannot be built."""
+def build_llm_engine(config: NextserveConfig, tokenizer: Tokenizer | None,
+                     compile_in_background: bool = False) -> LLMEngine:
+    """Executor and engine; the executor is shut down again if the engine cannot be built.
+    `compile_in_background` (serving): with engine.compile, the decode buckets compile in a
+    thread while steps run eagerly, each bucket switching to its graph once compiled; without
+    it (`generate`), a bucket compiles on its first step."""
     executor = build_executor(config)
     try:
+        decode = getattr(executor, "decode", None)
+        if compile_in_background and decode is not None:
+            decode.compile_in_background()
         # Every slot must be able to decode in each step, so the budget is at least the slot count.
         budget = max(config.engine.max_num_batched_tokens, executor.num_slots)
         limits = config.engine
@@ -94,7 +101,7 @@ def build_engine(config: NextserveConfig) -> tuple[AsyncLLMEngine | EngineCoreCl
                                 serve.retry_after_s, serve.request_timeout_s)
         return core, tokenizer, core.max_seq_len
     _set_torch_threads(config)
-    engine = build_llm_engine(config, tokenizer)
+    engine = build_llm_engine(config, tokenizer, compile_in_background=True)
     try:
         async_engine = AsyncLLMEngine(engine, serve.max_queued_requests, serve.retry_after_s,
                                       serve.request_timeout_s)
@@ -108,7 +115,7 @@ def build_core_engine(config: NextserveConfig) -> LLMEngine:
     """The LLMEngine of an engine core process (engine/core.py calls it there): it detokenizes
     and checks stop strings itself, so it loads the tokenizer too."""
     _set_torch_threads(config)
-    return build_llm_engine(config, Tokenizer.from_dir(config.model))
+    return build_llm_engine(config, Tokenizer.from_dir(config.model), compile_in_background=True)
 
 
 def _set_torch_threads(config: NextserveConfig) -> None:

@@ -59,7 +59,9 @@ class EngineLimits(Settings):
                             "compute is in its actors)")
     compile: bool = Field(
         False, description="local executor: run decode steps through torch.compile'd layers (3-6x faster "
-                           "steps on small models), one graph per batch-size bucket, compiled on the first "
-                           "step of each bucket, which then waits tens of seconds on a small CPU; needs a "
-                           "C++ compiler at run time (default off for those two reasons); other steps stay "
-                           "eager")
+                           "steps on small models), one graph per batch-size bucket; a serving replica "
+                           "compiles the buckets in a background thread of its engine and runs those "
+                           "steps eagerly until each bucket is ready (logged with its seconds; tens of "
+                           "seconds or more per bucket on a small CPU, seconds with inductor's on-disk "
+                           "cache), `generate` compiles a bucket on its first step; needs a C++ compiler "
+                           "at run time; other steps stay eager")

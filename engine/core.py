@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import pickle
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 # RequestOutput's fields in order, as one row of a CoreStep (a tuple pickles smaller and faster
 # than the dataclass).
 OutputRow = tuple[Any, ...]
+COMPILE_POLL_S = 1.0  # how often an idle core looks at decode buckets compiling in the background
 
 
 # -- client → core ----------------------------------------------------------------------------
@@ -137,9 +139,8 @@ class EngineCore:
     def run(self) -> None:
         engine, executor = self.engine, self.engine.executor
         while True:
-            if not engine.has_unfinished() and not self.conn.poll(executor.idle_after_s):
-                self._idle()
-                self.conn.poll(None)
+            if not engine.has_unfinished():
+                self._wait_for_work(executor.idle_after_s)
             accepted, refused, aborted = self._drain()
             if accepted is None:
                 return
@@ -157,6 +158,27 @@ class EngineCore:
                 self.conn.send(CoreStep(stats=stats, accepted=tuple(accepted), refused=tuple(refused),
                                         outputs=tuple(map(to_row, outputs)), failed=failed,
                                         step_seconds=seconds, expert_counts=counts or None))
+
+    def _wait_for_work(self, idle_after_s: float | None) -> None:
+        """Block until a command comes, calling the executor's idle hook after `idle_after_s`
+        without one; while decode buckets compile in the background, wake every second to send
+        the client the stats of each bucket that became ready (its /stats says so without a
+        request having to step)."""
+        executor = self.engine.executor
+        idle_at = None if idle_after_s is None else time.monotonic() + idle_after_s
+        compiled = executor.compiled_buckets()
+        while True:
+            waits = [COMPILE_POLL_S] if compiled[1] else []
+            if idle_at is not None:
+                waits.append(max(0.0, idle_at - time.monotonic()))
+            if self.conn.poll(min(waits) if waits else None):
+                return
+            if idle_at is not None and time.monotonic() >= idle_at:
+                self._idle()
+                idle_at = None
+            if compiled[1] and (now := executor.compiled_buckets()) != compiled:
+                compiled = now
+                self.conn.send(CoreStep(stats=self.engine.stats))
 
     def _drain(self) -> tuple[list[str] | None, list[tuple[str, BaseException]], bool]:
         """Take every waiting command: (requests taken, requests refused, whether one was aborted);

@@ -179,6 +179,11 @@ class Executor(ABC):
         ({layer: [num_experts]}); {} where the executor does not see the gate (a metrics input)."""
         return {}
 
+    def compiled_buckets(self) -> tuple[tuple[int, ...], bool]:
+        """engine.compile: (the decode batch buckets compiled so far, whether more are compiling
+        in the background); ((), False) for an executor that runs every step eagerly."""
+        return (), False
+
     def idle(self) -> None:  # noqa: B027 - optional hook
         """The engine has had no work for `idle_after_s`: release what costs while waiting (the
         next `execute` takes it back)."""

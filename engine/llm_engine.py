@@ -79,6 +79,10 @@ class EngineStats:
     spec_decode_num_draft_tokens: int = 0
     spec_decode_num_accepted_tokens: int = 0
     spec_decode_accepted_per_pos: tuple[int, ...] = ()
+    # engine.compile: decode batch buckets compiled so far, and whether the others are compiling
+    # in the background (their steps run eagerly meanwhile).
+    compiled_buckets: tuple[int, ...] = ()
+    compiling: bool = False
 
 
 StepHook = Callable[[EngineStats, float, dict[int, list[int]]], None]
@@ -218,6 +222,7 @@ class LLMEngine:
     @property
     def stats(self) -> EngineStats:
         s, p = self.scheduler, self.scheduler.prefix
+        buckets, compiling = self.executor.compiled_buckets()
         cache = {} if p is None else dict(
             prefix_cache_queried_tokens=p.queried_tokens, prefix_cache_hit_tokens=p.hit_tokens,
             prefix_cache_block_evictions=s.blocks.num_evictions, prefix_cache_states=p.num_states_held,
@@ -228,7 +233,8 @@ class LLMEngine:
                            num_slots_used=s.slots.num_used, num_slots=s.slots.num_slots,
                            num_preemptions=s.num_preemptions, num_kv_blocks_used=s.blocks.num_used,
                            num_kv_blocks=s.blocks.num_blocks or 0, **cache, **self._counters, **self._spec,
-                           spec_decode_accepted_per_pos=tuple(self._accepted_per_pos))
+                           spec_decode_accepted_per_pos=tuple(self._accepted_per_pos),
+                           compiled_buckets=buckets, compiling=compiling)
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

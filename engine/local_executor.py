@@ -93,5 +93,10 @@ class LocalExecutor(Executor):
                 cache.rollback(rollbacks)
         return drafts
 
+    def compiled_buckets(self) -> tuple[tuple[int, ...], bool]:
+        if self.decode is None:
+            return (), False
+        return tuple(sorted(self.decode.steps)), self.decode.compiling
+
     def take_expert_counts(self) -> dict[int, list[int]]:
         return self.gate_tap.take()

@@ -17,6 +17,7 @@ kernel, k experts per token, I expert intermediate size."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -297,12 +298,62 @@ class CompiledDecode:
         self.kv_width = -(-max_len // KV_GRANULE) * KV_GRANULE if static else None
         self.steps: dict[int, StepFn] = {}  # bucket -> its step, made on its first use
         self.compile_seconds: dict[int, float] = {}  # bucket -> seconds its first step took
+        # Set by `compile_in_background`: the thread compiling the buckets; until it ends, steps
+        # use only buckets already compiled (and run eagerly otherwise).
+        self.background: threading.Thread | None = None
+        self.background_error: BaseException | None = None
 
     def supports(self, layout: BatchLayout) -> bool:
-        return layout.is_decode and layout.num_seqs <= self.buckets[-1]
+        if not layout.is_decode or layout.num_seqs > self.buckets[-1]:
+            return False
+        return not self._ready_only() or any(b >= layout.num_seqs for b in self.steps)
 
     def bucket(self, num_seqs: int) -> int:
+        if self._ready_only():  # the smallest bucket ready that holds the step
+            return min(b for b in self.steps if b >= num_seqs)
         return next(b for b in self.buckets if b >= num_seqs)
+
+    @property
+    def compiling(self) -> bool:
+        """Whether `compile_in_background`'s thread is still compiling buckets."""
+        return self.background is not None and self.background.is_alive()
+
+    def _ready_only(self) -> bool:
+        """Steps use compiled buckets only, never compile one themselves: while the background
+        thread compiles, and after it failed."""
+        return self.compiling or self.background_error is not None
+
+    def compile_in_background(self) -> threading.Thread:
+        """Compile every bucket in a thread of this process, on scratch-only steps (smallest
+        first: a lone request is served compiled soonest), while the caller keeps stepping: a
+        decode step uses the smallest bucket compiled so far that holds it, and runs eagerly when
+        none does, so serving starts at once and each bucket switches to its graph when that is
+        ready (each compile is logged with its seconds; inductor's on-disk cache makes a restart's
+        compiles short). A compile that fails is logged and leaves eager in charge of the rest."""
+        if self.background is not None:
+            raise RuntimeError("the buckets are already compiling in the background")
+        device = self.model.lm_head.weight.device
+        if self.cuda_graphs:  # a capture must not overlap other work on the device
+            raise ValueError("compile_in_background: CUDA graphs are captured with warm_up instead")
+
+        def run() -> None:
+            t0 = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    for bucket in self.buckets:
+                        h = torch.zeros(bucket, self.model.config.hidden_size,
+                                        dtype=self.model.lm_head.weight.dtype, device=device)
+                        self._step(bucket, h, self.scratch_inputs(bucket, device))
+                log.info("compiled decode: all %d batch buckets %s ready in %.1f s", len(self.buckets),
+                         list(self.buckets), time.perf_counter() - t0)
+            except BaseException as e:  # eager keeps serving every step the graphs would have
+                self.background_error = e
+                log.exception("compiled decode: compiling in the background failed; decode steps "
+                              "of the buckets not compiled stay eager")
+
+        self.background = threading.Thread(target=run, name="nextserve-compile", daemon=True)
+        self.background.start()
+        return self.background
 
     def _keys_width(self, lk: int) -> int:
         return self.kv_width or -(-lk // KV_GRANULE) * KV_GRANULE
@@ -369,6 +420,10 @@ class CompiledDecode:
 
     def _step(self, bucket: int, h: Tensor, inp: DecodeInputs) -> tuple[Tensor, list[Tensor | None]]:
         step = self.steps.get(bucket)
+        if step is not None and self.compiling:
+            # The unsafe stance below is process-wide: it would make the compiling thread reuse
+            # a graph of another bucket instead of compiling its own. Full guards meanwhile.
+            return step(h, inp)
         if step is not None:
             # Full guards cost 0.1-0.3 ms per graph call on CPU (measured: 16-18 % of a 48-layer
             # step). After its first step a bucket has a graph for every group of layers, and later
@@ -390,7 +445,7 @@ class CompiledDecode:
             else:
                 step = self._run_layers
             out = step(h, inp)
-        self.steps[bucket] = step
+        self.steps[bucket] = step  # only now may another thread's steps use it
         seconds = self.compile_seconds[bucket] = time.perf_counter() - t0
         log.info("compiled decode step for batch bucket %d in %.1f s", bucket, seconds)
         return out

@@ -30,3 +30,21 @@ def test_engine_compile_is_refused_for_the_cluster_executor(tiny_dir):
                                         "engine": {"compile": True}})
     with pytest.raises(NextserveConfigError, match=r"engine\.compile"):
         build_executor(config)  # before any Ray starts
+
+
+def test_serving_compiles_in_the_background_and_generate_on_first_use(tiny_dir, monkeypatch):
+    """A serving replica's engine (build_engine's inline engine and the engine core's builder)
+    starts the buckets' background compile; the CLI's `generate` does not. The compile itself
+    is tests/model/test_compiled.py's (here it is only recorded: it takes minutes on 2 cores)."""
+    from deployments.engine_factory import build_core_engine, build_llm_engine
+    from model.compiled import CompiledDecode
+
+    started = []
+    monkeypatch.setattr(CompiledDecode, "compile_in_background", lambda self: started.append(self))
+    config = NextserveConfig.from_args({"model": str(tiny_dir),
+                                        "engine": {"max_num_seqs": 2, "max_model_len": 32, "compile": True}})
+    engine = build_llm_engine(config, None)
+    assert started == []
+    engine = build_core_engine(config)
+    assert started == [engine.executor.decode]
+    assert engine.stats.compiled_buckets == () and not engine.stats.compiling

@@ -124,12 +124,30 @@ class SlowFakeExecutor(FakeExecutor):
         return super().execute(step)
 
 
+class CompilingFakeExecutor(FakeExecutor):
+    """A fake whose decode buckets 1, 2, 4 "compile in the background": one more is ready every
+    `compile_s` seconds after it was built (what engine.compile's compiled_buckets reports)."""
+
+    BUCKETS = (1, 2, 4)
+
+    def __init__(self, compile_s: float, **kwargs: int) -> None:
+        super().__init__(**kwargs)
+        self.compile_s, self.t0 = compile_s, time.monotonic()
+
+    def compiled_buckets(self) -> tuple[tuple[int, ...], bool]:
+        n = min(len(self.BUCKETS), int((time.monotonic() - self.t0) / self.compile_s))
+        return self.BUCKETS[:n], n < len(self.BUCKETS)
+
+
 def build_fake_engine(num_slots: int = 2, max_model_len: int = 64, step_s: float = 0.0,
-                      fail: str | None = None) -> LLMEngine:
+                      fail: str | None = None, compile_s: float = 0.0) -> LLMEngine:
     """An LLMEngine over a fake executor, for an engine core process to build (picklable through
-    functools.partial); `fail`: raise NextserveConfigError with this text instead."""
+    functools.partial); `fail`: raise NextserveConfigError with this text instead; `compile_s`:
+    over CompilingFakeExecutor."""
     if fail is not None:
         raise NextserveConfigError(fail)
+    if compile_s:
+        return LLMEngine(CompilingFakeExecutor(compile_s, num_slots=num_slots, max_model_len=max_model_len))
     executor = (SlowFakeExecutor(step_s, num_slots=num_slots, max_model_len=max_model_len) if step_s
                 else FakeExecutor(num_slots=num_slots, max_model_len=max_model_len))
     return LLMEngine(executor)

@@ -103,6 +103,21 @@ def test_a_refused_prompt_and_a_full_queue_raise_as_in_process(client):
     assert asyncio.run(collect(client, "after", [3, 4, 5])) == reference_greedy([3, 4, 5], 5)
 
 
+def test_an_idle_core_reports_buckets_compiled_in_the_background():
+    """engine.compile's buckets become ready while no request steps the core: its stats (the
+    replica's /stats) follow anyway, and requests are served meanwhile."""
+    engine = EngineCoreClient(functools.partial(build_fake_engine, num_slots=2, compile_s=0.5))
+    try:
+        assert engine.stats().compiling and engine.stats().compiled_buckets == ()
+        assert asyncio.run(collect(engine, "r", [3, 4, 5])) == reference_greedy([3, 4, 5], 5)
+        deadline = time.monotonic() + 30
+        while engine.stats().compiling and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert engine.stats().compiled_buckets == (1, 2, 4) and not engine.stats().compiling
+    finally:
+        engine.shutdown()
+
+
 def test_a_startup_error_reaches_the_caller_with_its_type_and_text():
     with pytest.raises(NextserveConfigError, match=r"^model: no such checkpoint$"):
         EngineCoreClient(functools.partial(build_fake_engine, fail="model: no such checkpoint"))

@@ -6,6 +6,8 @@ architecture (the module's fixture); the one-token delta-rule step against the r
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -197,3 +199,56 @@ def test_grouped_decode_experts_equal_the_gathered_ones():
         want = _gathered_experts(ex, x, j, w)
         got = grouped_experts(ex, x, j, w)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * want.abs().max().item())
+
+
+def test_background_compile_steps_eagerly_until_its_bucket_is_ready(model):
+    """`compile_in_background`: steps run eagerly (the caller's fallback) while the bucket
+    compiles in its thread, on scratch rows only, then through the graph; every step's logits
+    and the real slots' states equal an eager-only run's."""
+    eager_caches = make_decode_caches(model, NUM_SLOTS, MAX_LEN, BLOCK, NUM_BLOCKS)
+    caches = make_decode_caches(model, NUM_SLOTS, MAX_LEN, BLOCK, NUM_BLOCKS)
+    decode = CompiledDecode(model, caches, NUM_SLOTS, NUM_BLOCKS, buckets=(4,))
+    table = tables(seed=2)
+    seqs = {s: list(p) for s, p in PROMPTS.items()}
+    slots = sorted(seqs)
+    with torch.inference_mode():
+        layout = BatchLayout.build(slots, [0] * 3, [len(seqs[s]) for s in slots],
+                                   block_tables=[table[s] for s in slots])
+        ids = torch.tensor([t for s in slots for t in seqs[s]])
+        model(ids, layout, caches)
+        hidden = model(ids, layout, eager_caches)
+        for s, t in zip(slots, model.compute_logits(hidden[layout.last_token_index()]).argmax(-1).tolist(),
+                        strict=True):
+            seqs[s].append(t)
+
+    def step() -> bool:
+        layout = BatchLayout.build(slots, [len(seqs[s]) - 1 for s in slots], [1] * 3,
+                                   block_tables=[table[s] for s in slots])
+        ids = torch.tensor([seqs[s][-1] for s in slots])
+        compiled = decode.supports(layout)
+        with torch.inference_mode():
+            expected = model.compute_logits(model(ids, layout, eager_caches))
+            got = model.compute_logits(decode(ids, layout) if compiled else model(ids, layout, caches))
+        assert_close_logits(expected, got)
+        for s, t in zip(slots, expected.argmax(-1).tolist(), strict=True):
+            seqs[s].append(t)
+        return compiled
+
+    # The bucket's compile waits until a step has run eagerly (in this process another test may
+    # have compiled the same graph already, which would make it instant).
+    gate, compile_step = threading.Event(), decode._step
+    decode._step = lambda *a: gate.wait(60) and compile_step(*a)
+    thread = decode.compile_in_background()
+    assert decode.compiling and not step()  # no bucket ready: this step ran eagerly
+    gate.set()
+    while decode.compiling and len(seqs[0]) < 40:
+        step()
+    thread.join(timeout=600)
+    assert not decode.compiling and decode.background_error is None
+    assert set(decode.compile_seconds) == {4} and decode.bucket(3) == 4
+    assert all(step() for _ in range(3))  # now through the graph (the unsafe stance: compile done)
+    for e, c in zip(eager_caches, caches, strict=True):
+        if isinstance(c, DeltaNetState):
+            torch.testing.assert_close(c.recurrent[:NUM_SLOTS], e.recurrent[:NUM_SLOTS], rtol=0, atol=1e-5)
+        else:
+            torch.testing.assert_close(c.k[:NUM_BLOCKS], e.k[:NUM_BLOCKS], rtol=0, atol=1e-5)
