@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from tests.serve_app import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-direct-ingress-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MAX_NUM_SEQS, MAX_QUEUED = 4, 4
 
 
 def write_config(path: Path, model: Path | str, port: int, deployment: dict) -> Path:
@@ -34,9 +37,10 @@ def write_config(path: Path, model: Path | str, port: int, deployment: dict) -> 
         "applications": [{
             "name": "nextserve", "route_prefix": "/", "import_path": "deployments.app:build_app",
             "args": {"model": str(model), "dtype": "float32", "executor": "local",
-                     "engine": {"max_num_seqs": 4, "max_model_len": 128, "max_num_batched_tokens": 128,
-                                "engine_process": "inline"},
-                     "serve": {"served_model_name": "tiny", "ingress": "direct", "torch_threads": 1}},
+                     "engine": {"max_num_seqs": MAX_NUM_SEQS, "max_model_len": 128,
+                                "max_num_batched_tokens": 128, "engine_process": "inline"},
+                     "serve": {"served_model_name": "tiny", "ingress": "direct", "torch_threads": 1,
+                               "max_queued_requests": MAX_QUEUED, "retry_after_s": 2}},
             "deployments": [{"name": DEPLOYMENT_NAME, **deployment}]}]}))
     return path
 
@@ -223,3 +227,63 @@ def test_every_socket_of_the_cluster_it_started_is_on_loopback(server):
             found += [(pid, listening[ln[8:-1]]) for ln in links
                       if ln.startswith("socket:[") and ln[8:-1] in listening]
     assert found and all(addr.startswith(LOOPBACK) for _, addr in found), found
+
+
+def _stats(url: str) -> dict:
+    return requests.get(f"{url}/stats", headers=AUTH, timeout=10).json()
+
+
+def _wait_idle(url: str, timeout_s: float = 20) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        s = _stats(url)
+        if (s["num_slots_used"] == 0 and s["num_running"] == 0 and s["num_waiting"] == 0) \
+                or time.monotonic() > deadline:
+            return s
+        time.sleep(0.1)
+
+
+def test_a_client_that_leaves_frees_its_slot(server):
+    """With no proxy in between, the replica's own HTTP server must pass the disconnect on."""
+    url, _, _ = server
+    start = _wait_idle(url)
+    body = {"model": "tiny", "prompt": "go on", "max_tokens": 100, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    r = requests.post(f"{url}/v1/completions", json=body, headers=AUTH, stream=True, timeout=60)
+    lines = r.iter_lines()
+    while not next(lines).startswith(b"data: "):
+        pass
+    assert _stats(url)["num_slots_used"] == start["num_slots_used"] + 1
+    r.close()
+    end = _wait_idle(url)
+    assert end["num_slots_used"] == 0
+    assert end["num_generated_tokens"] - start["num_generated_tokens"] < 100
+
+
+def test_a_full_replica_answers_429_with_retry_after(server):
+    url, _, _ = server
+    n = MAX_NUM_SEQS + MAX_QUEUED + 4
+    statuses: list[tuple[int, str | None]] = []
+    release = threading.Event()
+    body = {"model": "tiny", "prompt": "wait", "max_tokens": 100, "stream": True, "ignore_eos": True}
+
+    def one():
+        with requests.post(f"{url}/v1/completions", json=body, headers=AUTH, stream=True,
+                           timeout=(5, 60)) as r:
+            statuses.append((r.status_code, r.headers.get("Retry-After")))
+            if r.status_code == 200:
+                release.wait(60)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while sum(s == 429 for s, _ in statuses) < n - MAX_NUM_SEQS - MAX_QUEUED and time.monotonic() < deadline:
+        time.sleep(0.05)
+    release.set()
+    for t in threads:
+        t.join(60)
+    refused = [h for s, h in statuses if s == 429]
+    assert len(statuses) == n and {s for s, _ in statuses} <= {200, 429}, statuses
+    assert len(refused) == n - MAX_NUM_SEQS - MAX_QUEUED and all(h == "2" for h in refused), statuses
+    assert _wait_idle(url)["num_slots_used"] == 0
