@@ -287,3 +287,26 @@ def test_a_full_replica_answers_429_with_retry_after(server):
     assert len(statuses) == n and {s for s, _ in statuses} <= {200, 429}, statuses
     assert len(refused) == n - MAX_NUM_SEQS - MAX_QUEUED and all(h == "2" for h in refused), statuses
     assert _wait_idle(url)["num_slots_used"] == 0
+
+
+def test_a_replacement_replica_serves_the_same_port(server):
+    """Last: kills the replica. Serve starts another, which takes the documented port again (the
+    port range is that one port and Serve's quarantine of released ports is off)."""
+    url, port, proc = server
+    (pid,) = {pid for pid, _ in _listening(port)}
+    assert pid in _descendants(proc.pid)  # this test's own server's replica, nothing else
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while True:
+        holders = _listening(port)
+        try:
+            if holders and {p for p, _ in holders} != {pid} \
+                    and requests.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, "no replica came back on the port"
+        time.sleep(0.5)
+    r = requests.post(f"{url}/v1/completions", headers=AUTH, timeout=60,
+                      json={"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 4, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
