@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ TINY_MODEL_DIR = REPO_ROOT / "models" / "tiny-qwen3-next"  # the built-in (train
 # Requests a replica takes on top of its engine's capacity, so that the engine, not Serve's
 # proxy queue, sees the overflow and answers 429 at once.
 ONGOING_MARGIN = 16
+log = logging.getLogger(__name__)
 
 
 def build_app(args: dict[str, Any], engine_factory: EngineFactory | None = None,
@@ -34,6 +37,11 @@ def build_app(args: dict[str, Any], engine_factory: EngineFactory | None = None,
             ModelConfig.from_dir(model)
         except ConfigError as e:
             raise NextserveConfigError(f"model: {model}: {e}") from None
+    if config.serve.ingress == "direct" and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+        # Only `nextserve serve` starts Serve with direct ingress; `serve run` keeps Serve's proxy.
+        log.warning("serve.ingress: direct takes effect through `nextserve serve` only (or a cluster "
+                    "started with RAY_SERVE_ENABLE_DIRECT_INGRESS=1); this application is served through "
+                    "Serve's proxy")
     args = {**keys_from_environment(dict(args)), "model": str(model)}
     capacity = config.engine.max_num_seqs + config.serve.max_queued_requests
     options: dict[str, Any] = dict(max_ongoing_requests=capacity + ONGOING_MARGIN,

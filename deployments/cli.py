@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model", help="checkpoint directory; overrides the file's args.model")
     srv.add_argument("--port", type=int, default=None, help="overrides the file's http_options.port")
     srv.add_argument("--host", default=None, help="overrides the file's http_options.host")
+    srv.add_argument("--ingress", choices=["proxy", "direct"], default=None,
+                     help="overrides the file's serve.ingress: proxy (Ray Serve's HTTP proxy) or direct "
+                          "(the one engine replica serves --port itself; see README, Serving)")
     srv.set_defaults(func=_serve)
 
     reb = sub.add_parser("rebalance", help="ask a serving replica to rebalance its expert shards now")
@@ -198,7 +201,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.model is not None and not (Path(args.model) / "config.json").is_file():
         raise UsageError(f"--model: {args.model} has no config.json")
     try:
-        return serve_forever(args.config, args.model, args.port, args.host)
+        return serve_forever(args.config, args.model, args.port, args.host, args.ingress)
     except ServeUsageError as e:
         raise UsageError(str(e)) from None
 

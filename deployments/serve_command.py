@@ -48,7 +48,8 @@ def deployment_options(app: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def serve_forever(config: str | None, model: str | None, port: int | None, host: str | None) -> int:
+def serve_forever(config: str | None, model: str | None, port: int | None, host: str | None,
+                  ingress: str | None = None) -> int:
     import ray
     from ray import serve
 
@@ -56,23 +57,41 @@ def serve_forever(config: str | None, model: str | None, port: int | None, host:
 
     path = Path(config) if config else DEFAULT_CONFIG
     app, args, http = load_app_config(path, model)
+    if ingress is not None:
+        args["serve"] = {**(args.get("serve") or {}), "ingress": ingress}
     host = host or http.get("host", "127.0.0.1")
     port = port if port is not None else int(http.get("port", 8000))
     settings = NextserveConfig.from_args(args)
+    options = deployment_options(app)
+    direct = settings.serve.ingress == "direct"
+    if direct:
+        check_direct_ingress(settings, options, host, port)
     try:  # checks the checkpoint's config too: a mistake ends here, before Ray starts
-        application = build_app(args, deployment_options=deployment_options(app))
+        application = build_app(args, deployment_options=options)
     except NextserveConfigError as e:
         raise ServeUsageError(str(e)) from None
-    started_ray = _connect(settings)
+    # Serve reads its direct-ingress settings from the environment of the processes the local
+    # cluster starts (controller, proxy, replica): set before Ray starts, inherited by them.
+    saved_env = dict(os.environ)
+    if direct:
+        os.environ.update(direct_ingress_environment(port))
+    try:
+        started_ray = _connect(settings, allow_join=not direct)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
     name, prefix = app.get("name", "nextserve"), app.get("route_prefix", "/")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": host, "port": port})
+        # Direct ingress: the replica serves `port` itself; Serve's proxy, which Serve still runs,
+        # takes a free port nobody needs to know.
+        serve.start(http_options={"host": host, "port": _free_port(host) if direct else port})
         serve.run(application, name=name, route_prefix=prefix)
+        how = " (direct ingress: the replica serves this port itself)" if direct else ""
         print(f"nextserve: serving {args.get('model') or 'the built-in tiny model'} at "
-              f"http://{host}:{port}{prefix.rstrip('/')}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+              f"http://{host}:{port}{prefix.rstrip('/')}/v1{how} (Ctrl-C stops)", file=sys.stderr, flush=True)
         stop.wait()
     finally:
         print("nextserve: stopping", file=sys.stderr, flush=True)
@@ -87,7 +106,45 @@ def serve_forever(config: str | None, model: str | None, port: int | None, host:
     return 0
 
 
-def _connect(settings: NextserveConfig) -> bool:
+def check_direct_ingress(settings: NextserveConfig, options: dict[str, Any], host: str, port: int) -> None:
+    """serve.ingress: direct serves from one replica's own port: refuse what it cannot do."""
+    scaling = options.get("autoscaling_config") or {}
+    replicas = scaling.get("max_replicas", options.get("num_replicas", 1)) if scaling else \
+        options.get("num_replicas", 1)
+    if replicas != 1:
+        raise ServeUsageError(f"serve.ingress: direct serves from one engine replica's own port, but the "
+                              f"{DEPLOYMENT_NAME} deployment may run {replicas} replicas (max_replicas / "
+                              f"num_replicas); use serve.ingress: proxy to balance over several")
+    if settings.cluster.ray_address or os.environ.get("RAY_ADDRESS") or _running_local_cluster():
+        raise ServeUsageError("serve.ingress: direct needs a Ray cluster that `nextserve serve` starts "
+                              "itself (Serve reads it from the environment its processes start with); a "
+                              "cluster to join is configured or running here: stop it, or use "
+                              "serve.ingress: proxy")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError as e:
+        raise ServeUsageError(f"--port: cannot listen on {host}:{port} ({e.strerror})") from None
+
+
+def direct_ingress_environment(port: int) -> dict[str, str]:
+    """Ray Serve 2.60's direct ingress, confined to `port`: the replica's HTTP server takes it (its
+    port range is that one port), a replacement replica takes it again at once (no quarantine),
+    and a stopping replica does not wait for an external load balancer to drain it."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # exclusive
+            "RAY_SERVE_PORT_QUARANTINE_S": "0",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _connect(settings: NextserveConfig, allow_join: bool = True) -> bool:
     """Join the configured or running Ray cluster, else start a local one; True if started."""
     import ray
 
@@ -96,7 +153,7 @@ def _connect(settings: NextserveConfig) -> bool:
     # Replicas and actors import nextserve's packages from this checkout.
     runtime_env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}
     address = settings.cluster.ray_address or os.environ.get("RAY_ADDRESS") or _running_local_cluster()
-    if address is not None:
+    if address is not None and allow_join:
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
             return False
