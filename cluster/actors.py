@@ -34,8 +34,9 @@ class ActorArgs:
     block_size: int
     num_kv_blocks: int
     tensor_transport: str
-    timeout_s: float  # for an actor's start-up and for reloading experts
+    timeout_s: float  # for an actor's start-up, reloading experts and compiling a decode bucket
     num_state_snapshots: int = 0  # saved DeltaNet states per DeltaNet layer (prefix caching)
+    compile: bool = False  # engine.compile: mixers run decode steps' layers compiled (model/compiled.py)
 
 
 def _device(pool: Any) -> str:
@@ -151,6 +152,12 @@ class ActorGroup:
             raise PlacementError(f"a new placement must keep {old.num_experts} experts on {old.num_shards} "
                                  f"shards, got {experts.num_experts} on {experts.num_shards}")
 
+    def warm_up(self, bucket: int) -> dict[str, dict[str, float]]:
+        """Every mixer compiles decode batch bucket `bucket` (engine.compile), side by side:
+        by actor name, the seconds of each graph it compiled."""
+        seconds = ray.get([m.warm_up.remote(bucket) for m in self._mixers], timeout=self.args.timeout_s)
+        return dict(zip(self.names, seconds, strict=False))  # names: the mixers' first
+
     def accessed_tensors(self) -> dict[str, list[str]]:
         """Checkpoint tensors each actor read, by actor name."""
         lists = ray.get([a.accessed_tensors.remote() for a in self.actors], timeout=self.args.timeout_s)
@@ -162,7 +169,7 @@ class ActorGroup:
         actor = ray.remote(MixerWorker).options(**self._actor_options(spec.pool, pool, spec.index))
         return actor.remote(a.model_dir, a.dtype, spec, a.num_slots, a.max_model_len, self._placement.experts,
                             _device(pool), a.block_size, a.num_kv_blocks, a.tensor_transport,
-                            a.num_state_snapshots)
+                            a.num_state_snapshots, a.compile)
 
     def _new_shard(self, s: int) -> Any:
         pool = self._pools.experts
