@@ -58,8 +58,9 @@ class EngineLimits(Settings):
                             "separate with the local executor, inline with the cluster executor (whose "
                             "compute is in its actors)")
     compile: bool = Field(
-        False, description="local executor: run decode steps through torch.compile'd layers (3-6x faster "
-                           "steps on small models), one graph per batch-size bucket, compiled on the first "
-                           "step of each bucket, which then waits tens of seconds on a small CPU; needs a "
-                           "C++ compiler at run time (default off for those two reasons); other steps stay "
-                           "eager")
+        False, description="run decode steps through torch.compile'd layers (3-6x faster steps on small "
+                           "models), one graph per batch-size bucket, compiled on the first step of each "
+                           "bucket, which then waits tens of seconds on a small CPU; needs a C++ compiler "
+                           "at run time (default off for those two reasons); other steps stay eager. Both "
+                           "executors: the cluster executor's mixer actors compile each layer they hold "
+                           "(the expert shards stay eager), a new bucket on every mixer before its step")
