@@ -153,10 +153,12 @@ class ActorGroup:
                                  f"shards, got {experts.num_experts} on {experts.num_shards}")
 
     def warm_up(self, bucket: int) -> dict[str, dict[str, float]]:
-        """Every mixer compiles decode batch bucket `bucket` (engine.compile), side by side:
-        by actor name, the seconds of each graph it compiled."""
-        seconds = ray.get([m.warm_up.remote(bucket) for m in self._mixers], timeout=self.args.timeout_s)
-        return dict(zip(self.names, seconds, strict=False))  # names: the mixers' first
+        """Every mixer compiles decode batch bucket `bucket` (engine.compile), and every expert
+        shard its one graph (once: later calls find it made), side by side: by actor name, the
+        seconds of each graph it compiled."""
+        seconds = ray.get([m.warm_up.remote(bucket) for m in self._mixers]
+                          + [s.warm_up.remote() for s in self._shards], timeout=self.args.timeout_s)
+        return dict(zip(self.names, seconds, strict=True))
 
     def accessed_tensors(self) -> dict[str, list[str]]:
         """Checkpoint tensors each actor read, by actor name."""
@@ -175,7 +177,8 @@ class ActorGroup:
         pool = self._pools.experts
         actor = ray.remote(ExpertWorker).options(**self._actor_options("experts", pool, s))
         return actor.remote(self.args.model_dir, self.args.dtype, s, self._placement.experts.shards[s],
-                            _device(pool), self.args.tensor_transport)
+                            _device(pool), self.args.tensor_transport,
+                            self.args.num_slots if self.args.compile else 0)
 
     def _actor_options(self, pool_name: str, pool: Any, index: int) -> dict[str, Any]:
         r = pool.resources

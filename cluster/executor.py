@@ -235,6 +235,7 @@ class ClusterExecutor(Executor):
                     raise RebalanceError(f"the new expert placement failed ({describe(e)}) and so did going "
                                          f"back to the old one ({describe(back)}); the next step restarts "
                                          f"the actors") from back
+        self.compiled_buckets.clear()  # the shards' experts changed shape: the next decode step warms up
         if failure is not None:
             raise RebalanceError(f"the new expert placement failed ({describe(failure)}); "
                                  f"the old one is back") from failure

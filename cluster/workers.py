@@ -31,7 +31,7 @@ from cluster.messages import (
 from cluster.placement import MixerSpec
 from model.batch import BatchLayout
 from model.cache import DeltaNetState, StateSnapshots
-from model.compiled import CompiledLayers, make_decode_cache
+from model.compiled import CompiledExperts, CompiledLayers, make_decode_cache
 from model.config import ModelConfig
 from model.decoder import DecoderLayer
 from model.loading import load_experts, load_module, materialize
@@ -230,8 +230,11 @@ class MixerWorker:
 
 class ExpertWorker:
     def __init__(self, model_dir: str, dtype: str | None, shard: int, expert_ids: Sequence[int],
-                 device: str = "cpu", tensor_transport: str = "host") -> None:
+                 device: str = "cpu", tensor_transport: str = "host", compile_rows: int = 0) -> None:
+        """`compile_rows` > 0 (engine.compile): calls of at most that many rows (a decode step's,
+        at most one per slot) run compiled (model/compiled.py CompiledExperts), larger ones eagerly."""
         _init_process()
+        self.decode = CompiledExperts(compile_rows) if compile_rows > 0 else None
         self.host_wire = tensor_transport == "host"
         self.model_dir, self.config = model_dir, ModelConfig.from_dir(model_dir, dtype=dtype)
         self.shard, self.device, self.dtype = shard, torch.device(device), self.config.torch_dtype
@@ -253,6 +256,8 @@ class ExpertWorker:
             load_experts(ex, reader, f"model.layers.{layer}.mlp.experts.")
             experts[layer] = ex.eval()
         self.experts = experts
+        if self.decode is not None:  # other shapes: compiled again (the executor warms it up again)
+            self.decode = CompiledExperts(self.decode.max_rows)
         self.accessed = list(reader.accessed)
         reader.close()
         return sorted(expert_ids)
@@ -263,6 +268,12 @@ class ExpertWorker:
     def ready(self) -> str:
         return f"experts-{self.shard}"
 
+    def warm_up(self) -> dict[str, float]:
+        """Compile the routed experts' graph (engine.compile) before a step needs it; its seconds."""
+        if self.decode is None:
+            raise RuntimeError(f"experts-{self.shard} was started without compile")
+        return self.decode.warm_up(next(iter(self.experts.values())), self.config.num_experts_per_tok)
+
     def run(self, work: ShardWork | None) -> ShardResult | None:
         """Σ_k weight_k · expert_k(x) over this shard's pairs of its rows: [n, H]."""
         if work is None:
@@ -272,5 +283,10 @@ class ExpertWorker:
             x = from_wire(work.x, self.dtype).to(self.device)
             ids = from_wire(work.ids, torch.long).to(self.device)
             weights = from_wire(work.weights, self.dtype).to(self.device)
-            partial = to_wire(self.experts[work.layer](x, ids, weights), self.host_wire)
+            ex = self.experts[work.layer]
+            if self.decode is not None and self.decode.supports(ex, x.shape[0]):  # the same sum, compiled
+                out = self.decode(ex, x, ids, weights)
+            else:
+                out = ex(x, ids, weights)
+            partial = to_wire(out, self.host_wire)
         return ShardResult(partial, time.perf_counter() - start)

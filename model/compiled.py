@@ -138,15 +138,20 @@ def deltanet_decode(dn: GatedDeltaNet, x: Tensor, inp: DecodeInputs, conv: Tenso
 def moe_decode(moe: SparseMoeBlock, x: Tensor) -> tuple[Tensor, Tensor]:
     """x [Bp, hidden] -> (output [Bp, hidden], expert ids [Bp, k])."""
     ids, weights = moe.gate.forward(x)  # [Bp, k] x2; forward, not __call__: no hooks in a graph
-    local = moe.experts.local_index[ids]  # [Bp, k], -1 where the expert is held elsewhere
-    w = weights * (local >= 0).to(weights.dtype)  # such pairs run on stacked expert 0, weighted 0
-    j = local.clamp(min=0)
-    if decode_moe_backend(x, moe.experts) == "grouped_mm":
-        out = grouped_experts(moe.experts, x, j, w)
-    else:
-        out = _gathered_experts(moe.experts, x, j, w)
+    out = routed_experts_decode(moe.experts, x, ids, weights)
     shared = moe.shared(x)
     return (out if shared is None else out + shared), ids
+
+
+def routed_experts_decode(ex: Experts, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+    """`Experts.forward` in static shapes: x [n, hidden], ids [n, k] global expert ids (-1: none),
+    weights [n, k] -> Σ_k weight·expert(x) over the experts `ex` holds, [n, hidden]."""
+    local = ex.local_index[ids]  # [n, k], -1 where the expert is held elsewhere
+    w = weights * (local >= 0).to(weights.dtype)  # such pairs run on stacked expert 0, weighted 0
+    j = local.clamp(min=0)
+    if decode_moe_backend(x, ex) == "grouped_mm":
+        return grouped_experts(ex, x, j, w)
+    return _gathered_experts(ex, x, j, w)
 
 
 def _gathered_experts(ex: Experts, x: Tensor, j: Tensor, w: Tensor) -> Tensor:
@@ -558,3 +563,52 @@ class CompiledLayers(DecodePadding):
                 return self.layer_fn(layer, h, inp, self.states[index])
         with self.compiles.first(key, f"decode layer ({key[1]}, {key[2]}) for batch bucket {key[0]}"):
             return self.layer_fn(layer, h, inp, self.states[index])
+
+
+RoutedFn = Callable[[Experts, Tensor, Tensor, Tensor], Tensor]
+
+
+class CompiledExperts:
+    """A cluster expert shard's routed experts (cluster/workers.py ExpertWorker) for batches of at
+    most `max_rows` rows, through `routed_experts_decode` under torch.compile. The rows a shard
+    gets per layer vary with the routing, so the row count is a dynamic dimension (one graph for
+    all counts; a single row is padded to two, with weight 0, as torch specializes sizes 0 and 1).
+    `routed_fn`: the compiled function, default `routed_experts_decode` under torch.compile."""
+
+    def __init__(self, max_rows: int, routed_fn: RoutedFn | None = None) -> None:
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        self.max_rows = max_rows
+        self.routed_fn = routed_fn or torch.compile(routed_experts_decode, fullgraph=True)
+        self.compiles = LazyCompiles()  # "experts" -> seconds of the first run
+
+    def supports(self, ex: Experts, num_rows: int) -> bool:
+        return 1 <= num_rows <= self.max_rows and len(ex.expert_ids) > 0
+
+    @torch.inference_mode()
+    def warm_up(self, ex: Experts, k: int) -> dict[str, float]:
+        """Compile now, on two rows of `k` pairs routed to no expert (weight 0): nothing but the
+        graph is made."""
+        if "experts" not in self.compiles and self.supports(ex, 2):
+            x = torch.zeros(2, ex.down.shape[1], dtype=ex.down.dtype, device=ex.down.device)
+            ids = torch.full((2, k), -1, dtype=torch.long, device=x.device)
+            self(ex, x, ids, torch.zeros(2, k, dtype=x.dtype, device=x.device))
+        return dict(self.compiles.seconds)  # type: ignore[arg-type]
+
+    @torch.inference_mode()
+    def __call__(self, ex: Experts, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+        n = x.shape[0]
+        if not self.supports(ex, n):
+            raise ValueError(f"{n} rows for {len(ex.expert_ids)} experts: the compiled experts take 1 to "
+                             f"{self.max_rows} rows for at least one")
+        # New tensors even without padding, made here in inference mode whatever the caller's
+        # were, so every call passes the same guards.
+        pad = (0, 0, 0, 1 if n == 1 else 0)
+        x, ids, weights = F.pad(x, pad), F.pad(ids, pad, value=-1), F.pad(weights, pad)
+        for t in (x, ids, weights):
+            torch._dynamo.mark_dynamic(t, 0)
+        if "experts" in self.compiles:
+            with self.compiles.trusted():
+                return self.routed_fn(ex, x, ids, weights)[:n]
+        with self.compiles.first("experts", f"routed experts for up to {self.max_rows} rows"):
+            return self.routed_fn(ex, x, ids, weights)[:n]

@@ -12,6 +12,7 @@ Starts Ray: run inside a loopback-only network namespace,
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from deployments.config import NextserveConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.local_executor import LocalExecutor  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
+from router.placement import ExpertPlacement  # noqa: E402
 from tests.cluster.test_compiled_workers import assert_close_logits, steps  # noqa: E402
 
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -41,12 +43,13 @@ def ray_session():
     ray.shutdown()
 
 
-def compiled_graphs(cluster: ClusterExecutor) -> dict[str, list[tuple]]:
-    """Per mixer, the graphs it compiled: (bucket, mixer kind, MLP kind). Asked by plain calls."""
+def compiled_graphs(cluster: ClusterExecutor) -> dict[str, list]:
+    """Per actor, the graphs it compiled: a mixer's (bucket, mixer kind, MLP kind), a shard's
+    "experts". Asked by plain calls, which leave the cluster on them."""
     cluster.configure_step(compiled_graph=False)
-    keys = ray.get([m.__ray_call__.remote(lambda w: sorted(w.decode.compiles.seconds))
-                    for m in cluster.actors.mixers], timeout=60)
-    return dict(zip([m.name for m in cluster.placement.mixers], keys, strict=True))
+    keys = ray.get([a.__ray_call__.remote(lambda w: sorted(w.decode.compiles.seconds))
+                    for a in cluster.actors.actors], timeout=60)
+    return dict(zip(cluster.actor_names(), keys, strict=True))
 
 
 def test_compiled_actors_match_the_local_eager_executor(hf_next_dir):
@@ -62,7 +65,18 @@ def test_compiled_actors_match_the_local_eager_executor(hf_next_dir):
         kinds = {m.name: sorted({(4, "Attention" if c.layer_types[i] == "full_attention" else "GatedDeltaNet",
                                   "SparseMoeBlock" if c.is_moe_layer(i) else "MLP") for i in m.layers})
                  for m in cluster.placement.mixers}
-        assert compiled_graphs(cluster) == kinds and set(kinds) == {"attention-0", "deltanet-0"}
+        assert set(kinds) == {"attention-0", "deltanet-0"}
+        assert compiled_graphs(cluster) == {**kinds, "experts-0": ["experts"], "experts-1": ["experts"]}
+        # Rebalancing changes what the shards hold (other shapes): the next decode step compiles
+        # their graph again first, and still matches.
+        old = cluster.expert_placement
+        shards = [[*old.shards[0], old.shards[1][0]], list(old.shards[1])]  # a copy of one expert more
+        cluster.set_expert_placement(ExpertPlacement.from_lists(old.num_experts, shards))
+        assert not cluster.compiled_buckets
+        step = steps()[1]  # slots 0-2 decode again, one token later than their first decode
+        step = dataclasses.replace(step, starts=tuple(s + 4 for s in step.starts))
+        assert_close_logits(cluster.execute(step), local.execute(step), "after rebalancing")
+        assert cluster.compiled_buckets == {4}
     finally:
         cluster.shutdown()
 

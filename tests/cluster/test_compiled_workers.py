@@ -3,8 +3,9 @@ called in step order in this process (no Ray; tests/cluster/test_cluster_compile
 actors): a mixer runs each decode layer compiled, padded up to its batch bucket (3 rows in the
 bucket of 4: the padded row on the scratch slot and block), other steps eagerly. Logits within the
 README's compiled tolerance of the local executor's eager ones and the same greedy tokens, both
-architectures; `warm_up` makes every graph a bucket needs, on scratch rows only, so that the steps
-after it compile nothing."""
+architectures; an expert shard runs calls of at most one row per slot compiled (the routed rows,
+a dynamic dimension), larger ones eagerly. `warm_up` makes every graph a bucket needs, on scratch
+rows only, so that the steps after it compile nothing."""
 
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def test_compiled_mixers_match_the_local_eager_executor(hf_dir):
     placement = resolve_placement(Pools.model_validate({"experts": {"actors": 2}}), config)
     mixers = [MixerWorker(hf_dir, "float32", spec, SLOTS, MAX_LEN, placement.experts, block_size=BLOCK,
                           num_kv_blocks=32, compile=True) for spec in placement.mixers]
-    shards = [ExpertWorker(hf_dir, "float32", s, ids) for s, ids in enumerate(placement.experts.shards)]
+    shards = [ExpertWorker(hf_dir, "float32", s, ids, compile_rows=SLOTS)
+              for s, ids in enumerate(placement.experts.shards)]
     local = LocalExecutor(hf_dir, dtype="float32", num_slots=SLOTS, max_model_len=MAX_LEN, block_size=BLOCK,
                           num_kv_blocks=32)
     assert all(m.decode is not None and m.decode.buckets == (1, 2, 4) for m in mixers)
@@ -67,7 +69,8 @@ def test_compiled_mixers_match_the_local_eager_executor(hf_dir):
     for m in mixers:  # one graph per kind of layer here, made on scratch rows
         kinds = {(type(layer.mixer).__name__, type(layer.mlp).__name__) for layer in m.layers.values()}
         assert set(m.warm_up(4)) == {f"4/{a}/{b}" for a, b in kinds}
-    compiled = [dict(m.decode.compiles.seconds) for m in mixers]
+    assert all(set(s.warm_up()) == {"experts"} for s in shards)  # one graph for 1 to SLOTS rows
+    compiled = [dict(w.decode.compiles.seconds) for w in (*mixers, *shards)]
 
     def call(actor, method, num_returns, *args):
         return getattr(actor, method)(*args)
@@ -77,4 +80,4 @@ def test_compiled_mixers_match_the_local_eager_executor(hf_dir):
         want = local.execute(step)
         [result] = wire_lanes(call, [StepMsg(next(seq), step)], config, placement, mixers, shards)
         assert_close_logits(torch.from_numpy(result.logits), want, f"step {i}")
-    assert [m.decode.compiles.seconds for m in mixers] == compiled  # nothing compiled inside a step
+    assert [w.decode.compiles.seconds for w in (*mixers, *shards)] == compiled  # none inside a step
