@@ -333,8 +333,11 @@ def main(argv: list[str] | None = None) -> None:
     from model.tiny import make_tiny_model
 
     root = str(Path(__file__).resolve().parents[1])
-    # CPUs for the cluster's actors only (Ray starts as many idle workers at once)
-    ray.init(address="local", num_cpus=args.expert_shards + 2, include_dashboard=False, log_to_driver=False,
+    # CPUs for the clusters' actors only (Ray starts as many idle workers at once): one cluster with
+    # eager actors, one with compiled ones, or both
+    clusters = len({m in ACTOR_COMPILE_MODES for m in args.modes if MODES[m] is not None})
+    ray.init(address="local", num_cpus=clusters * (args.expert_shards + 2), include_dashboard=False,
+             log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": root}})
     try:
         with tempfile.TemporaryDirectory() as tmp:
