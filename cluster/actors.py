@@ -36,7 +36,7 @@ class ActorArgs:
     tensor_transport: str
     timeout_s: float  # for an actor's start-up, reloading experts and compiling a decode bucket
     num_state_snapshots: int = 0  # saved DeltaNet states per DeltaNet layer (prefix caching)
-    compile: bool = False  # engine.compile: mixers run decode steps' layers compiled (model/compiled.py)
+    compile: bool = False  # engine.compile: mixers' decode layers and shards' experts compiled
 
 
 def _device(pool: Any) -> str:

@@ -76,8 +76,9 @@ class ClusterExecutor(Executor):
                  num_state_snapshots: int = DEFAULT_PREFIX_CACHE_STATES,
                  speculative_tokens: int = 0, compile: bool = False) -> None:
         """`compile` (engine.compile): the mixer actors run decode steps' layers through compiled
-        graphs, per batch bucket like the local executor (cluster/workers.py, model/compiled.py
-        CompiledLayers); other steps and the expert shards stay eager.
+        graphs, per batch bucket like the local executor, and the expert shards their calls of up to
+        one row per slot (cluster/workers.py, model/compiled.py CompiledLayers, CompiledExperts);
+        other steps stay eager. A bucket compiles on every actor before its first step.
         `speculative_tokens` k > 0: MTP speculative decoding, the MTP layer (and the embedding and
         LM head it shares) in this process, the DeltaNet actors keeping the per-position states of
         verify steps and rolling back with the next step. Each actor computes on its pool's GPU when

@@ -284,7 +284,9 @@ class ExpertWorker:
             ids = from_wire(work.ids, torch.long).to(self.device)
             weights = from_wire(work.weights, self.dtype).to(self.device)
             ex = self.experts[work.layer]
-            if self.decode is not None and self.decode.supports(ex, x.shape[0]):  # the same sum, compiled
+            # The same sum, compiled, once the graph is made: the executor warms it up with the
+            # first decode bucket, and a prefill's few rows before then must not wait for a compile.
+            if self.decode is not None and self.decode.warmed and self.decode.supports(ex, x.shape[0]):
                 out = self.decode(ex, x, ids, weights)
             else:
                 out = ex(x, ids, weights)

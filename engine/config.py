@@ -62,5 +62,5 @@ class EngineLimits(Settings):
                            "models), one graph per batch-size bucket, compiled on the first step of each "
                            "bucket, which then waits tens of seconds on a small CPU; needs a C++ compiler "
                            "at run time (default off for those two reasons); other steps stay eager. Both "
-                           "executors: the cluster executor's mixer actors compile each layer they hold "
-                           "(the expert shards stay eager), a new bucket on every mixer before its step")
+                           "executors: the cluster executor's actors compile each layer they hold and the "
+                           "routed experts, a new bucket on every actor before its first step")

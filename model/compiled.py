@@ -585,6 +585,11 @@ class CompiledExperts:
     def supports(self, ex: Experts, num_rows: int) -> bool:
         return 1 <= num_rows <= self.max_rows and len(ex.expert_ids) > 0
 
+    @property
+    def warmed(self) -> bool:
+        """The graph is made (`warm_up`, or a first call)."""
+        return "experts" in self.compiles
+
     @torch.inference_mode()
     def warm_up(self, ex: Experts, k: int) -> dict[str, float]:
         """Compile now, on two rows of `k` pairs routed to no expert (weight 0): nothing but the
