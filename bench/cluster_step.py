@@ -60,7 +60,14 @@ MODES: dict[str, dict[str, Any] | None] = {
     "remote-2mb": dict(data_plane="remote_calls", micro_batch_tokens=16),
     "sockets": dict(data_plane="sockets", micro_batch_tokens=0),  # the default data plane
     "sockets-2lane": dict(data_plane="sockets", micro_batch_tokens=16),
+    # engine.compile: a second cluster whose mixers run decode layers compiled (model/compiled.py
+    # CompiledLayers) over the default data plane, and the local executor's compiled step
+    "compiled-actors": dict(data_plane="sockets", micro_batch_tokens=0),
+    "local-compiled": None,
 }
+ACTOR_COMPILE_MODES = {"compiled-actors"}
+# Qwen3-Next's depth and 3:1 layer pattern at the tiny width (issue 13's 48-layer narrow model)
+DEEP48: dict[str, Any] = dict(num_hidden_layers=48)
 
 
 def decode_step(batch: int) -> StepInput:
@@ -228,33 +235,39 @@ def bench_model(model_dir: str, batches: Sequence[int], modes: Sequence[str], re
 
     slots = max(batches)
     executors: dict[str, Any] = {}
-    config = NextserveConfig.from_args({"pools": {"experts": {"actors": expert_shards}}})
-    cluster = None
+    # timeout_s: a mixer compiling a bucket (compiled-actors) on a busy machine takes minutes
+    config = NextserveConfig.from_args({"pools": {"experts": {"actors": expert_shards}},
+                                        "cluster": {"timeout_s": 900}})
+    clusters: dict[bool, Any] = {}  # actors compiled -> the cluster
     try:
-        if any(MODES[m] is not None for m in modes):
-            cluster = ClusterExecutor(model_dir, dtype="float32", num_slots=slots,
-                                      max_model_len=MAX_MODEL_LEN, config=config)
-        if "local" in modes:
-            executors["local"] = LocalExecutor(model_dir, dtype="float32", num_slots=slots,
-                                               max_model_len=MAX_MODEL_LEN)
+        for compile in (False, True):
+            if any(MODES[m] is not None and (m in ACTOR_COMPILE_MODES) == compile for m in modes):
+                clusters[compile] = ClusterExecutor(model_dir, dtype="float32", num_slots=slots,
+                                                    max_model_len=MAX_MODEL_LEN, config=config,
+                                                    compile=compile)
+        for mode, compile in (("local", False), ("local-compiled", True)):
+            if mode in modes:
+                executors[mode] = LocalExecutor(model_dir, dtype="float32", num_slots=slots,
+                                                max_model_len=MAX_MODEL_LEN, compile=compile)
         if "in-process" in modes:
             placement = resolve_placement(config.pools, ModelConfig.from_dir(model_dir, dtype="float32"))
             executors["in-process"] = InProcessActors(model_dir, placement, slots, MAX_MODEL_LEN)
         out: dict[tuple[str, int], Timings] = defaultdict(Timings)
         for _ in range(rounds):
             for mode in modes:
-                executor = executors.get(mode, cluster)
-                if cluster is not None:
+                active = clusters.get(mode in ACTOR_COMPILE_MODES) if MODES[mode] is not None else None
+                executor = executors.get(mode, active)
+                for cluster in clusters.values():
                     # Idle actors of a compiled graph busy-wait on their input channels (~0.5
                     # core each here): plain remote calls while another mode runs.
-                    cluster.configure_step(**(MODES[mode] or MODES["remote"]))
+                    cluster.configure_step(**(MODES[mode] if cluster is active else MODES["remote"]))
                 for b in batches:
                     steps, actors = step_times(executor, decode_step(b), max(1, repeats // rounds))
                     out[mode, b].steps += steps
                     out[mode, b].actors += actors if len(actors) == len(steps) else []
         return dict(out)
     finally:
-        if cluster is not None:
+        for cluster in clusters.values():
             cluster.shutdown()
 
 
@@ -303,8 +316,9 @@ def hop_table(widths: Sequence[int], num_actors: int, repeats: int) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["tiny", "wide"], choices=["tiny", "wide"],
-                    help="built-in checkpoints made here: tiny, and wide (WIDE's sizes)")
+    ap.add_argument("--models", nargs="+", default=["tiny", "wide"], choices=["tiny", "wide", "deep48"],
+                    help="built-in checkpoints made here: tiny, wide (WIDE's sizes), deep48 (the tiny one "
+                         "48 layers deep)")
     ap.add_argument("--model", help="a checkpoint directory instead of --models")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128])
     ap.add_argument("--modes", nargs="+", default=["local", "in-process", "compiled", "remote"],
@@ -323,13 +337,16 @@ def main(argv: list[str] | None = None) -> None:
     from model.tiny import make_tiny_model
 
     root = str(Path(__file__).resolve().parents[1])
-    # CPUs for the cluster's actors only (Ray starts as many idle workers at once)
-    ray.init(address="local", num_cpus=args.expert_shards + 2, include_dashboard=False, log_to_driver=False,
+    # CPUs for the clusters' actors only (Ray starts as many idle workers at once): one cluster with
+    # eager actors, one with compiled ones, or both
+    clusters = len({m in ACTOR_COMPILE_MODES for m in args.modes if MODES[m] is not None})
+    ray.init(address="local", num_cpus=clusters * (args.expert_shards + 2), include_dashboard=False,
+             log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": root}})
     try:
         with tempfile.TemporaryDirectory() as tmp:
             dirs = {args.model: args.model} if args.model else {
-                m: str(make_tiny_model(Path(tmp) / m, overrides=WIDE if m == "wide" else None))
+                m: str(make_tiny_model(Path(tmp) / m, overrides={"wide": WIDE, "deep48": DEEP48}.get(m)))
                 for m in args.models}
             widths = []
             for name, model_dir in dirs.items():

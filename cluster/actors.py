@@ -34,8 +34,9 @@ class ActorArgs:
     block_size: int
     num_kv_blocks: int
     tensor_transport: str
-    timeout_s: float  # for an actor's start-up and for reloading experts
+    timeout_s: float  # for an actor's start-up, reloading experts and compiling a decode bucket
     num_state_snapshots: int = 0  # saved DeltaNet states per DeltaNet layer (prefix caching)
+    compile: bool = False  # engine.compile: mixers' decode layers and shards' experts compiled
 
 
 def _device(pool: Any) -> str:
@@ -151,6 +152,14 @@ class ActorGroup:
             raise PlacementError(f"a new placement must keep {old.num_experts} experts on {old.num_shards} "
                                  f"shards, got {experts.num_experts} on {experts.num_shards}")
 
+    def warm_up(self, bucket: int) -> dict[str, dict[str, float]]:
+        """Every mixer compiles decode batch bucket `bucket` (engine.compile), and every expert
+        shard its one graph (once: later calls find it made), side by side: by actor name, the
+        seconds of each graph it compiled."""
+        seconds = ray.get([m.warm_up.remote(bucket) for m in self._mixers]
+                          + [s.warm_up.remote() for s in self._shards], timeout=self.args.timeout_s)
+        return dict(zip(self.names, seconds, strict=True))
+
     def accessed_tensors(self) -> dict[str, list[str]]:
         """Checkpoint tensors each actor read, by actor name."""
         lists = ray.get([a.accessed_tensors.remote() for a in self.actors], timeout=self.args.timeout_s)
@@ -162,13 +171,14 @@ class ActorGroup:
         actor = ray.remote(MixerWorker).options(**self._actor_options(spec.pool, pool, spec.index))
         return actor.remote(a.model_dir, a.dtype, spec, a.num_slots, a.max_model_len, self._placement.experts,
                             _device(pool), a.block_size, a.num_kv_blocks, a.tensor_transport,
-                            a.num_state_snapshots)
+                            a.num_state_snapshots, a.compile)
 
     def _new_shard(self, s: int) -> Any:
         pool = self._pools.experts
         actor = ray.remote(ExpertWorker).options(**self._actor_options("experts", pool, s))
         return actor.remote(self.args.model_dir, self.args.dtype, s, self._placement.experts.shards[s],
-                            _device(pool), self.args.tensor_transport)
+                            _device(pool), self.args.tensor_transport,
+                            self.args.num_slots if self.args.compile else 0)
 
     def _actor_options(self, pool_name: str, pool: Any, index: int) -> dict[str, Any]:
         r = pool.resources

@@ -45,6 +45,7 @@ from engine.executor import (
     StepTelemetry,
 )
 from model.batch import BatchLayout
+from model.compiled import default_buckets
 from model.config import ModelConfig
 from router.placement import ExpertPlacement
 
@@ -76,8 +77,12 @@ class ClusterExecutor(Executor):
                  max_model_len: int | None = None, config: ClusterConfig | None = None,
                  block_size: int = 16, num_kv_blocks: int | None = None,
                  num_state_snapshots: int = DEFAULT_PREFIX_CACHE_STATES,
-                 speculative_tokens: int = 0) -> None:
-        """`speculative_tokens` k > 0: MTP speculative decoding, the MTP layer (and the embedding and
+                 speculative_tokens: int = 0, compile: bool = False) -> None:
+        """`compile` (engine.compile): the mixer actors run decode steps' layers through compiled
+        graphs, per batch bucket like the local executor, and the expert shards their calls of up to
+        one row per slot (cluster/workers.py, model/compiled.py CompiledLayers, CompiledExperts);
+        other steps stay eager. A bucket compiles on every actor before its first step.
+        `speculative_tokens` k > 0: MTP speculative decoding, the MTP layer (and the embedding and
         LM head it shares) in this process, the DeltaNet actors keeping the per-position states of
         verify steps and rolling back with the next step. Each actor computes on its pool's GPU when
         `resources.num_gpus` > 0, else on CPU; logits
@@ -100,6 +105,10 @@ class ClusterExecutor(Executor):
         self._rollbacks: tuple[tuple[int, int], ...] = ()  # the last propose's, for the next step
         cluster = self.settings.cluster
         self.num_lanes = 2 if cluster.micro_batch_tokens > 0 else 1
+        # engine.compile: the mixers' decode batch buckets (CompiledLayers' default for num_slots),
+        # and those they have compiled since they started.
+        self.decode_buckets = default_buckets(num_slots) if compile else ()
+        self.compiled_buckets: set[int] = set()
         self._seq = itertools.count()
         self._step: SocketStep | CompiledStep | RemoteStep | None = None
         self._state = State.SHUT_DOWN  # until the actors are up
@@ -116,7 +125,7 @@ class ClusterExecutor(Executor):
         check_transport(self.settings, placement)
         self.session: RaySession = connect(cluster.ray_address, self.settings.pools)
         args = ActorArgs(self.model_dir, dtype, num_slots, self.max_model_len, block_size, self.num_kv_blocks,
-                         cluster.tensor_transport, cluster.timeout_s, self.num_state_snapshots)
+                         cluster.tensor_transport, cluster.timeout_s, self.num_state_snapshots, compile)
         self._actors = ActorGroup(args, self.session, self.settings.pools, placement)
         try:
             self._actors.start()
@@ -241,6 +250,7 @@ class ClusterExecutor(Executor):
                     raise RebalanceError(f"the new expert placement failed ({describe(e)}) and so did going "
                                          f"back to the old one ({describe(back)}); the next step restarts "
                                          f"the actors") from back
+        self.compiled_buckets.clear()  # the shards' experts changed shape: the next decode step warms up
         if failure is not None:
             raise RebalanceError(f"the new expert placement failed ({describe(failure)}); "
                                  f"the old one is back") from failure
@@ -279,6 +289,7 @@ class ClusterExecutor(Executor):
             self._rollbacks = ()
         split = split_step(step, self.settings.cluster.micro_batch_tokens)
         parts = split.parts[: self.num_lanes]
+        self._compile_buckets(parts)
         want_hidden = self.drafter is not None
         msgs = [StepMsg(next(self._seq), p, lane=i, want_hidden=want_hidden) for i, p in enumerate(parts)]
         try:
@@ -299,6 +310,28 @@ class ClusterExecutor(Executor):
         self._telemetry.append(_step_telemetry(done))
         return join_logits(split, logits)
 
+    def _compile_buckets(self, parts: Sequence[StepInput | None]) -> None:
+        """engine.compile: the batch buckets of this step's decode lanes that the mixers have not
+        compiled yet, compiled now by plain calls, the step graph paused: a compile takes tens of
+        seconds, far past what a step may (cluster.step_timeout_s). Once per bucket."""
+        if not self.decode_buckets:
+            return
+        new = sorted({next(b for b in self.decode_buckets if b >= len(p.slots)) for p in parts
+                      if p is not None and set(p.lengths) == {1} and not p.keep_states
+                      and len(p.slots) <= self.decode_buckets[-1]} - self.compiled_buckets)
+        if not new:
+            return
+        try:
+            with self._paused():
+                for bucket in new:
+                    start = time.monotonic()
+                    seconds = self._actors.warm_up(bucket)
+                    self.compiled_buckets.add(bucket)
+                    log.info("cluster actors compiled decode batch bucket %d in %.1fs: %s", bucket,
+                             time.monotonic() - start, seconds)
+        except ACTOR_FAILURES as e:
+            raise self._recover(e) from None
+
     def propose(self, accepted: Sequence[int], next_token_ids: Sequence[int], num_drafts: Sequence[int],
                 ) -> list[list[int]]:
         if self.drafter is None:
@@ -312,6 +345,7 @@ class ClusterExecutor(Executor):
         step; the error for the engine says whether that worked."""
         start = time.monotonic()
         self._rollbacks = ()  # the kept states died with the actors; the engine recomputes
+        self.compiled_buckets.clear()  # and so did the compiled graphs of the restarted ones
         if self.drafter is not None:
             self.drafter.forget()
         log.warning("cluster step failed (%s); restarting %s", describe(cause),

@@ -31,6 +31,7 @@ from cluster.messages import (
 from cluster.placement import MixerSpec
 from model.batch import BatchLayout
 from model.cache import DeltaNetState, StateSnapshots
+from model.compiled import CompiledExperts, CompiledLayers, make_decode_cache
 from model.config import ModelConfig
 from model.decoder import DecoderLayer
 from model.loading import load_experts, load_module, materialize
@@ -59,7 +60,10 @@ class MixerWorker:
     def __init__(self, model_dir: str, dtype: str | None, spec: MixerSpec, num_slots: int,
                  max_model_len: int, experts: ExpertPlacement | None, device: str = "cpu",
                  block_size: int = 16, num_kv_blocks: int | None = None,
-                 tensor_transport: str = "host", num_state_snapshots: int = 0) -> None:
+                 tensor_transport: str = "host", num_state_snapshots: int = 0,
+                 compile: bool = False) -> None:
+        """`compile`: decode steps run each layer here compiled, per batch bucket (model/compiled.py
+        CompiledLayers); other steps, and decode steps past the largest bucket, eagerly."""
         _init_process()
         self.host_wire = tensor_transport == "host"  # cluster/messages.py: numpy, else torch tensors
         c = self.config = ModelConfig.from_dir(model_dir, dtype=dtype)
@@ -86,8 +90,16 @@ class MixerWorker:
             self.lm_head = None
         # Attention layers: the paged KV cache the engine's block tables index (num_kv_blocks None:
         # every slot at max_model_len); DeltaNet layers: per-slot state.
-        self.caches = {i: m.make_cache(num_slots, max_model_len, self.dtype, device, block_size,
-                                       num_kv_blocks) for i, m in self.layers.items()}
+        # With `compile`, the caches get the scratch slot and block that padded rows use.
+        if compile:
+            self.caches = {i: make_decode_cache(m, num_slots, max_model_len, self.dtype, device, block_size,
+                                                num_kv_blocks) for i, m in self.layers.items()}
+            blocks = num_slots * -(-max_model_len // block_size) if num_kv_blocks is None else num_kv_blocks
+            self.decode: CompiledLayers | None = CompiledLayers(self.layers, self.caches, num_slots, blocks)
+        else:
+            self.caches = {i: m.make_cache(num_slots, max_model_len, self.dtype, device, block_size,
+                                           num_kv_blocks) for i, m in self.layers.items()}
+            self.decode = None
         # Saved DeltaNet states for prefix caching, per DeltaNet layer here: each step's saves and
         # loads run on a layer just before its tokens do (`run`).
         self.snapshots = {i: StateSnapshots(c, num_state_snapshots) for i, c in self.caches.items()
@@ -102,6 +114,14 @@ class MixerWorker:
 
     def ready(self) -> str:
         return self.spec.name
+
+    def warm_up(self, bucket: int) -> dict[str, float]:
+        """Compile decode batch bucket `bucket`'s graphs of the layers here (engine.compile), before
+        a step needs them: a compile takes far longer than a step may. Returns each new graph's
+        seconds, by "<bucket>/<mixer>/<MLP>"."""
+        if self.decode is None:
+            raise RuntimeError(f"{self.spec.name} was started without compile")
+        return {"/".join(map(str, k)): s for k, s in self.decode.warm_up(bucket).items()}
 
     def set_expert_placement(self, experts: ExpertPlacement) -> str:
         """Route to a new set of shards from the next step on (expert rebalancing); the caches stay."""
@@ -128,14 +148,20 @@ class MixerWorker:
                 cache.rollback(step.state_rollbacks)
             if layer in self.snapshots and (step.state_saves or step.state_loads):
                 self.snapshots[layer].apply(step.state_saves, step.state_loads)
-            h = m.mix(h, layout, self.caches[layer])  # [T, H]
-            if not moe:
-                out = self._wire(m.feed_forward(h))
-                telemetry = telemetry.add(self.spec.name, time.perf_counter() - start)
-                return Carry(out, None, (), counts, telemetry)
-            y = m.post_attention_layernorm(h)
-            ids, weights = m.mlp.gate(y)  # [T, k] each
-            shared = m.mlp.shared(y)
+            if self.decode is not None and self.decode.supports(layout):  # compiled, the same math
+                h, y, ids, weights, shared = self.decode(layer, h, layout)  # [T, H], None for a dense layer
+                if not moe:
+                    telemetry = telemetry.add(self.spec.name, time.perf_counter() - start)
+                    return Carry(self._wire(h), None, (), counts, telemetry)
+            else:
+                h = m.mix(h, layout, self.caches[layer])  # [T, H]
+                if not moe:
+                    out = self._wire(m.feed_forward(h))
+                    telemetry = telemetry.add(self.spec.name, time.perf_counter() - start)
+                    return Carry(out, None, (), counts, telemetry)
+                y = m.post_attention_layernorm(h)
+                ids, weights = m.mlp.gate(y)  # [T, k] each
+                shared = m.mlp.shared(y)
             plan = self.router.plan(ids, weights)
             flat = ids.flatten()
             moe_layers = self.config.moe_layers
@@ -204,8 +230,11 @@ class MixerWorker:
 
 class ExpertWorker:
     def __init__(self, model_dir: str, dtype: str | None, shard: int, expert_ids: Sequence[int],
-                 device: str = "cpu", tensor_transport: str = "host") -> None:
+                 device: str = "cpu", tensor_transport: str = "host", compile_rows: int = 0) -> None:
+        """`compile_rows` > 0 (engine.compile): calls of at most that many rows (a decode step's,
+        at most one per slot) run compiled (model/compiled.py CompiledExperts), larger ones eagerly."""
         _init_process()
+        self.decode = CompiledExperts(compile_rows) if compile_rows > 0 else None
         self.host_wire = tensor_transport == "host"
         self.model_dir, self.config = model_dir, ModelConfig.from_dir(model_dir, dtype=dtype)
         self.shard, self.device, self.dtype = shard, torch.device(device), self.config.torch_dtype
@@ -227,6 +256,8 @@ class ExpertWorker:
             load_experts(ex, reader, f"model.layers.{layer}.mlp.experts.")
             experts[layer] = ex.eval()
         self.experts = experts
+        if self.decode is not None:  # other shapes: compiled again (the executor warms it up again)
+            self.decode = CompiledExperts(self.decode.max_rows)
         self.accessed = list(reader.accessed)
         reader.close()
         return sorted(expert_ids)
@@ -237,6 +268,12 @@ class ExpertWorker:
     def ready(self) -> str:
         return f"experts-{self.shard}"
 
+    def warm_up(self) -> dict[str, float]:
+        """Compile the routed experts' graph (engine.compile) before a step needs it; its seconds."""
+        if self.decode is None:
+            raise RuntimeError(f"experts-{self.shard} was started without compile")
+        return self.decode.warm_up(next(iter(self.experts.values())), self.config.num_experts_per_tok)
+
     def run(self, work: ShardWork | None) -> ShardResult | None:
         """Σ_k weight_k · expert_k(x) over this shard's pairs of its rows: [n, H]."""
         if work is None:
@@ -246,5 +283,12 @@ class ExpertWorker:
             x = from_wire(work.x, self.dtype).to(self.device)
             ids = from_wire(work.ids, torch.long).to(self.device)
             weights = from_wire(work.weights, self.dtype).to(self.device)
-            partial = to_wire(self.experts[work.layer](x, ids, weights), self.host_wire)
+            ex = self.experts[work.layer]
+            # The same sum, compiled, once the graph is made: the executor warms it up with the
+            # first decode bucket, and a prefill's few rows before then must not wait for a compile.
+            if self.decode is not None and self.decode.warmed and self.decode.supports(ex, x.shape[0]):
+                out = self.decode(ex, x, ids, weights)
+            else:
+                out = ex(x, ids, weights)
+            partial = to_wire(out, self.host_wire)
         return ShardResult(partial, time.perf_counter() - start)

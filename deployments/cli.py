@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="MTP speculative decoding: draft tokens per step from the checkpoint's MTP layer "
                           "(0: off)")
     gen.add_argument("--compile", action="store_true",
-                     help="local executor: decode steps through torch.compile (the first step of each batch "
+                     help="decode steps through torch.compile, both executors (the first step of each batch "
                           "size waits for its compile)")
     gen.set_defaults(func=_generate)
 

@@ -28,13 +28,11 @@ def build_executor(config: NextserveConfig) -> Executor:
                  num_kv_blocks=limits.num_kv_blocks,
                  num_state_snapshots=limits.prefix_cache_states if limits.enable_prefix_caching else 0)
     if config.executor == "cluster":
-        if limits.compile:
-            raise NextserveConfigError("engine.compile: the cluster executor's actors run eager; set it to "
-                                       "false, or use executor: local")
         from cluster.executor import ClusterExecutor
 
         try:
-            return ClusterExecutor(config=config, speculative_tokens=limits.speculative_tokens, **sizes)
+            return ClusterExecutor(config=config, speculative_tokens=limits.speculative_tokens,
+                                   compile=limits.compile, **sizes)
         except ValueError as e:
             if limits.speculative_tokens and "engine.speculative_tokens" in str(e):
                 raise NextserveConfigError(str(e)) from None

@@ -58,10 +58,11 @@ class EngineLimits(Settings):
                             "separate with the local executor, inline with the cluster executor (whose "
                             "compute is in its actors)")
     compile: bool = Field(
-        False, description="local executor: run decode steps through torch.compile'd layers (3-6x faster "
-                           "steps on small models), one graph per batch-size bucket; a serving replica "
-                           "compiles the buckets in a background thread of its engine and runs those "
-                           "steps eagerly until each bucket is ready (logged with its seconds; tens of "
-                           "seconds or more per bucket on a small CPU, seconds with inductor's on-disk "
-                           "cache), `generate` compiles a bucket on its first step; needs a C++ compiler "
-                           "at run time; other steps stay eager")
+        False, description="run decode steps through torch.compile'd layers (3-6x faster steps on small "
+                           "models), one graph per batch-size bucket; needs a C++ compiler at run time; "
+                           "other steps stay eager. Local executor: a serving replica compiles the buckets "
+                           "in a background thread of its engine and runs those steps eagerly until each "
+                           "bucket is ready (logged with its seconds; tens of seconds or more per bucket on "
+                           "a small CPU, seconds with inductor's on-disk cache), `generate` compiles a "
+                           "bucket on its first step. Cluster executor: every actor compiles the layers "
+                           "or routed experts it holds, a new bucket on every actor before its first step")

@@ -1,5 +1,6 @@
-"""`engine.compile` in ray_config.yaml reaches the local executor through build_executor (off by
-default); compiling itself waits for the first decode step, so building stays cheap."""
+"""`engine.compile` in ray_config.yaml reaches the local and the cluster executor through
+build_executor (off by default); compiling itself waits for the first decode step, so building
+stays cheap."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import pytest
 
 from deployments.config import NextserveConfig
 from deployments.engine_factory import build_executor
-from engine.config import NextserveConfigError
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +25,18 @@ def test_engine_compile_reaches_the_local_executor(tiny_dir):
     assert build_executor(NextserveConfig.from_args(args)).decode is not None
 
 
-def test_engine_compile_is_refused_for_the_cluster_executor(tiny_dir):
+def test_engine_compile_reaches_the_cluster_executor(tiny_dir, monkeypatch):
+    """The cluster executor takes the flag (its actors compile: tests/cluster/test_cluster_compile.py);
+    built here as a stand-in, so no Ray starts."""
+    import cluster.executor
+
+    made = {}
+    monkeypatch.setattr(cluster.executor, "ClusterExecutor", lambda **kw: made.update(kw) or "cluster")
     config = NextserveConfig.from_args({"model": str(tiny_dir), "executor": "cluster",
                                         "engine": {"compile": True}})
-    with pytest.raises(NextserveConfigError, match=r"engine\.compile"):
-        build_executor(config)  # before any Ray starts
+    assert build_executor(config) == "cluster" and made["compile"] is True
+    build_executor(config.model_copy(update={"engine": config.engine.model_copy(update={"compile": False})}))
+    assert made["compile"] is False
 
 
 def test_serving_compiles_in_the_background_and_generate_on_first_use(tiny_dir, monkeypatch):

@@ -1,0 +1,83 @@
+"""The cluster's actor classes with `compile` (cluster/workers.py, model/compiled.py CompiledLayers),
+called in step order in this process (no Ray; tests/cluster/test_cluster_compile.py runs them as
+actors): a mixer runs each decode layer compiled, padded up to its batch bucket (3 rows in the
+bucket of 4: the padded row on the scratch slot and block), other steps eagerly. Logits within the
+README's compiled tolerance of the local executor's eager ones and the same greedy tokens, both
+architectures; an expert shard runs calls of at most one row per slot compiled (the routed rows,
+a dynamic dimension), larger ones eagerly. `warm_up` makes every graph a bucket needs, on scratch
+rows only, so that the steps after it compile nothing."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from cluster.config import Pools
+from cluster.messages import StepMsg
+from cluster.placement import resolve_placement
+from cluster.step_graph import wire_lanes
+from cluster.workers import ExpertWorker, MixerWorker
+from engine.executor import StepInput
+from engine.local_executor import LocalExecutor
+from model.config import ModelConfig
+
+SLOTS, MAX_LEN, BLOCK = 4, 64, 8
+
+
+def steps() -> list[StepInput]:
+    """Shuffled block tables; every decode step has 3 or 4 sequences (the bucket of 4)."""
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randperm(32, generator=g).tolist()
+    tables = {s: tuple(blocks[8 * s:8 * s + 8]) for s in range(4)}
+
+    def step(slots, starts, lengths):
+        ends = [sum(lengths[:i + 1]) - 1 for i in range(len(slots))]
+        tokens = tuple(torch.randint(2, 384, (sum(lengths),), generator=g).tolist())
+        return StepInput(tokens, tuple(slots), tuple(starts), tuple(lengths), tuple(ends),
+                         block_tables=tuple(tables[s] for s in slots))
+
+    return [
+        step((0, 1, 2), (0, 0, 0), (7, 4, 20)),  # prefill (eager)
+        step((0, 1, 2), (7, 4, 20), (1, 1, 1)),  # decode: 3 rows padded to 4
+        step((0, 1, 2), (8, 5, 21), (1, 1, 1)),
+        step((2, 1, 0, 3), (22, 6, 9, 0), (1, 1, 1, 1)),  # a one-token prompt in slot 3: a full bucket
+        step((1, 3), (7, 1), (1, 6)),  # mixed (eager)
+        step((3, 0, 2), (7, 10, 23), (1, 1, 1)),  # keys across the KV granule (16) for slot 2
+        step((3, 0, 2), (8, 11, 24), (1, 1, 1)),
+    ]
+
+
+def assert_close_logits(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """The README's compiled tolerance, 1e-4 x max|logit|, and the same greedy tokens."""
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * float(want.abs().max()),
+                               msg=lambda m: f"{what}: {m}")
+    assert torch.equal(got.argmax(-1), want.argmax(-1)), what
+
+
+def test_compiled_mixers_match_the_local_eager_executor(hf_dir):
+    config = ModelConfig.from_dir(hf_dir, dtype="float32")
+    placement = resolve_placement(Pools.model_validate({"experts": {"actors": 2}}), config)
+    mixers = [MixerWorker(hf_dir, "float32", spec, SLOTS, MAX_LEN, placement.experts, block_size=BLOCK,
+                          num_kv_blocks=32, compile=True) for spec in placement.mixers]
+    shards = [ExpertWorker(hf_dir, "float32", s, ids, compile_rows=SLOTS)
+              for s, ids in enumerate(placement.experts.shards)]
+    local = LocalExecutor(hf_dir, dtype="float32", num_slots=SLOTS, max_model_len=MAX_LEN, block_size=BLOCK,
+                          num_kv_blocks=32)
+    assert all(m.decode is not None and m.decode.buckets == (1, 2, 4) for m in mixers)
+
+    for m in mixers:  # one graph per kind of layer here, made on scratch rows
+        kinds = {(type(layer.mixer).__name__, type(layer.mlp).__name__) for layer in m.layers.values()}
+        assert set(m.warm_up(4)) == {f"4/{a}/{b}" for a, b in kinds}
+    assert all(set(s.warm_up()) == {"experts"} for s in shards)  # one graph for 1 to SLOTS rows
+    compiled = [dict(w.decode.compiles.seconds) for w in (*mixers, *shards)]
+
+    def call(actor, method, num_returns, *args):
+        return getattr(actor, method)(*args)
+
+    seq = itertools.count()
+    for i, step in enumerate(steps()):
+        want = local.execute(step)
+        [result] = wire_lanes(call, [StepMsg(next(seq), step)], config, placement, mixers, shards)
+        assert_close_logits(torch.from_numpy(result.logits), want, f"step {i}")
+    assert [w.decode.compiles.seconds for w in (*mixers, *shards)] == compiled  # none inside a step
