@@ -108,7 +108,7 @@ class ClusterExecutor(Executor):
         # engine.compile: the mixers' decode batch buckets (CompiledLayers' default for num_slots),
         # and those they have compiled since they started.
         self.decode_buckets = default_buckets(num_slots) if compile else ()
-        self.compiled_buckets: set[int] = set()
+        self._compiled: set[int] = set()  # decode buckets every actor has compiled
         self._seq = itertools.count()
         self._step: SocketStep | CompiledStep | RemoteStep | None = None
         self._state = State.SHUT_DOWN  # until the actors are up
@@ -156,6 +156,11 @@ class ClusterExecutor(Executor):
     def actor_names(self) -> list[str]:
         """Names of `actors.actors`, in that order."""
         return self._actors.names
+
+    def compiled_buckets(self) -> tuple[tuple[int, ...], bool]:
+        """engine.compile: the decode buckets every actor has compiled (each before its first step,
+        so none is ever compiling while steps run)."""
+        return tuple(sorted(self._compiled)), False
 
     def healthy(self) -> bool:
         """False while no step can run: until a restart (BROKEN) or ever again (SHUT_DOWN)."""
@@ -250,7 +255,7 @@ class ClusterExecutor(Executor):
                     raise RebalanceError(f"the new expert placement failed ({describe(e)}) and so did going "
                                          f"back to the old one ({describe(back)}); the next step restarts "
                                          f"the actors") from back
-        self.compiled_buckets.clear()  # the shards' experts changed shape: the next decode step warms up
+        self._compiled.clear()  # the shards' experts changed shape: the next decode step warms up
         if failure is not None:
             raise RebalanceError(f"the new expert placement failed ({describe(failure)}); "
                                  f"the old one is back") from failure
@@ -318,7 +323,7 @@ class ClusterExecutor(Executor):
             return
         new = sorted({next(b for b in self.decode_buckets if b >= len(p.slots)) for p in parts
                       if p is not None and set(p.lengths) == {1} and not p.keep_states
-                      and len(p.slots) <= self.decode_buckets[-1]} - self.compiled_buckets)
+                      and len(p.slots) <= self.decode_buckets[-1]} - self._compiled)
         if not new:
             return
         try:
@@ -326,7 +331,7 @@ class ClusterExecutor(Executor):
                 for bucket in new:
                     start = time.monotonic()
                     seconds = self._actors.warm_up(bucket)
-                    self.compiled_buckets.add(bucket)
+                    self._compiled.add(bucket)
                     log.info("cluster actors compiled decode batch bucket %d in %.1fs: %s", bucket,
                              time.monotonic() - start, seconds)
         except ACTOR_FAILURES as e:
@@ -345,7 +350,7 @@ class ClusterExecutor(Executor):
         step; the error for the engine says whether that worked."""
         start = time.monotonic()
         self._rollbacks = ()  # the kept states died with the actors; the engine recomputes
-        self.compiled_buckets.clear()  # and so did the compiled graphs of the restarted ones
+        self._compiled.clear()  # and so did the compiled graphs of the restarted ones
         if self.drafter is not None:
             self.drafter.forget()
         log.warning("cluster step failed (%s); restarting %s", describe(cause),

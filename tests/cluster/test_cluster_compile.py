@@ -46,7 +46,7 @@ def ray_session():
 def compiled_graphs(cluster: ClusterExecutor) -> dict[str, list]:
     """Per actor, the graphs it compiled: a mixer's (bucket, mixer kind, MLP kind), a shard's
     "experts". Asked by plain calls, which leave the cluster on them."""
-    cluster.configure_step(compiled_graph=False)
+    cluster.configure_step(data_plane="remote_calls")
     keys = ray.get([a.__ray_call__.remote(lambda w: sorted(w.decode.compiles.seconds))
                     for a in cluster.actors.actors], timeout=60)
     return dict(zip(cluster.actor_names(), keys, strict=True))
@@ -56,11 +56,11 @@ def test_compiled_actors_match_the_local_eager_executor(hf_next_dir):
     config = NextserveConfig.from_args({**CLUSTER, "pools": {"experts": {"actors": 2}}})
     cluster = ClusterExecutor(hf_next_dir, config=config, compile=True, **SIZES)
     try:
-        assert cluster.decode_buckets == (1, 2, 4) and not cluster.compiled_buckets
+        assert cluster.decode_buckets == (1, 2, 4) and cluster.compiled_buckets() == ((), False)
         local = LocalExecutor(hf_next_dir, **SIZES)
         for i, step in enumerate(steps()):
             assert_close_logits(cluster.execute(step), local.execute(step), f"step {i}")
-        assert cluster.compiled_buckets == {4}
+        assert cluster.compiled_buckets() == ((4,), False)
         c = cluster.config  # one graph per kind of layer a mixer holds, all in the bucket of 4
         kinds = {m.name: sorted({(4, "Attention" if c.layer_types[i] == "full_attention" else "GatedDeltaNet",
                                   "SparseMoeBlock" if c.is_moe_layer(i) else "MLP") for i in m.layers})
@@ -72,11 +72,11 @@ def test_compiled_actors_match_the_local_eager_executor(hf_next_dir):
         old = cluster.expert_placement
         shards = [[*old.shards[0], old.shards[1][0]], list(old.shards[1])]  # a copy of one expert more
         cluster.set_expert_placement(ExpertPlacement.from_lists(old.num_experts, shards))
-        assert not cluster.compiled_buckets
+        assert cluster.compiled_buckets() == ((), False)
         step = steps()[1]  # slots 0-2 decode again, one token later than their first decode
         step = dataclasses.replace(step, starts=tuple(s + 4 for s in step.starts))
         assert_close_logits(cluster.execute(step), local.execute(step), "after rebalancing")
-        assert cluster.compiled_buckets == {4}
+        assert cluster.compiled_buckets() == ((4,), False)
     finally:
         cluster.shutdown()
 
@@ -103,7 +103,7 @@ def test_prefix_caching_and_speculative_decoding_on_compiled_actors(tmp_path):
             if turn == 1:
                 assert on.stats.prefix_cache_hit_tokens - hits >= 2 * 20
             histories = [p + list(g.token_ids) for p, g in zip(prompts, got, strict=True)]
-        assert cluster.compiled_buckets  # some decode steps had no drafts, and ran compiled
+        assert cluster.compiled_buckets()[0]  # some decode steps had no drafts, and ran compiled
         assert any(compiled_graphs(cluster).values())
     finally:
         cluster.shutdown()
