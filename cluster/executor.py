@@ -96,7 +96,7 @@ class ClusterExecutor(Executor):
                                    torch.device("cpu"))
         self._rollbacks: tuple[tuple[int, int], ...] = ()  # the last propose's, for the next step
         cluster = self.settings.cluster
-        self.num_lanes = 2 if cluster.micro_batch_tokens > 0 else 1
+        self.num_lanes = cluster.micro_batches if cluster.micro_batch_tokens > 0 else 1
         self._seq = itertools.count()
         self._step: CompiledStep | RemoteStep | None = None
         self._state = State.SHUT_DOWN  # until the actors are up
@@ -195,17 +195,21 @@ class ClusterExecutor(Executor):
                 log.warning("step graph teardown: %s", describe(e))
 
     def configure_step(self, compiled_graph: bool | None = None,
-                       micro_batch_tokens: int | None = None, channel_poll_us: float | None = None) -> None:
+                       micro_batch_tokens: int | None = None, channel_poll_us: float | None = None,
+                       micro_batches: int | None = None) -> None:
         """Rebuild the step on the same actors: compiled graph or plain remote calls, one lane or
-        two, how channels are waited on (tests and bench/cluster_step.py compare them without
-        restarting actors)."""
+        `micro_batches`, how channels are waited on (tests and bench/cluster_step.py compare them
+        without restarting actors)."""
+        if micro_batches is not None and micro_batches < 2:
+            raise ValueError(f"cluster.micro_batches must be >= 2, got {micro_batches}")
         with self._paused():
             update = {k: v for k, v in (("compiled_graph", compiled_graph),
                                         ("micro_batch_tokens", micro_batch_tokens),
-                                        ("channel_poll_us", channel_poll_us)) if v is not None}
+                                        ("channel_poll_us", channel_poll_us),
+                                        ("micro_batches", micro_batches)) if v is not None}
             cluster = self.settings.cluster.model_copy(update=update)
             self.settings = self.settings.model_copy(update={"cluster": cluster})
-            self.num_lanes = 2 if cluster.micro_batch_tokens > 0 else 1
+            self.num_lanes = cluster.micro_batches if cluster.micro_batch_tokens > 0 else 1
 
     def set_expert_placement(self, experts: ExpertPlacement) -> float:
         """Move the routed experts to `experts` between steps, keeping every cache (expert
@@ -263,15 +267,15 @@ class ClusterExecutor(Executor):
         if self._rollbacks:
             step = dataclasses.replace(step, state_rollbacks=self._rollbacks)
             self._rollbacks = ()
-        split = split_step(step, self.settings.cluster.micro_batch_tokens)
-        parts = split.parts[: self.num_lanes]
+        split = split_step(step, self.settings.cluster.micro_batch_tokens, self.num_lanes)
+        parts = split.parts
         want_hidden = self.drafter is not None
         msgs = [StepMsg(next(self._seq), p, lane=i, want_hidden=want_hidden) for i, p in enumerate(parts)]
         try:
             results = self._step(msgs)
         except ACTOR_FAILURES as e:  # the engine recomputes its sequences on the restarted actors
             raise self._recover(e) from None
-        if self.drafter is not None:  # lane 0's tokens come first in the step, then lane 1's
+        if self.drafter is not None:  # lane 0's tokens come first in the step, then lane 1's, ...
             hidden = torch.cat([from_wire(r.hidden, self.config.torch_dtype).to("cpu") for r in results
                                 if r is not None and r.hidden is not None])
             layout = BatchLayout.build(list(step.slots), list(step.starts), list(step.lengths), "cpu",
