@@ -1,0 +1,249 @@
+"""Ping-pong micro-batches where every actor has a core of its own, simulated on a small machine:
+the real cluster executor (compiled graph, loopback Ray) on a tiny Qwen3-Next of some depth, whose
+actors compute the real result and then sleep until each call has taken a calibrated time. A
+sleeping actor leaves its core free, so the lanes' overlap is real, as on actors with their own
+GPUs; greedy results stay those of the model. Decode steps at batch B in m = 1, 2, 3 lanes
+(`cluster.micro_batches`); tokens/s and the cost model's prediction (bench/cost_model.py) beside
+each, its edge latency fitted on the one-lane runs of the same run.
+
+    flock /tmp/bench.lock unshare -n sh -c 'ip link set lo up; exec .venv/bin/python -m bench.pingpong \\
+        --depths 12 48 --batch 8 32 --lanes 1 2 3'
+
+A call's time (the sleep target, real compute included) is per layer, for the call's n tokens:
+- `--profile h100-80b` (default): Qwen3-Next-80B on H100s as the cost model's plan estimates it
+  (bench/cost_model.py `h100_cost`: memory-bound, weights read once per call, so splitting a
+  batch does not halve a call), slowed by `--dilate` (default 200), so the hops of this machine
+  (~0.3–1.5 ms) stand for 1.5–7.5 µs hops there;
+- `--profile linear`: `--mixer-ms` / `--expert-ms` per layer at `--ref-batch` tokens, of which
+  `--fixed-share` does not depend on n (0: compute-bound, n/ref-batch of it).
+Expert shards see the rows routed to them (about every token here: top-4 of 16 experts on 2
+shards). The worker classes are subclasses defined here, put in place of those cluster/actors.py
+starts for this run only (no hook in the production code)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.cluster_step import MAX_MODEL_LEN, actor_ms, decode_step, markdown_table, step_times
+from bench.cost_model import LayerCost, Shape, h100_cost, step_ms
+from cluster.messages import Carry, ShardResult, ShardWork, StepMsg
+from cluster.workers import ExpertWorker, MixerWorker
+
+
+@dataclass(frozen=True)
+class Profile:
+    """ms per call of one layer, by kind, for a call of n tokens."""
+
+    kind: str  # h100-80b | linear
+    dilate: float = 200.0
+    mixer_ms: float = 8.0
+    expert_ms: float = 8.0
+    ref_batch: int = 32
+    fixed_share: float = 0.0
+
+    def cost(self, n: int) -> LayerCost:
+        if self.kind == "h100-80b":
+            c = h100_cost(max(1, n))
+            return LayerCost(self.dilate * c.attention_ms, self.dilate * c.deltanet_ms,
+                             self.dilate * c.experts_ms)
+        share = self.fixed_share + (1 - self.fixed_share) * n / self.ref_batch
+        return LayerCost(self.mixer_ms * share, self.mixer_ms * share, self.expert_ms * share)
+
+    def describe(self) -> str:
+        if self.kind == "h100-80b":
+            return f"h100-80b ×{self.dilate:g}"
+        return (f"linear: mixer {self.mixer_ms:g} ms, experts {self.expert_ms:g} ms per layer at "
+                f"{self.ref_batch} tokens, fixed share {self.fixed_share:g}")
+
+
+def _pad(start: float, target_ms: float) -> None:
+    """Sleep until `target_ms` after `start`."""
+    left = target_ms / 1e3 - (time.perf_counter() - start)
+    if left > 0:
+        time.sleep(left)
+
+
+class SleepyMixer(MixerWorker):
+    """A mixer whose `run` takes the profile's time for its kind and the micro-batch's tokens
+    (at least: a call whose real compute is longer is not shortened); the sleep goes into the
+    carry's telemetry like compute."""
+
+    profile: Profile  # set on the subclass made per run (`sleepy_classes`)
+
+    def run(self, layer: int, msg: StepMsg, carry: Carry | None, *partials: Any):
+        start = time.perf_counter()
+        out = super().run(layer, msg, carry, *partials)
+        if msg.step is None:
+            return out
+        returned = time.perf_counter()
+        c = self.profile.cost(len(msg.step.token_ids))
+        _pad(start, c.attention_ms if self.spec.pool == "attention" else c.deltanet_ms)
+        first = out[0] if isinstance(out, tuple) else out
+        padded = time.perf_counter() - returned  # the run measured itself; add what came after
+        first = dataclasses.replace(first, telemetry=first.telemetry.add(self.spec.name, padded))
+        return (first, *out[1:]) if isinstance(out, tuple) else first
+
+
+class SleepyShard(ExpertWorker):
+    profile: Profile
+
+    def run(self, work: ShardWork | None) -> ShardResult | None:
+        start = time.perf_counter()
+        out = super().run(work)
+        if out is None:
+            return None
+        _pad(start, self.profile.cost(int(work.x.shape[0])).experts_ms)
+        return dataclasses.replace(out, seconds=time.perf_counter() - start)
+
+
+def sleepy_classes(profile: Profile) -> tuple[type, type]:
+    """Subclasses carrying `profile` (pickled by value into the actors)."""
+    mixer = type("SleepyMixerRun", (SleepyMixer,), {"profile": profile, "__module__": __name__})
+    shard = type("SleepyShardRun", (SleepyShard,), {"profile": profile, "__module__": __name__})
+    return mixer, shard
+
+
+@dataclass
+class Point:
+    depth: int
+    batch: int
+    lanes: int
+    steps_s: list[float]
+    actors: list[dict[str, float]]
+    shape: Shape
+
+    @property
+    def median_ms(self) -> float:
+        return 1e3 * statistics.median(self.steps_s)
+
+    def inside_ms(self) -> dict[str, float]:
+        return {k: statistics.median(a.get(k, 0.0) for a in self.actors) for k in ("attention", "deltanet",
+                                                                                   "experts")}
+
+
+def run_depth(model_dir: str, depth: int, batches: Sequence[int], lanes: Sequence[int], repeats: int,
+              rounds: int, poll_us: float | None, expert_shards: int) -> list[Point]:
+    from cluster.executor import ClusterExecutor
+    from deployments.config import NextserveConfig
+    from model.config import ModelConfig
+
+    c = ModelConfig.from_dir(model_dir)
+    shape = Shape(c.num_hidden_layers, len(c.attention_layers), len(c.moe_layers))
+    args: dict[str, Any] = {"pools": {"experts": {"actors": expert_shards}},
+                            "cluster": {"step_timeout_s": 120, "idle_release_s": 0, "timeout_s": 600}}
+    if poll_us is not None:
+        args["cluster"]["channel_poll_us"] = poll_us
+    cluster = ClusterExecutor(model_dir, dtype="float32", num_slots=max(batches), max_model_len=MAX_MODEL_LEN,
+                              config=NextserveConfig.from_args(args))
+    points: dict[tuple[int, int], Point] = {}
+    try:
+        for _ in range(rounds):
+            for m in lanes:
+                if m == 1:
+                    cluster.configure_step(compiled_graph=True, micro_batch_tokens=0)
+                else:
+                    cluster.configure_step(compiled_graph=True, micro_batch_tokens=1, micro_batches=m)
+                for b in batches:
+                    steps, actors = step_times(cluster, decode_step(b), max(1, repeats // rounds))
+                    p = points.setdefault((b, m), Point(depth, b, m, [], [], shape))
+                    p.steps_s += steps
+                    p.actors += actors if len(actors) == len(steps) else []
+        actor_ms(cluster)
+    finally:
+        cluster.shutdown()
+    return [points[b, m] for b in batches for m in lanes]
+
+
+def fitted_edge_ms(points: Sequence[Point], profile: Profile) -> float:
+    """The per-edge latency the one-lane runs imply ((measured − calibrated compute) / critical
+    edges), their median."""
+    implied = []
+    for p in points:
+        if p.lanes == 1:
+            compute = step_ms(p.shape, profile.cost, p.batch, 0.0)
+            implied.append((p.median_ms - compute) / (2 * p.shape.moe_layers + 2))
+    return statistics.median(implied)
+
+
+def report(points: Sequence[Point], profile: Profile, edge_ms: float,
+           predict: Callable[[Point, float], float]) -> str:
+    one = {(p.depth, p.batch): p.median_ms for p in points if p.lanes == 1}
+    rows = []
+    for p in points:
+        inside = p.inside_ms() if p.actors else {}
+        pred = predict(p, edge_ms)
+        base = one.get((p.depth, p.batch))
+        rows.append([p.depth, p.batch, p.lanes, p.median_ms, 1e3 * p.batch / p.median_ms,
+                     f"{base / p.median_ms:.2f}×" if base else "",
+                     inside.get("attention", math.nan), inside.get("deltanet", math.nan),
+                     inside.get("experts", math.nan), pred, f"{100 * (pred / p.median_ms - 1):+.0f} %"])
+    return markdown_table(["depth", "batch", "lanes", "step ms", "tokens/s", "vs 1 lane", "attention ms",
+                           "deltanet ms", "experts ms", "predicted ms", "error"], rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--depths", type=int, nargs="+", default=[12, 48])
+    ap.add_argument("--batch", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--lanes", type=int, nargs="+", default=[1, 2, 3], help="micro-batches per step")
+    ap.add_argument("--profile", choices=["h100-80b", "linear"], default="h100-80b")
+    ap.add_argument("--dilate", type=float, default=200.0, help="h100-80b: ms here per ms on an H100")
+    ap.add_argument("--mixer-ms", type=float, default=8.0, help="linear: mixer ms per layer at --ref-batch")
+    ap.add_argument("--expert-ms", type=float, default=8.0, help="linear: shard ms per layer at --ref-batch")
+    ap.add_argument("--ref-batch", type=int, default=32)
+    ap.add_argument("--fixed-share", type=float, default=0.0, help="linear: share not depending on tokens")
+    ap.add_argument("--repeats", type=int, default=6, help="timed steps per point, over all rounds")
+    ap.add_argument("--rounds", type=int, default=2, help="turns the lane counts take")
+    ap.add_argument("--poll-us", type=float, default=None, help="cluster.channel_poll_us (default: auto)")
+    ap.add_argument("--expert-shards", type=int, default=2)
+    args = ap.parse_args(argv)
+    if not 0 <= args.fixed_share <= 1:
+        ap.error(f"--fixed-share must be in [0, 1], got {args.fixed_share}")
+    if any(m < 1 for m in args.lanes) or 1 not in args.lanes:
+        ap.error(f"--lanes must be >= 1 and include 1 (the baseline), got {args.lanes}")
+    profile = Profile(args.profile, args.dilate, args.mixer_ms, args.expert_ms, args.ref_batch,
+                      args.fixed_share)
+    torch.set_num_threads(1)
+    logging.getLogger("ray.dag").setLevel(logging.WARNING)
+
+    import ray
+
+    import cluster.actors
+    from model.tiny import make_tiny_model
+
+    # the actors cluster/actors.py starts are this run's sleepy subclasses
+    cluster.actors.MixerWorker, cluster.actors.ExpertWorker = sleepy_classes(profile)
+    root = str(Path(__file__).resolve().parents[1])
+    ray.init(address="local", num_cpus=args.expert_shards + 2, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"PYTHONPATH": root}})
+    points: list[Point] = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for d in args.depths:
+                model_dir = str(make_tiny_model(Path(tmp) / f"d{d}", overrides={"num_hidden_layers": d}))
+                t0 = time.perf_counter()
+                points += run_depth(model_dir, d, args.batch, args.lanes, args.repeats, args.rounds,
+                                    args.poll_us, args.expert_shards)
+                print(f"depth {d}: {time.perf_counter() - t0:.0f} s", flush=True)
+    finally:
+        ray.shutdown()
+    edge = fitted_edge_ms(points, profile)
+    print(f"\n### {profile.describe()}; {args.expert_shards} expert shards; median ms per decode step over "
+          f"{args.repeats} steps; edge fitted on the one-lane runs: {1e3 * edge:.0f} µs\n")
+    print(report(points, profile, edge, lambda p, e: step_ms(p.shape, profile.cost, p.batch, e, p.lanes)))
+
+
+if __name__ == "__main__":
+    main()
