@@ -12,8 +12,8 @@ each, its edge latency fitted on the one-lane runs of the same run.
 A call's time (the sleep target, real compute included) is per layer, for the call's n tokens:
 - `--profile h100-80b` (default): Qwen3-Next-80B on H100s as the cost model's plan estimates it
   (bench/cost_model.py `h100_cost`: memory-bound, weights read once per call, so splitting a
-  batch does not halve a call), slowed by `--dilate` (default 200), so the hops of this machine
-  (~0.3–1.5 ms) stand for 1.5–7.5 µs hops there;
+  batch does not halve a call), slowed by `--dilate` (default 500: a layer then takes 12–37 ms here, well
+  above the tiny model's own compute, and this machine's hops, ~0.3–5 ms, stand for 0.6–10 µs there);
 - `--profile linear`: `--mixer-ms` / `--expert-ms` per layer at `--ref-batch` tokens, of which
   `--fixed-share` does not depend on n (0: compute-bound, n/ref-batch of it).
 Expert shards see the rows routed to them (about every token here: top-4 of 16 experts on 2
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import statistics
 import tempfile
 import time
@@ -47,7 +46,7 @@ class Profile:
     """ms per call of one layer, by kind, for a call of n tokens."""
 
     kind: str  # h100-80b | linear
-    dilate: float = 200.0
+    dilate: float = 500.0
     mixer_ms: float = 8.0
     expert_ms: float = 8.0
     ref_batch: int = 32
@@ -166,31 +165,50 @@ def run_depth(model_dir: str, depth: int, batches: Sequence[int], lanes: Sequenc
     return [points[b, m] for b in batches for m in lanes]
 
 
-def fitted_edge_ms(points: Sequence[Point], profile: Profile) -> float:
-    """The per-edge latency the one-lane runs imply ((measured − calibrated compute) / critical
-    edges), their median."""
+def measured_cost(p: Point) -> Callable[[int], LayerCost]:
+    """Per call of one layer and lane, from the run's step telemetry (the shards: the slowest)."""
+    inside, m = p.inside_ms(), p.lanes
+    c = LayerCost(inside["attention"] / max(1, p.shape.attention_layers * m),
+                  inside["deltanet"] / max(1, p.shape.deltanet_layers * m),
+                  inside["experts"] / max(1, p.shape.moe_layers * m))
+    return lambda _: c
+
+
+def fitted_edge_ms(points: Sequence[Point], cost_of: Callable[[Point], Callable[[int], LayerCost]]) -> float:
+    """The per-edge latency the one-lane runs imply ((measured - compute) / critical edges), their
+    median."""
     implied = []
     for p in points:
         if p.lanes == 1:
-            compute = step_ms(p.shape, profile.cost, p.batch, 0.0)
+            compute = step_ms(p.shape, cost_of(p), p.batch, 0.0)
             implied.append((p.median_ms - compute) / (2 * p.shape.moe_layers + 2))
     return statistics.median(implied)
 
 
-def report(points: Sequence[Point], profile: Profile, edge_ms: float,
-           predict: Callable[[Point, float], float]) -> str:
+def report(points: Sequence[Point], profile: Profile) -> str:
+    """Per point: the step, tokens/s, ms inside each kind of actor, and two predictions with an
+    edge fitted on the one-lane runs: from the profile's calibrated times, and from the step
+    telemetry of the run itself (the cost model's inputs measured, its pipeline put to the test)."""
+    def calibrated(p: Point) -> Callable[[int], LayerCost]:
+        return profile.cost
+
+    edges = {"profile": fitted_edge_ms(points, calibrated),
+             "telemetry": fitted_edge_ms(points, measured_cost)}
     one = {(p.depth, p.batch): p.median_ms for p in points if p.lanes == 1}
     rows = []
     for p in points:
-        inside = p.inside_ms() if p.actors else {}
-        pred = predict(p, edge_ms)
-        base = one.get((p.depth, p.batch))
+        inside = p.inside_ms()
+        base = one[p.depth, p.batch]
+        preds = [step_ms(p.shape, calibrated(p), p.batch, edges["profile"], p.lanes),
+                 step_ms(p.shape, measured_cost(p), p.batch, edges["telemetry"], p.lanes)]
         rows.append([p.depth, p.batch, p.lanes, p.median_ms, 1e3 * p.batch / p.median_ms,
-                     f"{base / p.median_ms:.2f}×" if base else "",
-                     inside.get("attention", math.nan), inside.get("deltanet", math.nan),
-                     inside.get("experts", math.nan), pred, f"{100 * (pred / p.median_ms - 1):+.0f} %"])
-    return markdown_table(["depth", "batch", "lanes", "step ms", "tokens/s", "vs 1 lane", "attention ms",
-                           "deltanet ms", "experts ms", "predicted ms", "error"], rows)
+                     f"{base / p.median_ms:.2f}×", inside["attention"], inside["deltanet"], inside["experts"],
+                     *(x for pred in preds for x in (pred, f"{100 * (pred / p.median_ms - 1):+.0f} %"))])
+    head = (f"edge fitted on the one-lane runs: {1e3 * edges['profile']:.0f} µs over the profile's times, "
+            f"{1e3 * edges['telemetry']:.0f} µs over the telemetry's\n\n")
+    return head + markdown_table(
+        ["depth", "batch", "lanes", "step ms", "tokens/s", "vs 1 lane", "attention ms", "deltanet ms",
+         "experts ms", "predicted (profile) ms", "error", "predicted (telemetry) ms", "error"], rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -199,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--lanes", type=int, nargs="+", default=[1, 2, 3], help="micro-batches per step")
     ap.add_argument("--profile", choices=["h100-80b", "linear"], default="h100-80b")
-    ap.add_argument("--dilate", type=float, default=200.0, help="h100-80b: ms here per ms on an H100")
+    ap.add_argument("--dilate", type=float, default=500.0, help="h100-80b: ms here per ms on an H100")
     ap.add_argument("--mixer-ms", type=float, default=8.0, help="linear: mixer ms per layer at --ref-batch")
     ap.add_argument("--expert-ms", type=float, default=8.0, help="linear: shard ms per layer at --ref-batch")
     ap.add_argument("--ref-batch", type=int, default=32)
@@ -226,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     # the actors cluster/actors.py starts are this run's sleepy subclasses
     cluster.actors.MixerWorker, cluster.actors.ExpertWorker = sleepy_classes(profile)
     root = str(Path(__file__).resolve().parents[1])
-    ray.init(address="local", num_cpus=args.expert_shards + 2, include_dashboard=False, log_to_driver=True,
+    ray.init(address="local", num_cpus=args.expert_shards + 2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": root}})
     points: list[Point] = []
     try:
@@ -239,11 +257,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"depth {d}: {time.perf_counter() - t0:.0f} s", flush=True)
     finally:
         ray.shutdown()
-    edge = fitted_edge_ms(points, profile)
     print(f"\n### {profile.describe()}; {args.expert_shards} expert shards; median ms per decode step over "
-          f"{args.repeats} steps; edge fitted on the one-lane runs: {1e3 * edge:.0f} µs\n")
-    print(report(points, profile, edge, lambda p, e: step_ms(p.shape, profile.cost, p.batch, e, p.lanes)))
-
+          f"{args.repeats} steps\n")
+    print(report(points, profile))
 
 if __name__ == "__main__":
     main()
