@@ -132,8 +132,11 @@ class Point:
                                                                                    "experts")}
 
 
+NODE_POOLS = {"attention": "mixer_node", "deltanet": "mixer_node", "experts": "expert_node"}
+
+
 def run_depth(model_dir: str, depth: int, batches: Sequence[int], lanes: Sequence[int], repeats: int,
-              rounds: int, poll_us: float | None, expert_shards: int) -> list[Point]:
+              rounds: int, poll_us: float | None, expert_shards: int, nodes: bool = False) -> list[Point]:
     from cluster.executor import ClusterExecutor
     from deployments.config import NextserveConfig
     from model.config import ModelConfig
@@ -144,10 +147,20 @@ def run_depth(model_dir: str, depth: int, batches: Sequence[int], lanes: Sequenc
                             "cluster": {"step_timeout_s": 120, "idle_release_s": 0, "timeout_s": 600}}
     if poll_us is not None:
         args["cluster"]["channel_poll_us"] = poll_us
+    if nodes:  # each pool on its kind of node, by custom resources
+        for pool, resource in NODE_POOLS.items():
+            args["pools"].setdefault(pool, {})["resources"] = {"resources": {resource: 1}}
     cluster = ClusterExecutor(model_dir, dtype="float32", num_slots=max(batches), max_model_len=MAX_MODEL_LEN,
                               config=NextserveConfig.from_args(args))
     points: dict[tuple[int, int], Point] = {}
     try:
+        if nodes:
+            import ray
+
+            table = ray.util.placement_group_table
+            where = {name: sorted(n[:8] for n in table(pg)["bundles_to_node_id"].values())
+                     for name, pg in cluster.session.groups.items()}
+            print(f"depth {depth}: pools on nodes {where}", flush=True)
         for _ in range(rounds):
             for m in lanes:
                 if m == 1:
@@ -226,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=2, help="turns the lane counts take")
     ap.add_argument("--poll-us", type=float, default=None, help="cluster.channel_poll_us (default: auto)")
     ap.add_argument("--expert-shards", type=int, default=2)
+    ap.add_argument("--nodes", action="store_true",
+                    help="a simulated multi-node cluster (ray.cluster_utils.Cluster): a head without CPUs, "
+                         "one node for the mixers, one for the expert shards, pools placed by resources")
     args = ap.parse_args(argv)
     if not 0 <= args.fixed_share <= 1:
         ap.error(f"--fixed-share must be in [0, 1], got {args.fixed_share}")
@@ -244,8 +260,18 @@ def main(argv: list[str] | None = None) -> None:
     # the actors cluster/actors.py starts are this run's sleepy subclasses
     cluster.actors.MixerWorker, cluster.actors.ExpertWorker = sleepy_classes(profile)
     root = str(Path(__file__).resolve().parents[1])
-    ray.init(address="local", num_cpus=args.expert_shards + 2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": root}})
+    nodes = None
+    if args.nodes:
+        from ray.cluster_utils import Cluster
+
+        nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        nodes.add_node(num_cpus=2, resources={"mixer_node": 2})
+        nodes.add_node(num_cpus=args.expert_shards, resources={"expert_node": args.expert_shards})
+        ray.init(address=nodes.address, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": root}})
+        nodes.wait_for_nodes()
+    else:
+        ray.init(address="local", num_cpus=args.expert_shards + 2, include_dashboard=False,
+                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": root}})
     points: list[Point] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -253,10 +279,12 @@ def main(argv: list[str] | None = None) -> None:
                 model_dir = str(make_tiny_model(Path(tmp) / f"d{d}", overrides={"num_hidden_layers": d}))
                 t0 = time.perf_counter()
                 points += run_depth(model_dir, d, args.batch, args.lanes, args.repeats, args.rounds,
-                                    args.poll_us, args.expert_shards)
+                                    args.poll_us, args.expert_shards, args.nodes)
                 print(f"depth {d}: {time.perf_counter() - t0:.0f} s", flush=True)
     finally:
         ray.shutdown()
+        if nodes is not None:
+            nodes.shutdown()
     print(f"\n### {profile.describe()}; {args.expert_shards} expert shards; median ms per decode step over "
           f"{args.repeats} steps\n")
     print(report(points, profile))
