@@ -144,7 +144,10 @@ def run_depth(model_dir: str, depth: int, batches: Sequence[int], lanes: Sequenc
     c = ModelConfig.from_dir(model_dir)
     shape = Shape(c.num_hidden_layers, len(c.attention_layers), len(c.moe_layers))
     args: dict[str, Any] = {"pools": {"experts": {"actors": expert_shards}},
-                            "cluster": {"step_timeout_s": 120, "idle_release_s": 0, "timeout_s": 600}}
+                            "cluster": {"step_timeout_s": 120, "idle_release_s": 0, "timeout_s": 600,
+                                        # a decode step's messages are a few KiB; at depth 48 with 3
+                                        # lanes 1 MiB channels filled the object store
+                                        "buffer_size_bytes": 1 << 16}}
     if poll_us is not None:
         args["cluster"]["channel_poll_us"] = poll_us
     if nodes:  # each pool on its kind of node, by custom resources
@@ -278,9 +281,11 @@ def main(argv: list[str] | None = None) -> None:
             for d in args.depths:
                 model_dir = str(make_tiny_model(Path(tmp) / f"d{d}", overrides={"num_hidden_layers": d}))
                 t0 = time.perf_counter()
-                points += run_depth(model_dir, d, args.batch, args.lanes, args.repeats, args.rounds,
-                                    args.poll_us, args.expert_shards, args.nodes)
-                print(f"depth {d}: {time.perf_counter() - t0:.0f} s", flush=True)
+                done = run_depth(model_dir, d, args.batch, args.lanes, args.repeats, args.rounds,
+                                 args.poll_us, args.expert_shards, args.nodes)
+                points += done
+                print(f"depth {d}: {time.perf_counter() - t0:.0f} s; so far:\n{report(done, profile)}",
+                      flush=True)
     finally:
         ray.shutdown()
         if nodes is not None:
