@@ -132,6 +132,11 @@ class Point:
                                                                                    "experts")}
 
 
+# A decode step's messages are a few KiB. Ray's default channel buffer (1e6 bytes, times
+# max_inflight_executions buffers per channel, some channels taking Ray's default rather than the
+# graph's buffer size) filled the object store at depth 48 with 3 lanes: the raylet then allocated
+# from files until it ran out of descriptors and died. So every process gets this default too.
+BUFFER_BYTES = 1 << 16
 NODE_POOLS = {"attention": "mixer_node", "deltanet": "mixer_node", "experts": "expert_node"}
 
 
@@ -145,9 +150,7 @@ def run_depth(model_dir: str, depth: int, batches: Sequence[int], lanes: Sequenc
     shape = Shape(c.num_hidden_layers, len(c.attention_layers), len(c.moe_layers))
     args: dict[str, Any] = {"pools": {"experts": {"actors": expert_shards}},
                             "cluster": {"step_timeout_s": 120, "idle_release_s": 0, "timeout_s": 600,
-                                        # a decode step's messages are a few KiB; at depth 48 with 3
-                                        # lanes 1 MiB channels filled the object store
-                                        "buffer_size_bytes": 1 << 16}}
+                                        "buffer_size_bytes": BUFFER_BYTES}}
     if poll_us is not None:
         args["cluster"]["channel_poll_us"] = poll_us
     if nodes:  # each pool on its kind of node, by custom resources
@@ -263,6 +266,10 @@ def main(argv: list[str] | None = None) -> None:
     # the actors cluster/actors.py starts are this run's sleepy subclasses
     cluster.actors.MixerWorker, cluster.actors.ExpertWorker = sleepy_classes(profile)
     root = str(Path(__file__).resolve().parents[1])
+    env = {"PYTHONPATH": root, "RAY_CGRAPH_buffer_size_bytes": str(BUFFER_BYTES)}
+    from ray.dag import DAGContext
+
+    DAGContext.get_current().buffer_size_bytes = BUFFER_BYTES
     nodes = None
     if args.nodes:
         from ray.cluster_utils import Cluster
@@ -270,11 +277,11 @@ def main(argv: list[str] | None = None) -> None:
         nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
         nodes.add_node(num_cpus=2, resources={"mixer_node": 2})
         nodes.add_node(num_cpus=args.expert_shards, resources={"expert_node": args.expert_shards})
-        ray.init(address=nodes.address, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": root}})
+        ray.init(address=nodes.address, log_to_driver=False, runtime_env={"env_vars": env})
         nodes.wait_for_nodes()
     else:
         ray.init(address="local", num_cpus=args.expert_shards + 2, include_dashboard=False,
-                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": root}})
+                 log_to_driver=False, runtime_env={"env_vars": env})
     points: list[Point] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
