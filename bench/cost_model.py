@@ -11,18 +11,22 @@ The model. Every MoE layer's mixer → shards → next mixer puts two edges on a
 (the carry to the next mixer travels beside the shards), plus driver → first mixer and last mixer →
 driver. With one micro-batch nothing overlaps:
     step = Σ_l (mixer_l + experts_l) + (2·moe_layers + 2)·edge
-With m micro-batches on actors with their own cores (ping-pong), each layer costs the busiest of the
-mixer's m turns, the shards' m turns, or one micro-batch's trip through the layer, plus filling:
-    step = Σ_l max(m·mixer_l, m·experts_l, mixer_l + experts_l + 2·edge) + (m−1)·min(…) + 2·edge
-with every compute figure taken at batch/m. Actors that share cores overlap nothing: m turns of the
-one-micro-batch sum."""
+With m micro-batches (lanes) on actors with their own cores or GPUs (ping-pong), the step is the
+step graph's static schedule played out (`schedule_ms`): each actor runs its calls in the order
+cluster/step_graph.py binds them (layer by layer, lanes in turn), a call starts when its actor is
+free and its inputs have arrived (an edge after they were made), compute taken at the lane's share
+of the batch. In steady state a layer then costs
+    max(m·mixer_l, m·experts_l, mixer_l + experts_l + 2·edge)
+(the mixer's m turns, the shards' m turns, or one lane's round trip through the layer), not
+their sum: the pipeline runs at its busiest stage, plus filling and draining it. Actors that share
+cores overlap nothing: m turns of the one-micro-batch sum."""
 
 from __future__ import annotations
 
 import argparse
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bench.cluster_step import markdown_table
@@ -47,25 +51,65 @@ class Shape:
     def deltanet_layers(self) -> int:
         return self.layers - self.attention_layers
 
+    def kinds(self) -> list[tuple[str, bool]]:
+        """(mixer kind, MoE?) per layer: attention every layers/attention_layers-th layer (Qwen3-Next's
+        3:1), MoE layers spread evenly (all of them in Qwen3-Next)."""
+        every = self.layers // self.attention_layers if self.attention_layers else 0
+        out = []
+        for i in range(self.layers):
+            kind = "attention" if every and (i + 1) % every == 0 else "deltanet"
+            moe = (i + 1) * self.moe_layers // self.layers > i * self.moe_layers // self.layers
+            out.append((kind, moe))
+        return out
+
+
+def schedule_ms(shape: Shape, cost: Callable[[int], LayerCost], lanes: Sequence[int],
+                edge_ms: float) -> float:
+    """ms of one step of `lanes[i]` sequences per lane, played out on the step graph's static schedule:
+    one attention and one DeltaNet actor, the expert shards as one stage (they run side by side and
+    `experts_ms` is the slowest); each actor's calls in bind order, a call starting when its actor is
+    free and its inputs are in (an edge after they were made; an actor's own carry costs none)."""
+    costs = [cost(max(1, n)) for n in lanes]
+    free = {"attention": 0.0, "deltanet": 0.0, "experts": 0.0}
+    carry = [(edge_ms, "driver") for _ in lanes]  # when each lane's carry was made, and where
+    partial: list[float | None] = [None] * len(lanes)  # when its shards answered (None: no MoE layer)
+    for kind, moe in shape.kinds():
+        for i, c in enumerate(costs):
+            t, at = carry[i]
+            ready = t + (0.0 if at == kind else edge_ms) if at != "driver" else t
+            if partial[i] is not None:
+                ready = max(ready, partial[i] + edge_ms)
+            done = max(free[kind], ready) + (c.attention_ms if kind == "attention" else c.deltanet_ms)
+            free[kind] = done
+            carry[i] = (done, kind)
+            partial[i] = None
+            if moe:
+                end = max(free["experts"], done + edge_ms) + c.experts_ms
+                free["experts"] = end
+                partial[i] = end
+    last = shape.kinds()[-1][0]
+    finish = []
+    for i in range(len(lanes)):  # the last mixer's finish calls (combine + head: no cost here), in turn
+        t, _ = carry[i]
+        ready = max(t, partial[i] + edge_ms) if partial[i] is not None else t
+        free[last] = max(free[last], ready)
+        finish.append(free[last] + edge_ms)
+    return max(finish)
+
+
+def lane_sizes(batch: int, m: int) -> list[int]:
+    """Sequences per lane of a decode step split in m (cluster/micro_batch.py: near-equal)."""
+    m = max(1, min(m, batch))
+    return [batch // m + (1 if i < batch % m else 0) for i in range(m)]
+
 
 def step_ms(shape: Shape, cost: Callable[[int], LayerCost], batch: int, edge_ms: float,
             micro_batches: int = 1, own_cores: bool = True) -> float:
     """Predicted ms of one decode step of `batch` sequences."""
-    m = max(1, min(micro_batches, batch))
-    c = cost(math.ceil(batch / m))
-    mixers = [(shape.attention_layers, c.attention_ms), (shape.deltanet_layers, c.deltanet_ms)]
-    moe_share = shape.moe_layers / shape.layers  # MoE layers spread over both kinds alike
-    if m == 1 or not own_cores:
-        one = (sum(n * mix for n, mix in mixers) + shape.moe_layers * c.experts_ms
-               + (2 * shape.moe_layers + 2) * edge_ms)
-        return m * one
-    total = 2 * edge_ms
-    for n, mix in mixers:
-        x = c.experts_ms * moe_share
-        cycle = max(m * mix, m * x, mix + x + 2 * edge_ms * moe_share)
-        total += n * cycle
-    total += (m - 1) * min(c.deltanet_ms, c.experts_ms)
-    return total
+    lanes = lane_sizes(batch, micro_batches)
+    if len(lanes) == 1 or not own_cores:
+        return sum(schedule_ms(shape, cost, [n], edge_ms) for n in lanes)
+    return schedule_ms(shape, cost, lanes, edge_ms)
 
 
 def single_process_ms(shape: Shape, cost: Callable[[int], LayerCost], batch: int) -> float:

@@ -75,8 +75,12 @@ class ClusterSettings(Settings):
                                "compiled_graph (a Ray Compiled Graph; needed by tensor_transport "
                                "accelerator / shm), remote_calls (one Ray call per hop, the slowest)")
     micro_batch_tokens: int = Field(
-        0, ge=0, description="steps with at least this many tokens are split into two micro-batches so "
-                               "that mixers and expert shards overlap (0: never split)")
+        0, ge=0, description="steps with at least this many tokens are split into `micro_batches` "
+                               "micro-batches so that mixers and expert shards overlap (0: never split)")
+    micro_batches: int = Field(
+        2, ge=2, description="how many micro-batches (step-graph lanes) a step of >= micro_batch_tokens "
+                             "tokens is split into, by whole sequences, near-equal in tokens; unused "
+                             "while micro_batch_tokens is 0")
     tensor_transport: Literal["host", "accelerator", "shm"] = Field(
         "host", description="how tensors cross the step graph's edges: host (numpy arrays through "
                             "Ray's shared memory / object store; CPU actors, and the safe default), "

@@ -104,7 +104,7 @@ class ClusterExecutor(Executor):
                                    torch.device("cpu"))
         self._rollbacks: tuple[tuple[int, int], ...] = ()  # the last propose's, for the next step
         cluster = self.settings.cluster
-        self.num_lanes = 2 if cluster.micro_batch_tokens > 0 else 1
+        self.num_lanes = cluster.micro_batches if cluster.micro_batch_tokens > 0 else 1
         # engine.compile: the mixers' decode batch buckets (CompiledLayers' default for num_slots),
         # and those they have compiled since they started.
         self.decode_buckets = default_buckets(num_slots) if compile else ()
@@ -216,15 +216,17 @@ class ClusterExecutor(Executor):
             except Exception as e:  # a dead actor's channels: the rest is freed anyway
                 log.warning("step graph teardown: %s", describe(e))
 
-    def configure_step(self, data_plane: str | None = None,
-                       micro_batch_tokens: int | None = None, channel_poll_us: float | None = None) -> None:
+    def configure_step(self, data_plane: str | None = None, micro_batch_tokens: int | None = None,
+                       channel_poll_us: float | None = None, micro_batches: int | None = None) -> None:
         """Rebuild the step on the same actors: `data_plane` sockets, compiled_graph or remote_calls,
-        one lane or two, how compiled-graph channels are waited on (tests and bench/cluster_step.py
-        compare them without restarting actors)."""
+        one lane or `micro_batches`, how compiled-graph channels are waited on (tests and
+        bench/cluster_step.py compare them without restarting actors)."""
         update = {k: v for k, v in (("data_plane", data_plane), ("micro_batch_tokens", micro_batch_tokens),
-                                    ("channel_poll_us", channel_poll_us)) if v is not None}
-        # validated like the YAML, before anything is torn down: a wrong data_plane, or one that
-        # cannot carry the tensor transport, is refused and the step stays as it was
+                                    ("channel_poll_us", channel_poll_us), ("micro_batches", micro_batches))
+                  if v is not None}
+        # validated like the YAML, before anything is torn down: a wrong data_plane or number of
+        # micro-batches, or a data plane that cannot carry the tensor transport, is refused and the
+        # step stays as it was
         old = self.settings.cluster
         cluster = type(old).model_validate({**old.model_dump(), **update})
         settings = self.settings.model_copy(update={"cluster": cluster})
@@ -233,7 +235,7 @@ class ClusterExecutor(Executor):
             self.settings = settings
             self.idle_after_s = ((cluster.idle_release_s or None) if cluster.data_plane == "compiled_graph"
                                  else None)
-            self.num_lanes = 2 if cluster.micro_batch_tokens > 0 else 1
+            self.num_lanes = cluster.micro_batches if cluster.micro_batch_tokens > 0 else 1
 
     def set_expert_placement(self, experts: ExpertPlacement) -> float:
         """Move the routed experts to `experts` between steps, keeping every cache (expert
@@ -292,8 +294,8 @@ class ClusterExecutor(Executor):
         if self._rollbacks:
             step = dataclasses.replace(step, state_rollbacks=self._rollbacks)
             self._rollbacks = ()
-        split = split_step(step, self.settings.cluster.micro_batch_tokens)
-        parts = split.parts[: self.num_lanes]
+        split = split_step(step, self.settings.cluster.micro_batch_tokens, self.num_lanes)
+        parts = split.parts
         self._compile_buckets(parts)
         want_hidden = self.drafter is not None
         msgs = [StepMsg(next(self._seq), p, lane=i, want_hidden=want_hidden) for i, p in enumerate(parts)]
@@ -301,7 +303,7 @@ class ClusterExecutor(Executor):
             results = self._step(msgs)
         except ACTOR_FAILURES as e:  # the engine recomputes its sequences on the restarted actors
             raise self._recover(e) from None
-        if self.drafter is not None:  # lane 0's tokens come first in the step, then lane 1's
+        if self.drafter is not None:  # lane 0's tokens come first in the step, then lane 1's, ...
             hidden = torch.cat([from_wire(r.hidden, self.config.torch_dtype).to("cpu") for r in results
                                 if r is not None and r.hidden is not None])
             layout = BatchLayout.build(list(step.slots), list(step.starts), list(step.lengths), "cpu",

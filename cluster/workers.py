@@ -192,14 +192,14 @@ class MixerWorker:
                           telemetry.add(self.spec.name, time.perf_counter() - start), hidden)
 
     def _batch(self, msg: StepMsg) -> tuple[BatchLayout, Tensor]:
-        """Layout and token ids of a (micro-)batch, built on its first layer here; the two lanes'
-        calls alternate, so the last two are kept."""
+        """Layout and token ids of a (micro-)batch, built on its first layer here; the lanes' calls
+        alternate, so those of this step's lanes (numbered seq - lane on) are kept."""
         if msg.seq not in self._batches:
             s = msg.step
             layout = BatchLayout.build(list(s.slots), list(s.starts), list(s.lengths), self.device,
                                        s.block_tables, keep_states=s.keep_states)
             tokens = torch.tensor(s.token_ids, dtype=torch.long, device=self.device)
-            self._batches = {k: v for k, v in self._batches.items() if k > msg.seq - 2}
+            self._batches = {k: v for k, v in self._batches.items() if k >= msg.seq - msg.lane}
             self._batches[msg.seq] = (layout, tokens)
         return self._batches[msg.seq]
 

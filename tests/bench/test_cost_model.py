@@ -37,3 +37,26 @@ def test_max_edge_keeps_the_step_within_the_bound():
     assert e > 0
     single = single_process_ms(QWEN3_NEXT_80B, h100_cost, 32)
     assert step_ms(QWEN3_NEXT_80B, h100_cost, 32, e) == pytest.approx(1.2 * single, rel=1e-6)
+
+
+@pytest.mark.parametrize("edge", [0.0, 0.2, 5.0])
+@pytest.mark.parametrize("m", [2, 3])
+def test_ping_pong_runs_at_its_busiest_stage_not_the_sum(edge, m):
+    # Between the busiest actor's total work (or one lane's trip through every layer) and the
+    # sum over layers of max(the mixer's m turns, the shards' m turns, one lane's round trip),
+    # plus filling the pipeline: not the one-lane sum.
+    deep = Shape(layers=48, attention_layers=12, moe_layers=48)
+
+    def cost(n):
+        return LayerCost(attention_ms=0.5 * n, deltanet_ms=0.25 * n, experts_ms=0.4 * n)
+
+    lanes = [32 // m + (1 if i < 32 % m else 0) for i in range(m)]
+    whole, big = cost(32), cost(lanes[0])  # linear: the lanes' turns add up to the whole batch's
+    mixers = [(whole.attention_ms, big.attention_ms)] * 12 + [(whole.deltanet_ms, big.deltanet_ms)] * 36
+    busiest = max(48 * whole.experts_ms, 12 * whole.attention_ms, 36 * whole.deltanet_ms,
+                  sum(b + big.experts_ms + 2 * edge for _, b in mixers))
+    cycles = sum(max(w, whole.experts_ms, b + big.experts_ms + 2 * edge) for w, b in mixers)
+    got = step_ms(deep, cost, 32, edge, micro_batches=m)
+    assert busiest <= got <= cycles + m * (big.attention_ms + big.experts_ms) + 2 * edge
+    if edge < 1:
+        assert got < 0.75 * step_ms(deep, cost, 32, edge)
