@@ -60,7 +60,7 @@ MODES: dict[str, dict[str, Any] | None] = {
     "remote-2mb": dict(data_plane="remote_calls", micro_batch_tokens=16),
     "sockets": dict(data_plane="sockets", micro_batch_tokens=0),  # the default data plane
     "sockets-2lane": dict(data_plane="sockets", micro_batch_tokens=16),
-    # engine.compile: a second cluster whose mixers run decode layers compiled (model/compiled.py
+    # engine.compile: a second cluster whose mixers run decode layers compiled (model/compiled_actor.py
     # CompiledLayers) over the default data plane, and the local executor's compiled step
     "compiled-actors": dict(data_plane="sockets", micro_batch_tokens=0),
     "local-compiled": None,

@@ -203,7 +203,7 @@ def check_moe_grouped_mm(w: Widths, device, dtype, seed: int = 3) -> dict[str, A
 
 def check_decode_attention(w: Widths, device, dtype, seed: int = 4) -> dict[str, Any]:
     from model.attention import Attention
-    from model.compiled import DecodeInputs, attention_decode
+    from model.decode_math import DecodeInputs, attention_decode
 
     config = ModelConfig.from_hf(w.hub_config(4))
     g = torch.Generator().manual_seed(seed)

@@ -72,7 +72,7 @@ def time_attention(w: Widths, device: torch.device, dtype: torch.dtype, batches:
     """The decode step's attention over the paged cache (gathered blocks), eagerly: SDPA (the
     CUDA choice) against the float32 einsum, every row at `context` keys. Milliseconds per call."""
     from model.attention import Attention
-    from model.compiled import DecodeInputs, attention_decode
+    from model.decode_math import DecodeInputs, attention_decode
 
     config = ModelConfig.from_hf(w.hub_config(4))
     with torch.device(device):

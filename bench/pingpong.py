@@ -1,10 +1,10 @@
-"""Ping-pong micro-batches where every actor has a core of its own, simulated on a small machine:
-the real cluster executor (its default sockets data plane, or `--data-plane`; loopback Ray) on a tiny Qwen3-Next of some depth, whose
-actors compute the real result and then sleep until each call has taken a calibrated time. A
-sleeping actor leaves its core free, so the lanes' overlap is real, as on actors with their own
-GPUs; greedy results stay those of the model. Decode steps at batch B in m = 1, 2, 3 lanes
-(`cluster.micro_batches`); tokens/s and the cost model's prediction (bench/cost_model.py) beside
-each, its edge latency fitted on the one-lane runs of the same run.
+"""Ping-pong micro-batches where every actor has a core of its own, simulated on a small machine: the
+real cluster executor (its default sockets data plane, or `--data-plane`; loopback Ray) on a tiny
+Qwen3-Next of some depth, whose actors compute the real result and then sleep until each call has
+taken a calibrated time. A sleeping actor leaves its core free, so the lanes' overlap is real, as on
+actors with their own GPUs; greedy results stay those of the model. Decode steps at batch B in m =
+1, 2, 3 lanes (`cluster.micro_batches`); tokens/s and the cost model's prediction
+(bench/cost_model.py) beside each, its edge latency fitted on the one-lane runs of the same run.
 
     flock /tmp/bench.lock unshare -n sh -c 'ip link set lo up; exec .venv/bin/python -m bench.pingpong \\
         --depths 12 48 --batch 8 32 --lanes 1 2 3'

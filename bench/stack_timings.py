@@ -16,8 +16,9 @@ from bench.gpu_timing import timed
 from bench.kernel_checks import TOLERANCES, Widths, randomize_, rel_err
 from model import kernels
 from model.batch import BatchLayout
-from model.compiled import CompiledDecode, make_decode_caches
+from model.compiled import CompiledDecode
 from model.config import ModelConfig
+from model.decode_math import make_decode_caches
 from model.decoder import CausalLM
 from model.loading import materialize
 

@@ -45,8 +45,8 @@ from engine.executor import (
     StepTelemetry,
 )
 from model.batch import BatchLayout
-from model.compiled import default_buckets
 from model.config import ModelConfig
+from model.decode_math import default_buckets
 from router.placement import ExpertPlacement
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class ClusterExecutor(Executor):
                  speculative_tokens: int = 0, compile: bool = False) -> None:
         """`compile` (engine.compile): the mixer actors run decode steps' layers through compiled
         graphs, per batch bucket like the local executor, and the expert shards their calls of up to
-        one row per slot (cluster/workers.py, model/compiled.py CompiledLayers, CompiledExperts);
+        one row per slot (cluster/workers.py, model/compiled_actor.py CompiledLayers, CompiledExperts);
         other steps stay eager. A bucket compiles on every actor before its first step.
         `speculative_tokens` k > 0: MTP speculative decoding, the MTP layer (and the embedding and
         LM head it shares) in this process, the DeltaNet actors keeping the per-position states of

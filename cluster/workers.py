@@ -31,8 +31,9 @@ from cluster.messages import (
 from cluster.placement import MixerSpec
 from model.batch import BatchLayout
 from model.cache import DeltaNetState, StateSnapshots
-from model.compiled import CompiledExperts, CompiledLayers, make_decode_cache
+from model.compiled_actor import CompiledExperts, CompiledLayers
 from model.config import ModelConfig
+from model.decode_math import make_decode_cache
 from model.decoder import DecoderLayer
 from model.loading import load_experts, load_module, materialize
 from model.moe import Experts, SparseMoeBlock
@@ -62,7 +63,7 @@ class MixerWorker:
                  block_size: int = 16, num_kv_blocks: int | None = None,
                  tensor_transport: str = "host", num_state_snapshots: int = 0,
                  compile: bool = False) -> None:
-        """`compile`: decode steps run each layer here compiled, per batch bucket (model/compiled.py
+        """`compile`: decode steps run each layer here compiled, per batch bucket (model/compiled_actor.py
         CompiledLayers); other steps, and decode steps past the largest bucket, eagerly."""
         _init_process()
         self.host_wire = tensor_transport == "host"  # cluster/messages.py: numpy, else torch tensors
@@ -232,7 +233,7 @@ class ExpertWorker:
     def __init__(self, model_dir: str, dtype: str | None, shard: int, expert_ids: Sequence[int],
                  device: str = "cpu", tensor_transport: str = "host", compile_rows: int = 0) -> None:
         """`compile_rows` > 0 (engine.compile): calls of at most that many rows (a decode step's,
-        at most one per slot) run compiled (model/compiled.py CompiledExperts), larger ones eagerly."""
+        at most one per slot) run compiled (model/compiled_actor.py CompiledExperts), larger ones eagerly."""
         _init_process()
         self.decode = CompiledExperts(compile_rows) if compile_rows > 0 else None
         self.host_wire = tensor_transport == "host"

@@ -19,8 +19,9 @@ from engine.drafter import Drafter
 from engine.executor import DEFAULT_PREFIX_CACHE_STATES, Executor, StepInput
 from model.batch import BatchLayout
 from model.cache import DeltaNetState, StateSnapshots
-from model.compiled import CompiledDecode, make_decode_caches
+from model.compiled import CompiledDecode
 from model.config import ModelConfig
+from model.decode_math import make_decode_caches
 from model.decoder import CausalLM
 from model.gate_tap import GateTap
 from model.moe import SparseMoeBlock

@@ -10,10 +10,11 @@ length is a dynamic dimension of the compiled graphs (padded to a multiple of `K
 a bucket compiles once per distinct group of layers (once for Qwen3-Next's 3:1 pattern),
 whatever the sequences' lengths.
 
-`CompiledDecode` runs a whole model's step (the local executor); `CompiledLayers` runs one layer
-per call for a cluster actor that holds a few (its mixer half, gate and shared expert: the routed
-experts live in other actors). Both pad through `DecodePadding` and compile lazily through
-`LazyCompiles`.
+`CompiledDecode` runs a whole model's step (the local executor); model/compiled_actor.py's
+`CompiledLayers` runs one layer per call for a cluster actor that holds a few (its mixer half,
+gate and shared expert: the routed experts live in other actors). Both pad through
+`DecodePadding` and compile lazily through `LazyCompiles`; the math they compile is
+model/decode_math.py's.
 
 Legend: B sequences, Bp bucket, H hidden, Lk keys read per row, N / Nkv query / key-value heads,
 D head dim, G / Hv DeltaNet key / value heads, K / V their head dims, C conv channels, W conv
@@ -24,242 +25,32 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, fields
-from typing import NamedTuple
+from dataclasses import fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.attention import Attention
 from model.batch import BatchLayout
 from model.cache import DeltaNetState, KVCache
-from model.decoder import Cache, CausalLM, DecoderLayer
-from model.delta_rule import gated_delta_rule_step
-from model.gated_deltanet import GatedDeltaNet, l2norm
-from model.kernels import decode_attention_backend, decode_moe_backend
-from model.moe import Experts, SparseMoeBlock
+from model.decode_math import (
+    KV_GRANULE,
+    DecodeInputs,
+    LayersFn,
+    compile_layers_fn,
+    default_buckets,
+    state_tensors,
+)
+from model.decoder import Cache, CausalLM
 
 log = logging.getLogger(__name__)
 
-KV_GRANULE = 16  # keys read per row are padded to a multiple of this (never a size-1 dimension)
 # Layers per compiled graph: fewer calls (each costs guards and wrappers, ~0.1 ms on CPU) against
 # a longer compile; 4 is one 3:1 DeltaNet/attention period of Qwen3-Next, so all groups share a graph.
 LAYERS_PER_GRAPH = 4
 RECOMPILE_ROOM = 64
-
-
-def default_buckets(max_batch: int) -> tuple[int, ...]:
-    """Powers of two below `max_batch`, and `max_batch` itself (vLLM's capture sizes, smaller)."""
-    sizes, b = [], 1
-    while b < max_batch:
-        sizes.append(b)
-        b *= 2
-    return (*sizes, max_batch)
-
-
-def make_decode_caches(model: CausalLM, num_slots: int, max_len: int, block_size: int,
-                       num_blocks: int) -> list[Cache]:
-    """The caches of `model.make_caches` with the scratch room padded rows use: DeltaNet state
-    slot `num_slots` and KV-cache block `num_blocks`, both outside what the engine hands out."""
-    p = model.lm_head.weight
-    return [make_decode_cache(layer, num_slots, max_len, p.dtype, p.device, block_size, num_blocks)
-            for layer in model.model.layers]
-
-
-def make_decode_cache(layer: DecoderLayer, num_slots: int, max_len: int, dtype: torch.dtype,
-                      device: torch.device | str, block_size: int, num_blocks: int | None) -> Cache:
-    """`layer.make_cache` with the scratch room (`make_decode_caches`), for one layer (a cluster
-    actor's). `num_blocks` None: as `make_cache`, every slot at `max_len`, then the scratch block."""
-    if isinstance(layer.mixer, Attention):
-        if num_blocks is None:
-            num_blocks = num_slots * -(-max_len // block_size)
-        return layer.make_cache(num_slots, max_len, dtype, device, block_size, num_blocks + 1)
-    return layer.make_cache(num_slots + 1, max_len, dtype, device)
-
-
-@dataclass(frozen=True)
-class DecodeInputs:
-    """One decode step padded to its bucket: what every layer reads besides its cache."""
-
-    positions: Tensor  # [Bp] long: position of each row's token (0 for padded rows)
-    slots: Tensor      # [Bp] long: DeltaNet state slot; the scratch slot for padded rows
-    fresh: Tensor      # [Bp] bool: the state starts from zeros (a one-token prompt, a padded row)
-    write_at: Tensor   # [Bp] long: KV-cache row of the new key/value; the scratch row for padded rows
-    read_at: Tensor    # [Bp, Lk] long: KV-cache rows of each row's keys; the scratch row past its end
-    kv_len: Tensor     # [Bp] long: keys each row attends to (position + 1; 1 for padded rows)
-
-
-def attention_decode(attn: Attention, x: Tensor, inp: DecodeInputs, k_cache: Tensor,
-                     v_cache: Tensor) -> Tensor:
-    """x [Bp, hidden] -> [Bp, hidden]; writes the new keys/values into the paged cache in place."""
-    B, N, Nkv, D = x.shape[0], attn.N, attn.Nkv, attn.D
-    q, k, v, gate = attn.project(x, inp.positions)  # [Bp, N, D], [Bp, Nkv, D] x2
-    k_rows, v_rows = k_cache.view(-1, Nkv, D), v_cache.view(-1, Nkv, D)  # [NB·BS, Nkv, D]
-    k_rows[inp.write_at] = k.to(k_rows.dtype)
-    v_rows[inp.write_at] = v.to(v_rows.dtype)
-    keys, values = k_rows[inp.read_at], v_rows[inp.read_at]  # [Bp, Lk, Nkv, D]
-    seen = torch.arange(keys.shape[1], device=x.device)[None, :] < inp.kv_len[:, None]  # [Bp, Lk]
-    if decode_attention_backend(x, attn.kernels) == "sdpa":  # fused kernels, in the model dtype
-        o = F.scaled_dot_product_attention(
-            q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=seen[:, None, None, :],
-            scale=D ** -0.5, enable_gqa=Nkv != N)  # [Bp, N, 1, D]
-        return attn.output(o.reshape(B, N * D).to(x.dtype), gate)
-    qg = q.view(B, Nkv, N // Nkv, D).float()
-    scores = torch.einsum("bgrd,bkgd->bgrk", qg, keys.float()) * D ** -0.5  # [Bp, Nkv, r, Lk]
-    scores = scores.masked_fill(~seen[:, None, None, :], float("-inf"))
-    o = torch.einsum("bgrk,bkgd->bgrd", scores.softmax(-1), values.float())  # [Bp, Nkv, r, D]
-    return attn.output(o.reshape(B, N * D).to(x.dtype), gate)
-
-
-def deltanet_decode(dn: GatedDeltaNet, x: Tensor, inp: DecodeInputs, conv: Tensor,
-                    recurrent: Tensor) -> Tensor:
-    """x [Bp, hidden] -> [Bp, hidden]; one conv and delta-rule step, states updated in place."""
-    B, G, Hv, K, V = x.shape[0], dn.G, dn.H, dn.K, dn.V
-    q, k, v, z, b, a = dn.split_projections(x)
-    fresh = inp.fresh[:, None, None]
-    window = torch.cat([torch.where(fresh, 0, conv[inp.slots]),
-                        torch.cat([q, k, v], dim=-1)[:, :, None].to(conv.dtype)], dim=-1)  # [Bp, C, W]
-    conv[inp.slots] = window[:, :, 1:]
-    mixed = F.silu((window * dn.conv1d.weight[:, 0, :]).sum(-1))  # [Bp, C]
-    q, k, v = torch.split(mixed, [G * K, G * K, Hv * V], dim=-1)
-    r = Hv // G
-    q = l2norm(q.reshape(B, G, K).float()).repeat_interleave(r, dim=1)  # [Bp, Hv, K]
-    k = l2norm(k.reshape(B, G, K).float()).repeat_interleave(r, dim=1)
-    g, beta = dn.decay_and_beta(a, b)  # [Bp, Hv]
-    state = torch.where(fresh[..., None], 0, recurrent[inp.slots])  # [Bp, Hv, K, V]
-    o, state = gated_delta_rule_step(q, k, v.reshape(B, Hv, V), g, beta, state)
-    recurrent[inp.slots] = state
-    o = dn.norm(o, z)  # [Bp, Hv, V]
-    return dn.out_proj(o.reshape(B, Hv * V))
-
-
-def moe_decode(moe: SparseMoeBlock, x: Tensor) -> tuple[Tensor, Tensor]:
-    """x [Bp, hidden] -> (output [Bp, hidden], expert ids [Bp, k])."""
-    ids, weights = moe.gate.forward(x)  # [Bp, k] x2; forward, not __call__: no hooks in a graph
-    out = routed_experts_decode(moe.experts, x, ids, weights)
-    shared = moe.shared(x)
-    return (out if shared is None else out + shared), ids
-
-
-def routed_experts_decode(ex: Experts, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
-    """`Experts.forward` in static shapes: x [n, hidden], ids [n, k] global expert ids (-1: none),
-    weights [n, k] -> Σ_k weight·expert(x) over the experts `ex` holds, [n, hidden]."""
-    local = ex.local_index[ids]  # [n, k], -1 where the expert is held elsewhere
-    w = weights * (local >= 0).to(weights.dtype)  # such pairs run on stacked expert 0, weighted 0
-    j = local.clamp(min=0)
-    if decode_moe_backend(x, ex) == "grouped_mm":
-        return grouped_experts(ex, x, j, w)
-    return _gathered_experts(ex, x, j, w)
-
-
-def _gathered_experts(ex: Experts, x: Tensor, j: Tensor, w: Tensor) -> Tensor:
-    """Each row gathers the weights of its own k experts (gpt-fast's MoE decode): static shapes,
-    where the eager path's grouping by expert has data-dependent ones (and F.grouped_mm has no
-    float32 CPU meta kernel to trace). For small experts inductor fuses gather and product into
-    one loop; wide experts would copy Bp·k experts' weights per layer, so a real checkpoint wants
-    a grouped GEMM (`grouped_experts`, chosen on CUDA by model/kernels.py). Measured on CPU, one
-    step against eager: on the tiny experts computing every expert densely was no faster at batch
-    16; on bench's wide
-    checkpoint (hidden 1024, 64 experts of 256, top-8) gathering gave 0.79x / 0.92x at batch 1 / 8,
-    the eager grouped GEMM called between two graphs 0.98x / 1.10x."""
-    gate_up, down = ex.gathered(j)  # [Bp, k, 2I, hidden], [Bp, k, hidden, I]; FP8 experts dequantize
-    gate, up = torch.einsum("bh,bkoh->bko", x, gate_up).chunk(2, dim=-1)  # [Bp, k, I] x2
-    y = torch.einsum("bki,bkhi->bkh", F.silu(gate) * up, down)  # [Bp, k, hidden]
-    return (y * w[..., None]).sum(1)
-
-
-def grouped_experts(ex: Experts, x: Tensor, j: Tensor, w: Tensor) -> Tensor:
-    """The same sum through one grouped GEMM per projection, in static shapes: all Bp·k pairs,
-    sorted by stacked expert (a pair of an expert held elsewhere runs on expert 0 with weight 0),
-    each expert's weights read once however many rows chose it. x [Bp, hidden], j, w [Bp, k]."""
-    k, E = j.shape[1], ex.gate_up.shape[0]
-    flat = j.flatten()  # [P]
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int32))  # [E], not bincount: its size is static
-    offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    rows = order // k
-    gate, up = F.grouped_mm(x[rows], ex.gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)  # [P, I] x2
-    y = F.grouped_mm(F.silu(gate) * up, ex.down.transpose(-2, -1), offs=offs)  # [P, hidden]
-    y = y * w.flatten()[order, None]
-    return torch.zeros_like(x).index_add_(0, rows, y.to(x.dtype))
-
-
-def mix_decode(layer: DecoderLayer, h: Tensor, inp: DecodeInputs, state: tuple[Tensor, Tensor]) -> Tensor:
-    """The token-mixer half of a layer (`DecoderLayer.mix`) for a padded decode batch: h [Bp, hidden]."""
-    x = layer.input_layernorm(h)
-    if isinstance(layer.mixer, Attention):
-        return h + attention_decode(layer.mixer, x, inp, *state)
-    return h + deltanet_decode(layer.mixer, x, inp, *state)
-
-
-def decode_layer(layer: DecoderLayer, h: Tensor, inp: DecodeInputs, state: tuple[Tensor, Tensor]
-                 ) -> tuple[Tensor, Tensor | None]:
-    """One decoder layer for a padded decode batch: h [Bp, hidden] -> (h, expert ids or None).
-    `state`: the layer's (keys, values) or (conv, recurrent) tensors, updated in place."""
-    h = mix_decode(layer, h, inp, state)
-    y = layer.post_attention_layernorm(h)
-    if isinstance(layer.mlp, SparseMoeBlock):
-        out, ids = moe_decode(layer.mlp, y)
-        return h + out, ids
-    return h + layer.mlp(y), None
-
-
-def decode_layers(layers: tuple[DecoderLayer, ...], h: Tensor, inp: DecodeInputs,
-                  states: tuple[tuple[Tensor, Tensor], ...]) -> tuple[Tensor, tuple[Tensor | None, ...]]:
-    """`decode_layer` over consecutive layers: h [Bp, hidden] -> (h, each layer's expert ids)."""
-    ids = []
-    for layer, state in zip(layers, states, strict=True):
-        h, layer_ids = decode_layer(layer, h, inp, state)
-        ids.append(layer_ids)
-    return h, tuple(ids)
-
-
-class MixerLayerOut(NamedTuple):
-    """A layer's decode in a cluster mixer (`mixer_layer_decode`), rows [Bp] or cut to [B]."""
-
-    h: Tensor                 # [Bp, hidden]: after the mixer; for a dense layer after its MLP too
-    y: Tensor | None          # [Bp, hidden]: post-attention-normed h, what the routed experts take
-    ids: Tensor | None        # [Bp, k] long: the gate's expert ids
-    weights: Tensor | None    # [Bp, k]: their weights
-    shared: Tensor | None     # [Bp, hidden]: the shared expert's output, if the model has one
-
-
-def mixer_layer_decode(layer: DecoderLayer, h: Tensor, inp: DecodeInputs, state: tuple[Tensor, Tensor]
-                       ) -> MixerLayerOut:
-    """What a cluster mixer computes of one layer for a padded decode batch (cluster/workers.py
-    MixerWorker.run): the mixer, then for a MoE layer the post-attention norm, gate and shared
-    expert (the routed experts run in the expert shards), for a dense layer its MLP. The order of
-    `DecoderLayer.mix` / `feed_forward` and the mixer's eager `run`."""
-    h = mix_decode(layer, h, inp, state)
-    y = layer.post_attention_layernorm(h)
-    if not isinstance(layer.mlp, SparseMoeBlock):
-        return MixerLayerOut(h + layer.mlp(y), None, None, None, None)
-    ids, weights = layer.mlp.gate.forward(y)  # [Bp, k] x2; forward, not __call__: no hooks in a graph
-    return MixerLayerOut(h, y, ids, weights, layer.mlp.shared(y))
-
-
-MixerLayerFn = Callable[[DecoderLayer, Tensor, DecodeInputs, tuple[Tensor, Tensor]], MixerLayerOut]
-
-
-def state_tensors(cache: Cache) -> tuple[Tensor, Tensor]:
-    if isinstance(cache, KVCache):
-        return cache.k, cache.v
-    return cache.conv, cache.recurrent
-
-
-LayersFn = Callable[[tuple[DecoderLayer, ...], Tensor, DecodeInputs, tuple[tuple[Tensor, Tensor], ...]],
-                    tuple[Tensor, tuple[Tensor | None, ...]]]
-
-
-def compile_layers_fn() -> LayersFn:
-    """`decode_layers` under torch.compile. The layers are an argument: their parameters are graph
-    inputs, so every group of layers of the same kinds shares one graph per bucket (regional
-    compilation, as PyTorch's recipe for repeated blocks)."""
-    return torch.compile(decode_layers, fullgraph=True)
 
 
 # One bucket's step: h [Bp, hidden] and the padded inputs -> (h, each layer's expert ids [Bp, k] or None).
@@ -554,127 +345,3 @@ class CompiledDecode(DecodePadding):
             h, group_ids = self.layers_fn(layers, h, inp, states)
             ids.extend(group_ids)
         return h, ids
-
-
-class CompiledLayers(DecodePadding):
-    """Decode steps of single layers, one compiled call each: for a cluster actor that holds a few
-    layers (cluster/workers.py MixerWorker) and runs each in its own call, with the routed experts
-    elsewhere. `layers`: layer index -> layer, `caches` alike (from `make_decode_cache`). A layer
-    runs `mixer_layer_decode`; layers of the same kinds share its graph per bucket, as in
-    `CompiledDecode`. `layer_fn`: the compiled function, default `mixer_layer_decode` under
-    torch.compile. Keys keep a dynamic width (no CUDA graphs: a step spans several actors)."""
-
-    def __init__(self, layers: Mapping[int, DecoderLayer], caches: Mapping[int, Cache], num_slots: int,
-                 num_blocks: int, buckets: Sequence[int] | None = None,
-                 layer_fn: MixerLayerFn | None = None) -> None:
-        super().__init__(list(caches.values()), num_slots, num_blocks, buckets)
-        self.layers = dict(layers)
-        self.states = {i: state_tensors(c) for i, c in caches.items()}
-        self.layer_fn = layer_fn or torch.compile(mixer_layer_decode, fullgraph=True)
-        self.compiles = LazyCompiles()  # (bucket, mixer kind, MLP kind) -> seconds of its first run
-
-    def step_inputs(self, layout: BatchLayout) -> tuple[int, DecodeInputs]:
-        """The layout's bucket and padded inputs, made once per step for all its layers here."""
-        key = ("compiled_layers", id(self))
-        if key not in layout.derived:
-            bucket = self.bucket(layout.num_seqs)
-            layout.derived[key] = (bucket, self.inputs(layout, bucket))
-        return layout.derived[key]
-
-    def graph_key(self, index: int, bucket: int) -> tuple[int, str, str]:
-        """Layers with the same key share a graph: (bucket, mixer kind, MLP kind)."""
-        layer = self.layers[index]
-        return bucket, type(layer.mixer).__name__, type(layer.mlp).__name__
-
-    @torch.inference_mode()
-    def warm_up(self, bucket: int) -> dict[tuple[int, str, str], float]:
-        """Compile `bucket`'s graphs now, on scratch-only steps (they touch no sequence's state),
-        rather than inside a step; returns the seconds each new graph took."""
-        if bucket not in self.buckets:
-            raise ValueError(f"{bucket} is not one of the batch buckets {self.buckets}")
-        first: dict[tuple[int, str, str], int] = {}  # key -> its first layer here
-        for index in self.layers:
-            first.setdefault(self.graph_key(index, bucket), index)
-        for key, index in first.items():
-            if key not in self.compiles:
-                p = self.layers[index].post_attention_layernorm.weight  # [hidden], the model dtype
-                h = torch.zeros(bucket, p.shape[0], dtype=p.dtype, device=p.device)
-                self._run(index, h, self.scratch_inputs(bucket, p.device))
-        return {k: self.compiles.seconds[k] for k in first}
-
-    @torch.inference_mode()
-    def __call__(self, index: int, h: Tensor, layout: BatchLayout) -> MixerLayerOut:
-        """Layer `index` on h [B, hidden] of a decode layout (`supports`): `mixer_layer_decode`'s
-        outputs cut back to the B real rows."""
-        if not self.supports(layout):
-            raise ValueError(f"not a decode step of at most {self.buckets[-1]} sequences")
-        B = layout.num_seqs
-        bucket, inp = self.step_inputs(layout)
-        out = self._run(index, F.pad(h, (0, 0, 0, bucket - B)), inp)  # padded to [Bp, hidden]
-        return MixerLayerOut(*(None if t is None else t[:B] for t in out))
-
-    def _run(self, index: int, h: Tensor, inp: DecodeInputs) -> MixerLayerOut:
-        layer = self.layers[index]
-        torch._dynamo.mark_static(h, 0)  # one graph per bucket, never a dynamic batch
-        if isinstance(layer.mixer, Attention):
-            torch._dynamo.mark_dynamic(inp.read_at, 1)  # any context length, one graph
-        key = self.graph_key(index, h.shape[0])
-        if key in self.compiles:
-            with self.compiles.trusted():
-                return self.layer_fn(layer, h, inp, self.states[index])
-        with self.compiles.first(key, f"decode layer ({key[1]}, {key[2]}) for batch bucket {key[0]}"):
-            return self.layer_fn(layer, h, inp, self.states[index])
-
-
-RoutedFn = Callable[[Experts, Tensor, Tensor, Tensor], Tensor]
-
-
-class CompiledExperts:
-    """A cluster expert shard's routed experts (cluster/workers.py ExpertWorker) for batches of at
-    most `max_rows` rows, through `routed_experts_decode` under torch.compile. The rows a shard
-    gets per layer vary with the routing, so the row count is a dynamic dimension (one graph for
-    all counts; a single row is padded to two, with weight 0, as torch specializes sizes 0 and 1).
-    `routed_fn`: the compiled function, default `routed_experts_decode` under torch.compile."""
-
-    def __init__(self, max_rows: int, routed_fn: RoutedFn | None = None) -> None:
-        if max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-        self.max_rows = max_rows
-        self.routed_fn = routed_fn or torch.compile(routed_experts_decode, fullgraph=True)
-        self.compiles = LazyCompiles()  # "experts" -> seconds of the first run
-
-    def supports(self, ex: Experts, num_rows: int) -> bool:
-        return 1 <= num_rows <= self.max_rows and len(ex.expert_ids) > 0
-
-    @property
-    def warmed(self) -> bool:
-        """The graph is made (`warm_up`, or a first call)."""
-        return "experts" in self.compiles
-
-    @torch.inference_mode()
-    def warm_up(self, ex: Experts, k: int) -> dict[str, float]:
-        """Compile now, on two rows of `k` pairs routed to no expert (weight 0): nothing but the
-        graph is made."""
-        if "experts" not in self.compiles and self.supports(ex, 2):
-            x = torch.zeros(2, ex.down.shape[1], dtype=ex.down.dtype, device=ex.down.device)
-            ids = torch.full((2, k), -1, dtype=torch.long, device=x.device)
-            self(ex, x, ids, torch.zeros(2, k, dtype=x.dtype, device=x.device))
-        return dict(self.compiles.seconds)  # type: ignore[arg-type]
-
-    @torch.inference_mode()
-    def __call__(self, ex: Experts, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
-        n = x.shape[0]
-        if not self.supports(ex, n):
-            raise ValueError(f"{n} rows for {len(ex.expert_ids)} experts: the compiled experts take 1 to "
-                             f"{self.max_rows} rows for at least one")
-        # New tensors even without padding, made here in inference mode whatever the caller's
-        # were, so every call passes the same guards.
-        pad = (0, 0, 0, 1 if n == 1 else 0)
-        x, ids, weights = F.pad(x, pad), F.pad(ids, pad, value=-1), F.pad(weights, pad)
-        for t in (x, ids, weights):
-            torch._dynamo.mark_dynamic(t, 0)
-        if "experts" in self.compiles:
-            with self.compiles.trusted():
-                return self.routed_fn(ex, x, ids, weights)[:n]
-        with self.compiles.first("experts", f"routed experts for up to {self.max_rows} rows"):
-            return self.routed_fn(ex, x, ids, weights)[:n]

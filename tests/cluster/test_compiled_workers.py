@@ -1,4 +1,4 @@
-"""The cluster's actor classes with `compile` (cluster/workers.py, model/compiled.py CompiledLayers),
+"""The cluster's actor classes with `compile` (cluster/workers.py, model/compiled_actor.py CompiledLayers),
 called in step order in this process (no Ray; tests/cluster/test_cluster_compile.py runs them as
 actors): a mixer runs each decode layer compiled, padded up to its batch bucket (3 rows in the
 bucket of 4: the padded row on the scratch slot and block), other steps eagerly. Logits within the

@@ -14,7 +14,8 @@ from torch._dynamo.utils import counters
 
 from model.batch import BatchLayout
 from model.cache import DeltaNetState, KVCache
-from model.compiled import CompiledDecode, default_buckets, make_decode_caches, state_tensors
+from model.compiled import CompiledDecode
+from model.decode_math import default_buckets, make_decode_caches, state_tensors
 from model.decoder import CausalLM
 from model.delta_rule import gated_delta_rule_step, recurrent_gated_delta_rule
 
@@ -181,7 +182,7 @@ def test_fixed_key_width_of_cuda_graphs_matches_eager_on_cpu(model):
 def test_grouped_decode_experts_equal_the_gathered_ones():
     """The compiled step's grouped-GEMM experts (its CUDA choice), run eagerly here: the same sum
     as each row gathering its own experts, pairs of experts held elsewhere weighing nothing."""
-    from model.compiled import _gathered_experts, grouped_experts
+    from model.decode_math import _gathered_experts, grouped_experts
     from model.moe import Experts
 
     if not hasattr(torch.nn.functional, "grouped_mm"):

@@ -31,7 +31,8 @@ def test_auto_picks_the_kernels_on_cuda():
 
 def test_cuda_graph_decode_matches_eager(tmp_path):
     from model.batch import BatchLayout
-    from model.compiled import CompiledDecode, make_decode_caches
+    from model.compiled import CompiledDecode
+    from model.decode_math import make_decode_caches
     from model.decoder import CausalLM
     from model.tiny import make_tiny_model
 
