@@ -227,9 +227,10 @@ class NextserveServer:
                                          max_model_len=self.ctx.max_model_len)])
 
     @api.get("/stats")
-    async def stats(self) -> dict[str, int | list[int]]:
+    async def stats(self) -> dict[str, Any]:
         """The engine's counters and slot use (not part of the OpenAI API); spec_decode_accepted_per_pos
-        is a list, one count per draft position."""
+        is a list, one count per draft position; `compiling` a boolean (an `int` annotation here had
+        FastAPI coerce it to 0 / 1)."""
         return dataclasses.asdict(self.engine.stats())
 
     @api.get("/metrics")

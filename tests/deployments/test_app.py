@@ -96,6 +96,13 @@ def test_models_and_health(base_url, client):
     assert card.id == MODEL and extra(card, "max_model_len") == MAX_MODEL_LEN
 
 
+def test_stats_keep_their_types(base_url):
+    """/stats is the engine's stats as they are: booleans stay booleans, lists lists."""
+    s = stats(base_url)
+    assert s["compiling"] is False and s["compiled_buckets"] == []
+    assert isinstance(s["spec_decode_accepted_per_pos"], list) and isinstance(s["num_slots"], int)
+
+
 def test_completion_token_ids(client, offline):
     prompt = [5, 9, 13, 101, 7]
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
