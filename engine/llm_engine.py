@@ -5,7 +5,6 @@ returns. A request whose data breaks a step fails alone; the others go on unchan
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import itertools
 import logging
 import time
@@ -18,7 +17,14 @@ import torch
 from engine import row_sampler
 from engine.detokenizer import IncrementalDetokenizer
 from engine.executor import Executor, ExecutorStateLostError, StepInput
-from engine.output_processor import OutputProcessor, PromptRow, RequestOutput, Sampled, TopLogprobs
+from engine.output_processor import (
+    OutputProcessor,
+    PromptRow,
+    RequestOutput,
+    Sampled,
+    TopLogprobs,
+    merged,
+)
 from engine.prefix_cache import state_bytes
 from engine.sampling import Sampler, SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
@@ -432,7 +438,7 @@ class LLMEngine:
                 rows = logits[[r + j for _, r, _ in live]]
                 sampled: list[Sampled] = [(t[0][j], t[1][j]) for _, _, t in live]
                 for seq, o in zip(seqs, self.processor.process(seqs, rows, sampled), strict=True):
-                    outputs[seq] = o if seq not in outputs else _merged(outputs[seq], o)
+                    outputs[seq] = o if seq not in outputs else merged(outputs[seq], o)
             for (c, _), t in zip(spec, tokens, strict=True):
                 if not isinstance(t, Exception):
                     emitted[c.seq] = len(t[0])
@@ -490,13 +496,3 @@ class LLMEngine:
                           logprobs=tuple(seq.output_logprobs) if seq.params.logprobs else None,
                           finish_reason=seq.finish_reason or "abort", text=text, error=seq.error)
 
-
-def _merged(first: RequestOutput, then: RequestOutput) -> RequestOutput:
-    """One output for two tokens of the same request in one step (speculative decoding)."""
-    cat = (lambda a, b: None if a is None or b is None else a + b)  # noqa: E731
-    return dataclasses.replace(then, new_token_ids=first.new_token_ids + then.new_token_ids,
-                               new_logprobs=cat(first.new_logprobs, then.new_logprobs),
-                               new_text=first.new_text + then.new_text,
-                               new_top_logprobs=cat(first.new_top_logprobs, then.new_top_logprobs),
-                               prompt_logprobs=first.prompt_logprobs,
-                               prompt_top_logprobs=first.prompt_top_logprobs)

@@ -4,6 +4,7 @@ done; the engine gives back its slot."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Set
 from dataclasses import dataclass
@@ -133,3 +134,14 @@ class OutputProcessor:
         if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_seq_len:
             return "length"
         return None
+
+
+def merged(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """One output for two tokens of the same request in one step (speculative decoding)."""
+    cat = (lambda a, b: None if a is None or b is None else a + b)  # noqa: E731
+    return dataclasses.replace(then, new_token_ids=first.new_token_ids + then.new_token_ids,
+                               new_logprobs=cat(first.new_logprobs, then.new_logprobs),
+                               new_text=first.new_text + then.new_text,
+                               new_top_logprobs=cat(first.new_top_logprobs, then.new_top_logprobs),
+                               prompt_logprobs=first.prompt_logprobs,
+                               prompt_top_logprobs=first.prompt_top_logprobs)
