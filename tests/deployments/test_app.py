@@ -8,7 +8,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +24,7 @@ from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.local_executor import LocalExecutor  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from engine.tokenizer import Tokenizer  # noqa: E402
+from tests.deployments.overload import burst  # noqa: E402
 from tests.serve_app import running_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -266,30 +266,11 @@ def test_malformed_json_and_chat_errors(base_url, client):
 
 def test_full_queue_gets_429_with_retry_after(base_url):
     n = MAX_NUM_SEQS + MAX_QUEUED + 8
-    statuses: list[tuple[int, str | None]] = []
-    release = threading.Event()
     body = {"model": MODEL, "prompt": "wait", "max_tokens": 200, "stream": True, "ignore_eos": True}
-
-    def one():
-        with requests.post(f"{base_url}/v1/completions", json=body, stream=True, timeout=(5, 60)) as r:
-            statuses.append((r.status_code, r.headers.get("Retry-After")))
-            if r.status_code == 200:
-                release.wait(60)  # hold the slot (or queue place) until the overflow has been seen
-            else:
-                assert r.json()["error"]["type"] == "RateLimitError"
-
-    threads = [threading.Thread(target=one) for _ in range(n)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 30
-    while sum(s == 429 for s, _ in statuses) < n - MAX_NUM_SEQS - MAX_QUEUED and time.monotonic() < deadline:
-        time.sleep(0.05)
-    release.set()
-    for t in threads:
-        t.join(60)
-    refused = [h for s, h in statuses if s == 429]
-    assert len(statuses) == n and {s for s, _ in statuses} <= {200, 429}
-    assert refused and all(h == "2" for h in refused)
+    statuses = burst(base_url, body, n, n - MAX_NUM_SEQS - MAX_QUEUED)
+    refused = [(h, e) for s, h, e in statuses if s == 429]
+    assert len(statuses) == n and {s for s, _, _ in statuses} <= {200, 429}
+    assert refused and all(h == "2" and e == "RateLimitError" for h, e in refused)
     assert wait_idle(base_url)["num_slots_used"] == 0
     assert requests.get(f"{base_url}/health", timeout=10).status_code == 200
 

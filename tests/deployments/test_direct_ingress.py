@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import yaml
 
 from deployments.cli import main
 from deployments.serve_command import DEPLOYMENT_NAME, direct_ingress_environment
+from tests.deployments.overload import burst
 from tests.serve_app import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -263,29 +263,12 @@ def test_a_client_that_leaves_frees_its_slot(server):
 def test_a_full_replica_answers_429_with_retry_after(server):
     url, _, _ = server
     n = MAX_NUM_SEQS + MAX_QUEUED + 4
-    statuses: list[tuple[int, str | None]] = []
-    release = threading.Event()
     body = {"model": "tiny", "prompt": "wait", "max_tokens": 100, "stream": True, "ignore_eos": True}
-
-    def one():
-        with requests.post(f"{url}/v1/completions", json=body, headers=AUTH, stream=True,
-                           timeout=(5, 60)) as r:
-            statuses.append((r.status_code, r.headers.get("Retry-After")))
-            if r.status_code == 200:
-                release.wait(60)
-
-    threads = [threading.Thread(target=one) for _ in range(n)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 30
-    while sum(s == 429 for s, _ in statuses) < n - MAX_NUM_SEQS - MAX_QUEUED and time.monotonic() < deadline:
-        time.sleep(0.05)
-    release.set()
-    for t in threads:
-        t.join(60)
-    refused = [h for s, h in statuses if s == 429]
-    assert len(statuses) == n and {s for s, _ in statuses} <= {200, 429}, statuses
-    assert len(refused) == n - MAX_NUM_SEQS - MAX_QUEUED and all(h == "2" for h in refused), statuses
+    statuses = burst(url, body, n, n - MAX_NUM_SEQS - MAX_QUEUED, headers=AUTH)
+    refused = [(h, e) for s, h, e in statuses if s == 429]
+    assert len(statuses) == n and {s for s, _, _ in statuses} <= {200, 429}, statuses
+    assert len(refused) == n - MAX_NUM_SEQS - MAX_QUEUED, statuses
+    assert all(h == "2" and e == "RateLimitError" for h, e in refused), statuses
     assert _wait_idle(url)["num_slots_used"] == 0
 
 
