@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Serve's proxy vs the replica's own HTTP server (Ray Serve 2.60 direct ingress), same server, same
-# run: `nextserve serve` (local executor, max_num_seqs 32, otherwise ray_config.yaml) started with
-# RAY_SERVE_ENABLE_DIRECT_INGRESS=1 keeps Serve's proxy on port 8000 and gives the replica port
-# 30000; with `haproxy` as the first argument, RAY_SERVE_ENABLE_HA_PROXY=1 puts HAProxy on 8000
+# run: `nextserve serve --ingress proxy` (local executor, max_num_seqs 32, otherwise ray_config.yaml)
+# started with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 keeps Serve's proxy on port 8000 and gives the
+# replica port 30000; with `haproxy` as the first argument, RAY_SERVE_ENABLE_HA_PROXY=1 puts HAProxy on 8000
 # instead (needs the haproxy binary). bench/serve.py's load then alternates between the two URLs,
 # three times per concurrency (8 requests at concurrency 1, 32 otherwise; 64 output tokens).
 # Everything runs in a loopback-only network namespace; the server is stopped by its PID.
@@ -26,7 +26,8 @@ case $MODE in
     haproxy) export RAY_SERVE_ENABLE_HA_PROXY=1 ;;
     *) echo "first argument: direct or haproxy" >&2; exit 2 ;;
 esac
-PYTHONPATH=$PWD "$PYTHON" -m deployments.cli serve --config .bench/ingress.yaml > .bench/ingress-serve.log 2>&1 &
+PYTHONPATH=$PWD "$PYTHON" -m deployments.cli serve --config .bench/ingress.yaml --ingress proxy \
+    > .bench/ingress-serve.log 2>&1 &
 srv=$!
 trap "kill -INT $srv 2>/dev/null; wait $srv 2>/dev/null || true" EXIT
 for _ in $(seq 1 180); do

@@ -25,10 +25,12 @@ log = logging.getLogger(__name__)
 
 
 def build_app(args: dict[str, Any], engine_factory: EngineFactory | None = None,
-              deployment_options: dict[str, Any] | None = None) -> serve.Application:
+              deployment_options: dict[str, Any] | None = None, *,
+              ingress_resolved: bool = False) -> serve.Application:
     """`args` is the application's `args` (NextserveConfig); checked here, before any replica
     starts. `deployment_options` are Serve options (autoscaling_config, ray_actor_options, ...)
-    for callers that do not go through a config file's `deployments` list."""
+    for callers that do not go through a config file's `deployments` list. `ingress_resolved`:
+    the caller (`nextserve serve`) chooses and starts serve.ingress itself."""
     config = NextserveConfig.from_args(keys_from_environment(dict(args)))
     max_prompts_per_request(config)  # refuses a limit no replica could honour, before any starts
     model = resolve_model(config.model)
@@ -37,11 +39,13 @@ def build_app(args: dict[str, Any], engine_factory: EngineFactory | None = None,
             ModelConfig.from_dir(model)
         except ConfigError as e:
             raise NextserveConfigError(f"model: {model}: {e}") from None
-    if config.serve.ingress == "direct" and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+    if not ingress_resolved and config.serve.ingress != "proxy" \
+            and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
         # Only `nextserve serve` starts Serve with direct ingress; `serve run` keeps Serve's proxy.
-        log.warning("serve.ingress: direct takes effect through `nextserve serve` only (or a cluster "
-                    "started with RAY_SERVE_ENABLE_DIRECT_INGRESS=1); this application is served through "
-                    "Serve's proxy")
+        (log.warning if config.serve.ingress == "direct" else log.info)(
+            "serve.ingress: %s: direct ingress takes effect through `nextserve serve` only (or a cluster "
+            "started with RAY_SERVE_ENABLE_DIRECT_INGRESS=1); this application is served through "
+            "Serve's proxy", config.serve.ingress)
     args = {**keys_from_environment(dict(args)), "model": str(model)}
     capacity = config.engine.max_num_seqs + config.serve.max_queued_requests
     options: dict[str, Any] = dict(max_ongoing_requests=capacity + ONGOING_MARGIN,

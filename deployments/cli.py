@@ -93,9 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model", help="checkpoint directory; overrides the file's args.model")
     srv.add_argument("--port", type=int, default=None, help="overrides the file's http_options.port")
     srv.add_argument("--host", default=None, help="overrides the file's http_options.host")
-    srv.add_argument("--ingress", choices=["proxy", "direct"], default=None,
-                     help="overrides the file's serve.ingress: proxy (Ray Serve's HTTP proxy) or direct "
-                          "(the one engine replica serves --port itself; see README, Serving)")
+    srv.add_argument("--ingress", choices=["auto", "proxy", "direct"], default=None,
+                     help="overrides the file's serve.ingress (default auto): proxy (Ray Serve's HTTP "
+                          "proxy), direct (the one engine replica serves --port itself) or auto (direct "
+                          "where it can be, else the proxy; see README, Serving)")
     srv.set_defaults(func=_serve)
 
     reb = sub.add_parser("rebalance", help="ask a serving replica to rebalance its expert shards now")

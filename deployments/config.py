@@ -27,12 +27,13 @@ class ServeSettings(Settings):
     request_timeout_s: float | None = Field(
         None, gt=0, description="a request unfinished this long after it arrived (waiting included) is "
                                 "aborted: HTTP 504, or an error event in a stream (default: no limit)")
-    ingress: Literal["proxy", "direct"] = Field(
-        "proxy", description="proxy: clients reach the replica through Ray Serve's HTTP proxy (any "
-                             "number of replicas, load-balanced); direct: `nextserve serve` has the one "
-                             "engine replica serve HTTP on http_options.port itself (Ray Serve's direct "
-                             "ingress), no proxy hop and no per-token Ray stream; a cluster it starts "
-                             "itself and one replica only")
+    ingress: Literal["auto", "proxy", "direct"] = Field(
+        "auto", description="proxy: clients reach the replica through Ray Serve's HTTP proxy (any "
+                            "number of replicas, load-balanced); direct: `nextserve serve` has the one "
+                            "engine replica serve HTTP on http_options.port itself (Ray Serve's direct "
+                            "ingress), no proxy hop and no per-token Ray stream; a cluster it starts "
+                            "itself and one replica only; auto: direct where `nextserve serve` can give "
+                            "it, the proxy otherwise (and always under `serve run` / `serve deploy`)")
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads in each engine "
                                                               "replica (default: torch's)")
     max_request_bytes: int = Field(4 << 20, ge=1024, description="largest request body; larger: HTTP 413")

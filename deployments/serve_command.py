@@ -4,14 +4,16 @@ and, when it started them, Serve and the local Ray cluster."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from deployments.config import NextserveConfig, read_serve_config
 from engine.config import NextserveConfigError
@@ -63,13 +65,13 @@ def serve_forever(config: str | None, model: str | None, port: int | None, host:
     port = port if port is not None else int(http.get("port", 8000))
     settings = NextserveConfig.from_args(args)
     options = deployment_options(app)
-    direct = settings.serve.ingress == "direct"
-    if direct:
-        check_direct_ingress(settings, options, host, port)
     try:  # checks the checkpoint's config too: a mistake ends here, before Ray starts
-        application = build_app(args, deployment_options=options)
+        application = build_app(args, deployment_options=options, ingress_resolved=True)
     except NextserveConfigError as e:
         raise ServeUsageError(str(e)) from None
+    choice = resolve_ingress(settings, options, host, port)
+    direct = choice.mode == "direct"
+    print(f"nextserve: ingress {choice.mode}: {choice.why}", file=sys.stderr, flush=True)
     # Serve reads its direct-ingress settings from the environment of the processes the local
     # cluster starts (controller, proxy, replica): set before Ray starts, inherited by them.
     saved_env = dict(os.environ)
@@ -89,9 +91,11 @@ def serve_forever(config: str | None, model: str | None, port: int | None, host:
         # takes a free port nobody needs to know.
         serve.start(http_options={"host": host, "port": _free_port(host) if direct else port})
         serve.run(application, name=name, route_prefix=prefix)
-        how = " (direct ingress: the replica serves this port itself)" if direct else ""
+        how = ("direct ingress: the replica serves this port itself" if direct
+               else "through Serve's HTTP proxy")
         print(f"nextserve: serving {args.get('model') or 'the built-in tiny model'} at "
-              f"http://{host}:{port}{prefix.rstrip('/')}/v1{how} (Ctrl-C stops)", file=sys.stderr, flush=True)
+              f"http://{host}:{port}{prefix.rstrip('/')}/v1 ({how}) (Ctrl-C stops)", file=sys.stderr,
+              flush=True)
         stop.wait()
     finally:
         print("nextserve: stopping", file=sys.stderr, flush=True)
@@ -106,25 +110,85 @@ def serve_forever(config: str | None, model: str | None, port: int | None, host:
     return 0
 
 
-def check_direct_ingress(settings: NextserveConfig, options: dict[str, Any], host: str, port: int) -> None:
-    """serve.ingress: direct serves from one replica's own port: refuse what it cannot do."""
+@dataclass(frozen=True)
+class IngressChoice:
+    """The ingress `nextserve serve` uses and why (logged at start-up)."""
+
+    mode: Literal["proxy", "direct"]
+    why: str
+
+
+def max_replicas(options: dict[str, Any]) -> int | str:
+    """The most engine replicas the deployment options allow: num_replicas, or with autoscaling
+    its max_replicas (Serve's default 1); `num_replicas: auto` autoscales with Serve's default
+    ceiling unless autoscaling_config sets one ("auto" then)."""
     scaling = options.get("autoscaling_config") or {}
-    replicas = scaling.get("max_replicas", options.get("num_replicas", 1)) if scaling else \
-        options.get("num_replicas", 1)
+    replicas = options.get("num_replicas", 1)
+    if replicas == "auto":
+        return scaling.get("max_replicas", "auto")
+    return scaling.get("max_replicas", 1) if scaling else replicas
+
+
+def choose_ingress(setting: str, replicas: int | str, join_address: str | None, port_error: str | None,
+                   serve_has_direct_ingress: bool = True) -> IngressChoice:
+    """serve.ingress `setting` (auto, proxy or direct) against what direct ingress needs: one
+    engine replica at most (`replicas`, from `max_replicas`), a Ray cluster `nextserve serve`
+    starts itself (`join_address`: the cluster it would join instead, if any: Serve reads direct
+    ingress from the environment its processes start with), the port free (`port_error`: why it
+    is not) and a Ray Serve that has it. `auto` takes direct where all hold, else the proxy;
+    `direct` refuses what it cannot do (ServeUsageError). A port nothing can listen on is refused
+    under `auto` too: the proxy could not listen there either."""
+    if setting == "proxy":
+        return IngressChoice("proxy", "serve.ingress: proxy")
+    if setting not in ("auto", "direct"):
+        raise ServeUsageError(f"serve.ingress: {setting!r} is not one of auto, proxy, direct")
+    explicit = setting == "direct"
+    obstacles = []
     if replicas != 1:
-        raise ServeUsageError(f"serve.ingress: direct serves from one engine replica's own port, but the "
-                              f"{DEPLOYMENT_NAME} deployment may run {replicas} replicas (max_replicas / "
-                              f"num_replicas); use serve.ingress: proxy to balance over several")
-    if settings.cluster.ray_address or os.environ.get("RAY_ADDRESS") or _running_local_cluster():
-        raise ServeUsageError("serve.ingress: direct needs a Ray cluster that `nextserve serve` starts "
-                              "itself (Serve reads it from the environment its processes start with); a "
-                              "cluster to join is configured or running here: stop it, or use "
-                              "serve.ingress: proxy")
+        several = "up to Serve's default max_replicas" if replicas == "auto" else str(replicas)
+        obstacles.append(f"the {DEPLOYMENT_NAME} deployment may run {several} replicas (max_replicas / "
+                         f"num_replicas): the proxy balances over several")
+    if join_address is not None:
+        obstacles.append(f"a Ray cluster to join ({join_address}: cluster.ray_address, $RAY_ADDRESS or "
+                         f"one running here); direct ingress needs one that `nextserve serve` starts "
+                         f"itself (Serve reads it from the environment its processes start with)")
+    if not serve_has_direct_ingress:
+        obstacles.append("this Ray Serve has no direct ingress (Ray 2.60 has it)")
+    if obstacles and not explicit:
+        return IngressChoice("proxy", f"serve.ingress: auto chose Serve's proxy: {obstacles[0]}")
+    if obstacles:
+        raise ServeUsageError(f"serve.ingress: direct serves from one engine replica's own port, but "
+                              f"{obstacles[0]}; use serve.ingress: proxy (or auto)")
+    if port_error is not None:
+        raise ServeUsageError(f"--port: {port_error}")
+    if explicit:
+        return IngressChoice("direct", "serve.ingress: direct")
+    return IngressChoice("direct", "serve.ingress: auto chose direct ingress: one engine replica, a Ray "
+                                   "cluster started here, the port free")
+
+
+def resolve_ingress(settings: NextserveConfig, options: dict[str, Any], host: str,
+                    port: int) -> IngressChoice:
+    """`choose_ingress` on this machine: the deployment's replicas, a cluster to join, the port."""
+    replicas = max_replicas(options)
+    join = settings.cluster.ray_address or os.environ.get("RAY_ADDRESS") or _running_local_cluster()
+    port_error = None
+    if settings.serve.ingress != "proxy" and replicas == 1 and join is None:
+        port_error = _port_error(host, port)
+    return choose_ingress(settings.serve.ingress, replicas, join, port_error,
+                          importlib.util.find_spec("ray.serve._private.direct_ingress_http_util") is not None)
+
+
+def _port_error(host: str, port: int) -> str | None:
+    """Why nothing can listen on host:port, or None. SO_REUSEADDR as uvicorn binds: a port left
+    in TIME_WAIT by the last server's connections is free to listen on."""
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, port))
     except OSError as e:
-        raise ServeUsageError(f"--port: cannot listen on {host}:{port} ({e.strerror})") from None
+        return f"cannot listen on {host}:{port} ({e.strerror})"
+    return None
 
 
 def direct_ingress_environment(port: int) -> dict[str, str]:

@@ -16,6 +16,7 @@ FastAPI must resolve the route annotations (the request models) in the replica."
 import dataclasses
 import json
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -201,6 +202,9 @@ class NextserveServer:
         from deployments.engine_factory import build_engine
 
         self.config = NextserveConfig.from_args(args)
+        # How clients reach this replica (/stats says it): its own HTTP server where Serve started it
+        # with direct ingress (`nextserve serve`, serve.ingress direct or auto), else Serve's proxy.
+        self.ingress = "direct" if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1" else "proxy"
         keep_replica_port_on_loopback()
         max_prompts = max_prompts_per_request(self.config)
         api.state.security = SecuritySettings.from_config(self.config)
@@ -230,8 +234,8 @@ class NextserveServer:
     async def stats(self) -> dict[str, Any]:
         """The engine's counters and slot use (not part of the OpenAI API); spec_decode_accepted_per_pos
         is a list, one count per draft position; `compiling` a boolean (an `int` annotation here had
-        FastAPI coerce it to 0 / 1)."""
-        return dataclasses.asdict(self.engine.stats())
+        FastAPI coerce it to 0 / 1); `ingress`: "direct" or "proxy", the path requests take here."""
+        return {"ingress": self.ingress, **dataclasses.asdict(self.engine.stats())}
 
     @api.get("/metrics")
     async def metrics(self) -> Response:

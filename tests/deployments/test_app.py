@@ -100,6 +100,7 @@ def test_stats_keep_their_types(base_url):
     """/stats is the engine's stats as they are: booleans stay booleans, lists lists."""
     s = stats(base_url)
     assert s["compiling"] is False and s["compiled_buckets"] == []
+    assert s["ingress"] == "proxy"  # serve.run: Serve's proxy, whatever serve.ingress says
     assert isinstance(s["spec_decode_accepted_per_pos"], list) and isinstance(s["num_slots"], int)
 
 

@@ -1,9 +1,11 @@
 """`serve.ingress: direct` (`nextserve serve --ingress direct`): the one engine replica serves HTTP
 on http_options.port itself (Ray Serve's direct ingress), not through Serve's proxy. Refusals
-without Ray; then a real `nextserve serve` subprocess on a tiny checkpoint: a streamed completion
-and /health on the documented port, the API key still checked there, the port held by the replica
-process, and every socket of the cluster it started on loopback. Start pytest in a loopback-only
-network namespace, as for every test that starts Ray."""
+without Ray; then a real `nextserve serve` subprocess on a tiny checkpoint, once with serve.ingress
+left at its default (auto, which chooses direct ingress for one replica of a cluster it starts) and
+once with `direct`: a streamed completion and /health on the documented port, the API key still
+checked there, the port held by the replica process, and every socket of the cluster it started on
+loopback. (tests/deployments/test_serve_command.py has the choice's other cases.) Start pytest in a
+loopback-only network namespace, as for every test that starts Ray."""
 
 from __future__ import annotations
 
@@ -31,7 +33,11 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_NUM_SEQS, MAX_QUEUED = 4, 4
 
 
-def write_config(path: Path, model: Path | str, port: int, deployment: dict) -> Path:
+def write_config(path: Path, model: Path | str, port: int, deployment: dict,
+                 ingress: str | None = "direct") -> Path:
+    """A Serve config for `nextserve serve`; `ingress` None leaves serve.ingress at its default."""
+    serve_args = {"served_model_name": "tiny", "torch_threads": 1, "max_queued_requests": MAX_QUEUED,
+                  "retry_after_s": 2, **({} if ingress is None else {"ingress": ingress})}
     path.write_text(yaml.safe_dump({
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [{
@@ -39,8 +45,7 @@ def write_config(path: Path, model: Path | str, port: int, deployment: dict) -> 
             "args": {"model": str(model), "dtype": "float32", "executor": "local",
                      "engine": {"max_num_seqs": MAX_NUM_SEQS, "max_model_len": 128,
                                 "max_num_batched_tokens": 128, "engine_process": "inline"},
-                     "serve": {"served_model_name": "tiny", "ingress": "direct", "torch_threads": 1,
-                               "max_queued_requests": MAX_QUEUED, "retry_after_s": 2}},
+                     "serve": serve_args},
             "deployments": [{"name": DEPLOYMENT_NAME, **deployment}]}]}))
     return path
 
@@ -134,9 +139,10 @@ def _descendants(root: int) -> set[int]:
 LOOPBACK = ("0100007F:", "00000000000000000000000001000000:", "0000000000000000FFFF00000100007F:")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`nextserve serve --ingress direct` on a tiny checkpoint, a port of its own, an API key."""
+@pytest.fixture(scope="module", params=[None, "direct"], ids=["default-ingress", "direct"])
+def server(request, tmp_path_factory):
+    """`nextserve serve` on a tiny checkpoint, a port of its own, an API key: serve.ingress at its
+    default (auto), then `direct`. Yields (url, port, process, its log)."""
     pytest.importorskip("ray")
     from model.tiny import make_tiny_model
 
@@ -144,7 +150,7 @@ def server(tmp_path_factory):
     model = make_tiny_model(tmp / "model", arch="qwen3_next")
     port = free_port()
     cfg = write_config(tmp / "serve.yaml", model, port,
-                       {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}})
+                       {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}}, ingress=request.param)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NEXTSERVE_API_KEY": KEY}
     env.pop("RAY_ADDRESS", None)
     log = (tmp / "serve.log").open("w")
@@ -162,7 +168,7 @@ def server(tmp_path_factory):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"nextserve serve did not come up: {(tmp / 'serve.log').read_text()[-3000:]}")
             time.sleep(0.5)
-        yield url, port, proc
+        yield url, port, proc, tmp / "serve.log"
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -174,7 +180,7 @@ def server(tmp_path_factory):
 
 
 def test_a_streamed_completion_on_the_documented_port(server):
-    url, _, _ = server
+    url, *_ = server
     body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 8, "temperature": 0, "ignore_eos": True,
             "stream": True, "return_token_ids": True}
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -191,7 +197,7 @@ def test_a_streamed_completion_on_the_documented_port(server):
 
 
 def test_the_api_key_is_still_checked_but_health_is_open(server):
-    url, _, _ = server
+    url, *_ = server
     assert requests.get(f"{url}/health", timeout=10).status_code == 200
     r = requests.get(f"{url}/v1/models", timeout=10)
     assert r.status_code == 401 and r.headers.get("WWW-Authenticate") == "Bearer"
@@ -202,7 +208,7 @@ def test_the_api_key_is_still_checked_but_health_is_open(server):
 
 
 def test_the_replica_itself_listens_on_the_port_on_loopback(server):
-    _, port, _ = server
+    _, port, *_ = server
     holders = _listening(port)
     assert holders, f"nothing listens on {port}"
     names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid, _ in holders}
@@ -212,7 +218,7 @@ def test_the_replica_itself_listens_on_the_port_on_loopback(server):
 
 def test_every_socket_of_the_cluster_it_started_is_on_loopback(server):
     """The replica's HTTP server binds http_options.host (loopback here), as the proxy would."""
-    _, _, proc = server
+    proc = server[2]
     pids = _descendants(proc.pid)
     found = []
     for table in ("tcp", "tcp6"):
@@ -227,6 +233,17 @@ def test_every_socket_of_the_cluster_it_started_is_on_loopback(server):
             found += [(pid, listening[ln[8:-1]]) for ln in links
                       if ln.startswith("socket:[") and ln[8:-1] in listening]
     assert found and all(addr.startswith(LOOPBACK) for _, addr in found), found
+
+
+def test_the_start_up_line_and_stats_say_direct_ingress(server):
+    url, _, _, log = server
+    deadline = time.monotonic() + 60  # the replica may answer before `serve.run` returns
+    while "(direct ingress: the replica serves this port itself)" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    chosen = [ln for ln in log.read_text().splitlines() if ln.startswith("nextserve: ingress ")]
+    assert chosen[0].startswith("nextserve: ingress direct: serve.ingress: "), chosen
+    assert _stats(url)["ingress"] == "direct"
 
 
 def _stats(url: str) -> dict:
@@ -245,7 +262,7 @@ def _wait_idle(url: str, timeout_s: float = 20) -> dict:
 
 def test_a_client_that_leaves_frees_its_slot(server):
     """With no proxy in between, the replica's own HTTP server must pass the disconnect on."""
-    url, _, _ = server
+    url, *_ = server
     start = _wait_idle(url)
     body = {"model": "tiny", "prompt": "go on", "max_tokens": 100, "temperature": 0, "ignore_eos": True,
             "stream": True}
@@ -261,7 +278,7 @@ def test_a_client_that_leaves_frees_its_slot(server):
 
 
 def test_a_full_replica_answers_429_with_retry_after(server):
-    url, _, _ = server
+    url, *_ = server
     n = MAX_NUM_SEQS + MAX_QUEUED + 4
     body = {"model": "tiny", "prompt": "wait", "max_tokens": 100, "stream": True, "ignore_eos": True}
     statuses = burst(url, body, n, n - MAX_NUM_SEQS - MAX_QUEUED, headers=AUTH)
@@ -275,7 +292,7 @@ def test_a_full_replica_answers_429_with_retry_after(server):
 def test_a_replacement_replica_serves_the_same_port(server):
     """Last: kills the replica. Serve starts another, which takes the documented port again (the
     port range is that one port and Serve's quarantine of released ports is off)."""
-    url, port, proc = server
+    url, port, proc, _ = server
     (pid,) = {pid for pid, _ in _listening(port)}
     assert pid in _descendants(proc.pid)  # this test's own server's replica, nothing else
     os.kill(pid, signal.SIGKILL)
