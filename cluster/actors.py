@@ -39,6 +39,20 @@ class ActorArgs:
     compile: bool = False  # engine.compile: mixers' decode layers and shards' experts compiled
 
 
+class ActorCompileError(Exception):
+    """Compiling decode batch bucket `bucket` raised in the actors of `failures` (by name)."""
+
+    def __init__(self, bucket: int, failures: dict[str, BaseException]) -> None:
+        super().__init__(f"compiling decode batch bucket {bucket} failed in {', '.join(failures)}")
+        self.bucket, self.failures = bucket, failures
+
+
+def _eager(worker: Any) -> None:
+    """Run on an actor (`__ray_call__`): MixerWorker and ExpertWorker run every call eagerly when
+    their `decode` (CompiledLayers / CompiledExperts) is None, as when started without compile."""
+    worker.decode = None
+
+
 def _device(pool: Any) -> str:
     """Where an actor computes: its GPU if the pool gives it one (Ray sets CUDA_VISIBLE_DEVICES)."""
     return "cuda" if pool.resources.num_gpus > 0 else "cpu"
@@ -155,10 +169,30 @@ class ActorGroup:
     def warm_up(self, bucket: int) -> dict[str, dict[str, float]]:
         """Every mixer compiles decode batch bucket `bucket` (engine.compile), and every expert
         shard its one graph (once: later calls find it made), side by side: by actor name, the
-        seconds of each graph it compiled."""
-        seconds = ray.get([m.warm_up.remote(bucket) for m in self._mixers]
-                          + [s.warm_up.remote() for s in self._shards], timeout=self.args.timeout_s)
-        return dict(zip(self.names, seconds, strict=True))
+        seconds of each graph it compiled. A compile that raises in actors (no C++ compiler, an
+        inductor error) raises ActorCompileError naming them, once every actor has finished."""
+        refs = [m.warm_up.remote(bucket) for m in self._mixers] + [s.warm_up.remote() for s in self._shards]
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.args.timeout_s)
+        if pending:
+            raise ray.exceptions.GetTimeoutError(f"compiling decode batch bucket {bucket} took more than "
+                                                 f"cluster.timeout_s ({self.args.timeout_s}s)")
+        seconds: dict[str, dict[str, float]] = {}
+        failed: dict[str, BaseException] = {}
+        for name, ref in zip(self.names, refs, strict=True):
+            try:
+                seconds[name] = ray.get(ref, timeout=self.args.timeout_s)  # ready: no wait
+            except ray.exceptions.RayTaskError as e:  # raised by the compile; the actor lives on
+                failed[name] = e
+        if failed:
+            raise ActorCompileError(bucket, failed)
+        return seconds
+
+    def compile_off(self) -> None:
+        """engine.compile off for these actors from now on: every step runs eagerly on each (their
+        graphs are dropped; their caches, with the unused scratch room, stay), and an actor
+        restarted later starts eager."""
+        self.args = dataclasses.replace(self.args, compile=False)
+        ray.get([a.__ray_call__.remote(_eager) for a in self.actors], timeout=self.args.timeout_s)
 
     def accessed_tensors(self) -> dict[str, list[str]]:
         """Checkpoint tensors each actor read, by actor name."""

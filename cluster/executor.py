@@ -26,7 +26,7 @@ import ray
 import torch
 from torch import Tensor
 
-from cluster.actors import ActorArgs, ActorGroup
+from cluster.actors import ActorArgs, ActorCompileError, ActorGroup
 from cluster.channel_wait import auto_channel_poll_us
 from cluster.config import ClusterConfig
 from cluster.dataplane import SocketStep
@@ -109,6 +109,7 @@ class ClusterExecutor(Executor):
         # and those they have compiled since they started.
         self.decode_buckets = default_buckets(num_slots) if compile else ()
         self._compiled: set[int] = set()  # decode buckets every actor has compiled
+        self._compile_error = ""  # why compile went off for good (an actor's compile raised), if it did
         self._seq = itertools.count()
         self._step: SocketStep | CompiledStep | RemoteStep | None = None
         self._state = State.SHUT_DOWN  # until the actors are up
@@ -161,6 +162,9 @@ class ClusterExecutor(Executor):
         """engine.compile: the decode buckets every actor has compiled (each before its first step,
         so none is ever compiling while steps run)."""
         return tuple(sorted(self._compiled)), False
+
+    def compile_error(self) -> str:
+        return self._compile_error
 
     def healthy(self) -> bool:
         """False while no step can run: until a restart (BROKEN) or ever again (SHUT_DOWN)."""
@@ -332,12 +336,33 @@ class ClusterExecutor(Executor):
             with self._paused():
                 for bucket in new:
                     start = time.monotonic()
-                    seconds = self._actors.warm_up(bucket)
+                    try:
+                        seconds = self._actors.warm_up(bucket)
+                    except ActorCompileError as e:
+                        self._compile_off(e)
+                        return
                     self._compiled.add(bucket)
                     log.info("cluster actors compiled decode batch bucket %d in %.1fs: %s", bucket,
                              time.monotonic() - start, seconds)
         except ACTOR_FAILURES as e:
             raise self._recover(e) from None
+
+    def _compile_off(self, error: ActorCompileError) -> None:
+        """An actor's compile raised (no C++ compiler, an inductor error): engine.compile goes off
+        for this executor as a whole, on every actor alike (their graphs dropped, a restarted actor
+        starts eager), and every step runs eagerly from now on, as without engine.compile. Not per
+        bucket: what fails one bucket's compile (the environment, the compiler) fails the next
+        too, and each try would pause the step graph again. The step graph is paused."""
+        for name, cause in error.failures.items():
+            log.warning("cluster actor %s failed to compile decode batch bucket %d (%s)", name, error.bucket,
+                        describe(cause))
+        self._actors.compile_off()
+        self.decode_buckets, self._compiled = (), set()
+        first = next(iter(error.failures.items()))
+        self._compile_error = (f"{first[0]} failed to compile decode batch bucket {error.bucket}: "
+                               f"{describe(first[1])}")
+        log.warning("engine.compile is off for this cluster executor: every actor runs every step "
+                    "eagerly from now on (%s)", self._compile_error)
 
     def propose(self, accepted: Sequence[int], next_token_ids: Sequence[int], num_drafts: Sequence[int],
                 ) -> list[list[int]]:

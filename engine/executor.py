@@ -184,6 +184,11 @@ class Executor(ABC):
         in the background); ((), False) for an executor that runs every step eagerly."""
         return (), False
 
+    def compile_error(self) -> str:
+        """engine.compile: why compiling failed, if it did ("" otherwise): the decode steps it
+        would have compiled run eagerly."""
+        return ""
+
     def idle(self) -> None:  # noqa: B027 - optional hook
         """The engine has had no work for `idle_after_s`: release what costs while waiting (the
         next `execute` takes it back)."""

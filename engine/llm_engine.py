@@ -89,6 +89,7 @@ class EngineStats:
     # in the background (their steps run eagerly meanwhile).
     compiled_buckets: tuple[int, ...] = ()
     compiling: bool = False
+    compile_error: str = ""  # why a compile failed ("" none): the steps it was for run eagerly
 
 
 StepHook = Callable[[EngineStats, float, dict[int, list[int]]], None]
@@ -240,7 +241,8 @@ class LLMEngine:
                            num_preemptions=s.num_preemptions, num_kv_blocks_used=s.blocks.num_used,
                            num_kv_blocks=s.blocks.num_blocks or 0, **cache, **self._counters, **self._spec,
                            spec_decode_accepted_per_pos=tuple(self._accepted_per_pos),
-                           compiled_buckets=buckets, compiling=compiling)
+                           compiled_buckets=buckets, compiling=compiling,
+                           compile_error=self.executor.compile_error())
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -9,6 +9,7 @@ back to the last accepted one."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,12 +20,23 @@ from engine.drafter import Drafter
 from engine.executor import DEFAULT_PREFIX_CACHE_STATES, Executor, StepInput
 from model.batch import BatchLayout
 from model.cache import DeltaNetState, StateSnapshots
-from model.compiled import CompiledDecode
+from model.compiled import CompiledDecode, DecodeCompileError
 from model.config import ModelConfig
 from model.decode_math import make_decode_caches
 from model.decoder import CausalLM
 from model.gate_tap import GateTap
 from model.moe import SparseMoeBlock
+
+log = logging.getLogger(__name__)
+
+
+def describe_error(error: BaseException | None) -> str:
+    """One line, of the innermost error: torch.compile wraps a backend's (inductor's) in its own,
+    whose message runs on with advice about verbose logs."""
+    while getattr(error, "inner_exception", None) is not None:  # dynamo's BackendCompilerFailed
+        error = error.inner_exception  # type: ignore[union-attr]
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 class LocalExecutor(Executor):
@@ -75,9 +87,14 @@ class LocalExecutor(Executor):
             for pool in self.snapshots:
                 pool.apply(step.state_saves, step.state_loads)
         token_ids = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)  # [T]
+        hidden = None
         if self.decode is not None and self.decode.supports(layout):
-            hidden = self.decode(token_ids, layout)  # [T, H]
-        else:
+            try:
+                hidden = self.decode(token_ids, layout)  # [T, H]
+            except DecodeCompileError as e:  # on a step's first use of its bucket (no background compile)
+                log.warning("compiled decode: %s (%s); this step and those of buckets not compiled run "
+                            "eagerly", e, describe_error(e.__cause__))
+        if hidden is None:
             hidden = self.model(token_ids, layout, self.caches)  # [T, H]
         if self.drafter is not None:
             self.drafter.record(layout, token_ids, hidden)
@@ -98,6 +115,10 @@ class LocalExecutor(Executor):
         if self.decode is None:
             return (), False
         return tuple(sorted(self.decode.steps)), self.decode.compiling
+
+    def compile_error(self) -> str:
+        error = None if self.decode is None else self.decode.compile_error or self.decode.background_error
+        return "" if error is None else f"compiled decode: {describe_error(error)}"
 
     def take_expert_counts(self) -> dict[int, list[int]]:
         return self.gate_tap.take()

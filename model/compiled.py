@@ -57,6 +57,16 @@ RECOMPILE_ROOM = 64
 StepFn = Callable[[Tensor, DecodeInputs], tuple[Tensor, list[Tensor | None]]]
 
 
+class DecodeCompileError(RuntimeError):
+    """Compiling (or capturing) batch bucket `bucket` raised `__cause__` (no C++ compiler, an
+    inductor error). It ran on scratch rows only, so every sequence's state is as it was: the
+    step can run eagerly instead."""
+
+    def __init__(self, bucket: int) -> None:
+        super().__init__(f"compiling the decode step for batch bucket {bucket} failed")
+        self.bucket = bucket
+
+
 class CudaGraphStep:
     """One bucket's step captured as a CUDA graph (vLLM's per-batch-size capture): replays read
     static input buffers, into which each call copies the step's inputs, so the key width must
@@ -233,6 +243,8 @@ class CompiledDecode(DecodePadding):
         # use only buckets already compiled (and run eagerly otherwise).
         self.background: threading.Thread | None = None
         self.background_error: BaseException | None = None
+        # The first compile that failed, in the background or on a step's first use of its bucket.
+        self.compile_error: BaseException | None = None
 
     @property
     def compile_seconds(self) -> dict[int, float]:
@@ -256,8 +268,8 @@ class CompiledDecode(DecodePadding):
 
     def _ready_only(self) -> bool:
         """Steps use compiled buckets only, never compile one themselves: while the background
-        thread compiles, and after it failed."""
-        return self.compiling or self.background_error is not None
+        thread compiles, and after a compile failed."""
+        return self.compiling or self.background_error is not None or self.compile_error is not None
 
     def compile_in_background(self) -> threading.Thread:
         """Compile every bucket in a thread of this process, on scratch-only steps (smallest
@@ -326,13 +338,22 @@ class CompiledDecode(DecodePadding):
         if step is not None:
             with self.compiles.trusted():
                 return step(h, inp)
-        with self.compiles.first(bucket, f"decode step for batch bucket {bucket}"):
-            if self.cuda_graphs:
+        made = False
+        try:
+            with self.compiles.first(bucket, f"decode step for batch bucket {bucket}"):
                 scratch = self.scratch_inputs(bucket, h.device)
-                step = CudaGraphStep(self._run_layers, torch.zeros_like(h), scratch, self.graph_pool)
-            else:
-                step = self._run_layers
-            out = step(h, inp)
+                if self.cuda_graphs:
+                    step = CudaGraphStep(self._run_layers, torch.zeros_like(h), scratch, self.graph_pool)
+                else:  # compiled on scratch rows: a compile that fails touches no sequence's state
+                    step = self._run_layers
+                    step(torch.zeros_like(h), scratch)
+                made = True
+                out = step(h, inp)
+        except Exception as e:
+            if made:
+                raise
+            self.compile_error = self.compile_error or e
+            raise DecodeCompileError(bucket) from e
         self.steps[bucket] = step  # only now may another thread's steps use it
         return out
 

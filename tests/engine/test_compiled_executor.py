@@ -46,3 +46,58 @@ def test_compiled_decode_counts_the_same_experts(tiny_dir):
     for step in (prefill, decode):
         torch.testing.assert_close(compiled.execute(step), eager.execute(step), rtol=0, atol=1e-3)
         assert compiled.take_expert_counts() == eager.take_expert_counts()
+
+
+class NoCompiler:
+    """A torch.compile backend that fails as inductor does without a C++ compiler (dynamo wraps
+    it in BackendCompilerFailed): counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, gm, example_inputs):
+        self.calls += 1
+        raise RuntimeError("no working C++ compiler found (simulated)")
+
+
+def failing_executor(model_dir) -> tuple[LocalExecutor, NoCompiler]:
+    from model.decode_math import decode_layers
+
+    ex, backend = executor(model_dir, compile=True), NoCompiler()
+    ex.decode.layers_fn = torch.compile(decode_layers, backend=backend, fullgraph=True)
+    return ex, backend
+
+
+def test_a_compile_that_fails_on_first_use_runs_eagerly(tiny_dir, caplog):
+    """`nextserve generate --compile` compiles a bucket on its first step: a compile that raises
+    there is logged, that step runs eagerly (the compile ran on scratch rows only, so no sequence's
+    state was touched) and so do the later ones, without compiling again."""
+    failing, backend = failing_executor(tiny_dir)
+    with caplog.at_level("WARNING", logger="engine.local_executor"):
+        results = LLMEngine(failing).generate(PROMPTS, GREEDY)
+    expected = LLMEngine(executor(tiny_dir, compile=False)).generate(PROMPTS, GREEDY)
+    for r, e in zip(results, expected, strict=True):
+        assert r.token_ids == e.token_ids
+        torch.testing.assert_close(torch.tensor(r.logprobs), torch.tensor(e.logprobs), rtol=0, atol=1e-5)
+    assert backend.calls == 1  # once, not at every step
+    assert failing.compiled_buckets() == ((), False)
+    assert "simulated" in failing.compile_error()
+    (warning,) = [r.getMessage() for r in caplog.records if "batch bucket 4 failed" in r.getMessage()]
+    assert "eagerly" in warning and "simulated" in warning
+
+
+def test_a_background_compile_that_fails_leaves_serving_eager_and_says_so(tiny_dir):
+    """A serving engine's background compile that raises: logged, every decode step stays eager,
+    and the engine's stats (a replica's /stats) carry the error."""
+    failing, backend = failing_executor(tiny_dir)
+    failing.decode.compile_in_background().join(timeout=120)
+    assert not failing.decode.compiling and backend.calls == 1
+    engine = LLMEngine(failing)
+    results = engine.generate(PROMPTS, GREEDY)
+    expected = LLMEngine(executor(tiny_dir, compile=False)).generate(PROMPTS, GREEDY)
+    assert [r.token_ids for r in results] == [e.token_ids for e in expected]
+    stats = engine.stats
+    assert stats.compiled_buckets == () and not stats.compiling
+    assert "compiled decode" in stats.compile_error and "simulated" in stats.compile_error
+    assert backend.calls == 1
+    assert LLMEngine(executor(tiny_dir, compile=False)).stats.compile_error == ""
