@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from pathlib import Path
 
 import pytest
 
@@ -27,20 +26,15 @@ from engine.local_executor import LocalExecutor  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from router.placement import ExpertPlacement  # noqa: E402
 from tests.cluster.test_compiled_workers import assert_close_logits, steps  # noqa: E402
+from tests.ray_fixtures import ray_session_fixture  # noqa: E402
 
-ROOT = str(Path(__file__).resolve().parents[2])
 SIZES = dict(dtype="float32", num_slots=4, max_model_len=64, block_size=8, num_kv_blocks=32)
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 # Generous: several actors compile side by side on two shared cores.
 CLUSTER = {"cluster": {"timeout_s": 900, "step_timeout_s": 120}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
-    yield
-    ray.shutdown()
+ray_session = ray_session_fixture(num_cpus=16)
 
 
 def compiled_graphs(cluster: ClusterExecutor) -> dict[str, list]:

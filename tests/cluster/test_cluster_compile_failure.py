@@ -12,7 +12,6 @@ Starts Ray: run inside a loopback-only network namespace,
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 
@@ -23,19 +22,14 @@ from deployments.config import NextserveConfig  # noqa: E402
 from engine.executor import ExecutorStateLostError  # noqa: E402
 from engine.local_executor import LocalExecutor  # noqa: E402
 from tests.cluster.test_compiled_workers import assert_close_logits, steps  # noqa: E402
+from tests.ray_fixtures import ray_session_fixture  # noqa: E402
 
-ROOT = str(Path(__file__).resolve().parents[2])
 SIZES = dict(dtype="float32", num_slots=4, max_model_len=64, block_size=8, num_kv_blocks=32)
 CLUSTER = {"cluster": {"timeout_s": 600, "step_timeout_s": 60}}  # the default data plane, sockets
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session(tmp_path_factory):
-    env = {"CXX": "/nonexistent", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path_factory.mktemp("inductor"))}
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT, **env}})
-    yield
-    ray.shutdown()
+ray_session = ray_session_fixture(num_cpus=8, env=lambda tmp: {
+    "CXX": "/nonexistent", "TORCHINDUCTOR_CACHE_DIR": str(tmp.mktemp("inductor"))})
 
 
 def eager_actors(cluster: ClusterExecutor) -> list[bool]:

@@ -8,8 +8,6 @@ Starts Ray: run inside a loopback-only network namespace,
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -21,17 +19,12 @@ from engine.config import NextserveConfigError  # noqa: E402
 from engine.executor import StepInput  # noqa: E402
 from engine.local_executor import LocalExecutor  # noqa: E402
 from model.weights import CheckpointReader  # noqa: E402
+from tests.ray_fixtures import ray_session_fixture  # noqa: E402
 
-ROOT = str(Path(__file__).resolve().parents[2])
 SLOTS, MAX_LEN = 4, 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
-    yield
-    ray.shutdown()
+ray_session = ray_session_fixture(num_cpus=16)
 
 
 def steps(seed: int = 0) -> list[StepInput]:

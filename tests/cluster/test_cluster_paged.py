@@ -8,7 +8,6 @@ Starts Ray: run inside a loopback-only network namespace,
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,16 +18,9 @@ from cluster.executor import ClusterExecutor  # noqa: E402
 from deployments.config import NextserveConfig  # noqa: E402
 from engine.executor import StepInput  # noqa: E402
 from engine.local_executor import LocalExecutor  # noqa: E402
+from tests.ray_fixtures import ray_session_fixture  # noqa: E402
 
-ROOT = str(Path(__file__).resolve().parents[2])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
-    yield
-    ray.shutdown()
+ray_session = ray_session_fixture(num_cpus=16)
 
 
 def test_block_tables_through_two_micro_batch_lanes(hf_next_dir):

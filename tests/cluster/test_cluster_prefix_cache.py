@@ -11,7 +11,6 @@ Starts Ray: run inside a loopback-only network namespace,
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,15 +22,14 @@ from deployments.config import NextserveConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.local_executor import LocalExecutor  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
+from tests.ray_fixtures import init_ray  # noqa: E402
 
-ROOT = str(Path(__file__).resolve().parents[2])
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=True)
 SIZES = dict(dtype="float32", num_slots=2, max_model_len=128, block_size=4)
 
 
 def test_cluster_turns_hit_and_a_killed_deltanet_actor_means_recompute(hf_next_dir):
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    init_ray(num_cpus=8)
     config = NextserveConfig.from_args({"cluster": {"step_timeout_s": 10}})
     cluster = ClusterExecutor(hf_next_dir, config=config, num_state_snapshots=8, **SIZES)
     try:

@@ -12,7 +12,6 @@ Starts Ray: run inside a loopback-only network namespace,
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +24,8 @@ from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.local_executor import LocalExecutor  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from tests.engine.test_spec_decode import oracle_drafts  # noqa: E402
+from tests.ray_fixtures import init_ray  # noqa: E402
 
-ROOT = str(Path(__file__).resolve().parents[2])
 GREEDY = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True, logprobs=True)
 SIZES = dict(dtype="float32", num_slots=3, max_model_len=128, block_size=4)
 
@@ -39,8 +38,7 @@ def next_dir(tmp_path_factory):
 
 
 def test_cluster_speculative_decoding_equals_the_local_executor_without_it(next_dir):
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    init_ray(num_cpus=8)
     config = NextserveConfig.from_args({"cluster": {"step_timeout_s": 10}})
     cluster = ClusterExecutor(next_dir, config=config, num_state_snapshots=8, speculative_tokens=2, **SIZES)
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +22,8 @@ from deployments.config import NextserveConfig  # noqa: E402
 from engine.executor import ExecutorStateLostError, StepInput  # noqa: E402
 from engine.local_executor import LocalExecutor  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
+from tests.ray_fixtures import ray_session_fixture  # noqa: E402
 
-ROOT = str(Path(__file__).resolve().parents[2])
 PREFILL = StepInput((5, 17, 33, 2, 90, 7, 7), (0, 1), (0, 0), (4, 3), (3, 6))
 
 
@@ -48,15 +47,15 @@ def test_programs_follow_the_wiring(hf_next_dir):
     assert {op.actor for op in ops if Ref(-1, 1) in op.args} == set(range(len(placement.mixers)))
 
 
+ray_session = ray_session_fixture(num_cpus=8, autouse=False)
+
+
 @pytest.fixture(scope="module")
-def cluster(hf_next_dir):
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+def cluster(ray_session, hf_next_dir):
     ex = ClusterExecutor(hf_next_dir, dtype="float32", num_slots=4, max_model_len=64,
                          config=NextserveConfig.from_args({"cluster": {"step_timeout_s": 20}}))
     yield ex
     ex.shutdown()
-    ray.shutdown()
 
 
 def _fail(worker, *args):

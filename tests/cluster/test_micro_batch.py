@@ -10,7 +10,6 @@ The last test starts Ray: run inside a loopback-only network namespace,
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +18,7 @@ from hypothesis import strategies as st
 
 from cluster.micro_batch import join_logits, split_step
 from engine.executor import StepInput
-
-ROOT = str(Path(__file__).resolve().parents[2])
+from tests.ray_fixtures import init_ray
 
 
 def test_split_keeps_block_tables_with_their_sequences():
@@ -121,8 +119,7 @@ def test_greedy_tokens_in_one_two_and_three_lanes_with_prefix_caching_and_spec_d
 
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     sizes = dict(dtype="float32", num_slots=3, max_model_len=192, block_size=4)
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    init_ray(num_cpus=8)
     config = NextserveConfig.from_args({"cluster": {"step_timeout_s": 20, "micro_batch_tokens": 0}})
     cluster = ClusterExecutor(next_dir, config=config, num_state_snapshots=12, speculative_tokens=2, **sizes)
     try:

@@ -9,7 +9,6 @@ with FILE tests/cluster/test_node_loss.py."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
@@ -20,8 +19,8 @@ from cluster.executor import ClusterExecutor  # noqa: E402
 from deployments.config import NextserveConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
+from tests.ray_fixtures import init_ray  # noqa: E402
 
-ROOT = str(Path(__file__).resolve().parents[2])
 PROMPTS = [[5, 17, 33, 2, 90], [7, 7, 120], [42]]
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 HALF_CPU = {"resources": {"num_cpus": 0.5}}  # all four actors fit on one 2-CPU node
@@ -34,7 +33,7 @@ def cluster():
         "health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
         "health_check_failure_threshold": 4}})
     workers = [c.add_node(num_cpus=2) for _ in range(2)]
-    ray.init(address=c.address, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    init_ray(address=c.address)
     c.wait_for_nodes()
     yield c, workers
     ray.shutdown()

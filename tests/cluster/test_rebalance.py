@@ -26,8 +26,8 @@ from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from monitoring.sink import MetricsSink  # noqa: E402
 from router.placement import ExpertPlacement  # noqa: E402
+from tests.ray_fixtures import ray_session_fixture  # noqa: E402
 
-ROOT = str(Path(__file__).resolve().parents[2])
 PROMPTS = [[5, 17, 33, 2, 90], [7, 7, 120], [42]]
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 CONFIG = NextserveConfig.from_args({"cluster": {"step_timeout_s": 30},
@@ -40,14 +40,14 @@ def model_dir(hf_next_dir, tmp_path_factory):
     return shutil.copytree(hf_next_dir, tmp_path_factory.mktemp("rebalance") / "model")
 
 
+ray_session = ray_session_fixture(num_cpus=8, autouse=False)
+
+
 @pytest.fixture(scope="module")
-def executor(model_dir):
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+def executor(ray_session, model_dir):
     ex = ClusterExecutor(model_dir, dtype="float32", num_slots=4, max_model_len=64, config=CONFIG)
     yield ex
     ex.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import pytest
 
@@ -21,22 +20,22 @@ from deployments.config import NextserveConfig  # noqa: E402
 from engine.async_engine import AsyncLLMEngine  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
+from tests.ray_fixtures import ray_session_fixture  # noqa: E402
 
-ROOT = str(Path(__file__).resolve().parents[2])
 PROMPTS = [[5, 17, 33, 2, 90], [7, 7, 120], [250, 3, 4, 5, 6, 7, 8, 9], [42]]
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=True)
 KILL_AFTER = 8  # tokens the first stream has seen when the actor is killed
 
 
+ray_session = ray_session_fixture(num_cpus=8, autouse=False)
+
+
 @pytest.fixture(scope="module")
-def executor(hf_next_dir):
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+def executor(ray_session, hf_next_dir):
     ex = ClusterExecutor(hf_next_dir, dtype="float32", num_slots=4, max_model_len=64,
                          config=NextserveConfig.from_args({"cluster": {"step_timeout_s": 10}}))
     yield ex
     ex.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

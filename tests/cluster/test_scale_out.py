@@ -8,8 +8,6 @@ Starts Ray: run inside a loopback-only network namespace,
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -26,8 +24,8 @@ from engine.local_executor import LocalExecutor  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from router.eplb import imbalance  # noqa: E402
 from router.placement import ExpertPlacement  # noqa: E402
+from tests.ray_fixtures import init_ray  # noqa: E402
 
-ROOT = str(Path(__file__).resolve().parents[2])
 SLOTS, MAX_LEN = 4, 64
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 # Skewed: one token over and over sends most pairs to the same few experts of each layer.
@@ -46,7 +44,7 @@ def nodes():
     deltanet = cluster.add_node(num_cpus=1, resources={"deltanet_node": 1})
     experts = cluster.add_node(num_cpus=2, labels={"pool": "experts"})
     cluster.wait_for_nodes(timeout=60)
-    ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    init_ray(address=cluster.address)
     yield {"attention": cluster.head_node.node_id, "deltanet": deltanet.node_id, "experts": experts.node_id}
     ray.shutdown()
     cluster.shutdown()
