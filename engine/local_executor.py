@@ -5,7 +5,8 @@ For prefix caching it keeps a pool of saved DeltaNet states per DeltaNet layer, 
 into and load from (engine/prefix_cache.py decides). With `speculative_tokens` k > 0 it loads the
 checkpoint's MTP layer (model/mtp.py) and drafts up to k tokens per sequence after each step;
 verify steps keep the DeltaNet state after each of their tokens, and `propose` rolls the state
-back to the last accepted one."""
+back to the last accepted one. On CPU it keeps freed step memory in the process and flushes
+denormals in the thread that runs its steps (engine/cpu_runtime.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from engine.cpu_runtime import flush_denormals, keep_freed_memory
 from engine.drafter import Drafter
 from engine.executor import DEFAULT_PREFIX_CACHE_STATES, Executor, StepInput
 from model.batch import BatchLayout
@@ -44,6 +46,8 @@ class LocalExecutor(Executor):
                          num_kv_blocks, num_state_snapshots)
         self.model = CausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
         self.device = torch.device(device)
+        if self.device.type == "cpu":  # engine/cpu_runtime.py: page faults and denormals per step
+            keep_freed_memory()
         # The gate's routing result, read at its boundary for expert-load metrics.
         gates = {i: layer.mlp.gate for i, layer in enumerate(self.model.model.layers)
                  if isinstance(layer.mlp, SparseMoeBlock)}
@@ -69,6 +73,8 @@ class LocalExecutor(Executor):
 
     def execute(self, step: StepInput) -> Tensor:
         self.check_step(step)
+        if self.device.type == "cpu":
+            flush_denormals()  # per thread: whichever thread runs the engine's steps
         layout = BatchLayout.build(list(step.slots), list(step.starts), list(step.lengths), self.device,
                                    step.block_tables, keep_states=step.keep_states)
         if step.state_saves or step.state_loads:
