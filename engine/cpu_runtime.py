@@ -12,8 +12,8 @@ values below float32's smallest normal number (~1.2e-38).
 - Denormal floats (|x| < 1.2e-38) take microcode assists on x86, ~100x a normal multiply. The
   chunked delta rule makes many: exp of Qwen3-Next's strongly negative log-decays over a chunk.
   Flushing them to zero, as TensorFlow's CPU runtime does in its compute threads, made the same
-  step 25 % faster. The setting is per thread (the MXCSR register): the thread that runs the
-  steps sets it."""
+  step 25 % faster. The setting is per thread (the MXCSR register; a new thread starts with
+  its creator's): the thread that runs the steps sets it."""
 
 from __future__ import annotations
 

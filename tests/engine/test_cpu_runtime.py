@@ -16,7 +16,7 @@ X86 = platform.machine() in ("x86_64", "AMD64")
 
 
 def in_thread(fn):
-    """fn's result, run in a fresh thread (whose float environment starts at the default)."""
+    """fn's result, run in a fresh thread (which starts with this thread's float environment)."""
     out = []
     t = threading.Thread(target=lambda: out.append(fn()))
     t.start()
@@ -38,9 +38,15 @@ def test_keep_freed_memory_on_glibc():
 
 @pytest.mark.skipif(not X86, reason="flush-to-zero is an x86 SSE setting")
 def test_flush_denormals_is_per_thread():
-    assert in_thread(denormal_product) > 0  # the default keeps denormals
-    assert in_thread(lambda: (flush_denormals(), denormal_product())[1]) == 0.0
-    assert in_thread(denormal_product) > 0  # another thread is unaffected
+    def outer() -> tuple[float, float, float]:
+        torch.set_flush_denormal(False)  # a thread starts with its creator's setting
+        kept = denormal_product()
+        flushed = in_thread(lambda: (flush_denormals(), denormal_product())[1])
+        return kept, flushed, denormal_product()
+
+    kept, flushed, kept_after = in_thread(outer)
+    assert kept > 0 and flushed == 0.0
+    assert kept_after > 0  # the other thread's setting did not leak into this one
 
 
 @pytest.mark.skipif(not X86, reason="flush-to-zero is an x86 SSE setting")
@@ -51,6 +57,7 @@ def test_local_executor_flushes_in_its_step_thread(tmp_path):
     step = StepInput(token_ids=(5, 9, 13), slots=(0,), starts=(0,), lengths=(3,), logits_index=(2,))
 
     def run_step() -> float:
+        torch.set_flush_denormal(False)
         executor.execute(step)
         return denormal_product()
 
