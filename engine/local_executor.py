@@ -5,7 +5,8 @@ For prefix caching it keeps a pool of saved DeltaNet states per DeltaNet layer, 
 into and load from (engine/prefix_cache.py decides). With `speculative_tokens` k > 0 it loads the
 checkpoint's MTP layer (model/mtp.py) and drafts up to k tokens per sequence after each step;
 verify steps keep the DeltaNet state after each of their tokens, and `propose` rolls the state
-back to the last accepted one."""
+back to the last accepted one. On CPU it keeps freed step memory in the process and flushes
+denormals in the thread that runs its steps (engine/cpu_runtime.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from engine.cpu_runtime import flush_denormals, keep_freed_memory
 from engine.drafter import Drafter
 from engine.executor import DEFAULT_PREFIX_CACHE_STATES, Executor, StepInput
 from model.batch import BatchLayout
@@ -56,6 +58,8 @@ class LocalExecutor(Executor):
                          num_kv_blocks, num_state_snapshots)
         self.model = CausalLM.from_pretrained(model_dir, dtype=dtype, device=device)
         self.device = torch.device(device)
+        if self.device.type == "cpu":  # engine/cpu_runtime.py: page faults and denormals per step
+            keep_freed_memory()
         # The gate's routing result, read at its boundary for expert-load metrics.
         gates = {i: layer.mlp.gate for i, layer in enumerate(self.model.model.layers)
                  if isinstance(layer.mlp, SparseMoeBlock)}
@@ -81,25 +85,85 @@ class LocalExecutor(Executor):
 
     def execute(self, step: StepInput) -> Tensor:
         self.check_step(step)
+        if self.device.type == "cpu":
+            flush_denormals()  # per thread: whichever thread runs the engine's steps
         layout = BatchLayout.build(list(step.slots), list(step.starts), list(step.lengths), self.device,
                                    step.block_tables, keep_states=step.keep_states)
         if step.state_saves or step.state_loads:
             for pool in self.snapshots:
                 pool.apply(step.state_saves, step.state_loads)
         token_ids = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)  # [T]
-        hidden = None
-        if self.decode is not None and self.decode.supports(layout):
-            try:
-                hidden = self.decode(token_ids, layout)  # [T, H]
-            except DecodeCompileError as e:  # on a step's first use of its bucket (no background compile)
-                log.warning("compiled decode: %s (%s); this step and those of buckets not compiled run "
-                            "eagerly", e, describe_error(e.__cause__))
-        if hidden is None:
-            hidden = self.model(token_ids, layout, self.caches)  # [T, H]
+        hidden = self._forward(step, token_ids, layout)  # [T, H]
         if self.drafter is not None:
             self.drafter.record(layout, token_ids, hidden)
         index = torch.tensor(step.logits_index, dtype=torch.long, device=self.device)  # [R]
         return self.model.compute_logits(hidden[index])  # [R, V] float32
+
+    def _forward(self, step: StepInput, token_ids: Tensor, layout: BatchLayout) -> Tensor:
+        """Final-normed hidden states [T, H]: a decode step through the compiled decode where it
+        is on; a mixed step (prefill chunks and one-token rows) as two passes, its one-token rows
+        through the compiled decode and the rest eagerly; anything else eagerly."""
+        if self.decode is None:
+            return self.model(token_ids, layout, self.caches)
+        if self.decode.supports(layout):
+            hidden = self._compiled(token_ids, layout)
+            return self.model(token_ids, layout, self.caches) if hidden is None else hidden
+        split = self._split_one_token_rows(step)
+        if split is None:
+            return self.model(token_ids, layout, self.caches)
+        (rows_1, layout_1), (rows_n, layout_n) = split
+        hidden = torch.empty(len(step.token_ids), self.config.hidden_size,
+                             dtype=self.model.lm_head.weight.dtype, device=self.device)
+        # The two passes touch disjoint slots and blocks (shared prefix blocks are only read), so
+        # their order does not matter; each row gets what it would get in a step of its own kind.
+        hidden[rows_1] = self.decode(token_ids[rows_1], layout_1)
+        hidden[rows_n] = self.model(token_ids[rows_n], layout_n, self.caches)
+        return hidden
+
+    def _compiled(self, token_ids: Tensor, layout: BatchLayout) -> Tensor | None:
+        """The compiled decode's hidden states, or None where compiling the step's bucket (on its
+        first use, without a background compile) failed: it ran on scratch rows, so the caller
+        runs the step eagerly."""
+        assert self.decode is not None
+        try:
+            return self.decode(token_ids, layout)  # [T, H]
+        except DecodeCompileError as e:
+            log.warning("compiled decode: %s (%s); this step and those of buckets not compiled run "
+                        "eagerly", e, describe_error(e.__cause__))
+            return None
+
+    def _split_one_token_rows(self, step: StepInput,
+                              ) -> tuple[tuple[Tensor, BatchLayout], tuple[Tensor, BatchLayout]] | None:
+        """For a mixed step: (packed token indices, layout) of its one-token rows and of its other
+        rows, or None where splitting does not pay or is not possible. In one eager pass every
+        one-token row is padded to the step's longest chunk, so each costs as much as a prefill
+        row (20 decodes beside 12 prompts of 32 tokens: 50 ms; split: 25 ms); the compiled decode
+        runs them in a few ms. Speculative decoding's verify steps keep per-token states, which
+        the compiled decode does not."""
+        if step.keep_states:
+            return None
+        one = [b for b, n in enumerate(step.lengths) if n == 1]
+        if not one or len(one) == len(step.lengths):
+            return None
+        many = [b for b, n in enumerate(step.lengths) if n > 1]
+        offsets = [0]
+        for n in step.lengths:
+            offsets.append(offsets[-1] + n)
+
+        def part(rows: list[int]) -> tuple[Tensor, BatchLayout]:
+            tables = None if step.block_tables is None else [step.block_tables[b] for b in rows]
+            layout = BatchLayout.build([step.slots[b] for b in rows], [step.starts[b] for b in rows],
+                                       [step.lengths[b] for b in rows], self.device, tables)
+            index = [i for b in rows for i in range(offsets[b], offsets[b + 1])]
+            return torch.tensor(index, dtype=torch.long, device=self.device), layout
+
+        decode_part = part(one)
+        # Only through a bucket already compiled: a split never waits for a compile (under
+        # serving the buckets compile in the background; `generate` compiles on decode steps).
+        if (self.decode is None or not self.decode.supports(decode_part[1])
+                or self.decode.bucket(len(one)) not in self.decode.steps):
+            return None
+        return decode_part, part(many)
 
     def propose(self, accepted: Sequence[int], next_token_ids: Sequence[int], num_drafts: Sequence[int],
                 ) -> list[list[int]]:

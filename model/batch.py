@@ -80,14 +80,24 @@ class BatchLayout:
         """[B] packed index of each sequence's last new token."""
         return torch.cumsum(self.lengths, 0) - 1
 
+    @property
+    def is_uniform(self) -> bool:
+        """Every sequence brings the same number of new tokens (a burst of equal prompts, or a
+        decode step): the packed tokens are the padded batch, with no padding."""
+        return self.num_tokens == self.pad_index.numel()
+
     def to_padded(self, x: Tensor) -> Tensor:
         """[T, ...] -> [B, L, ...], zeros where invalid."""
+        if self.is_uniform:  # a view: no gather, no mask pass
+            return x.reshape(*self.pad_index.shape, *x.shape[1:])
         xp = x[self.pad_index]
         mask = self.valid.view(*self.valid.shape, *([1] * (x.dim() - 1)))
         return xp * mask.to(xp.dtype)
 
     def to_packed(self, xp: Tensor) -> Tensor:
         """[B, L, ...] -> [T, ...]."""
+        if self.is_uniform:
+            return xp.reshape(self.num_tokens, *xp.shape[2:])
         return xp[self.valid]
 
     def to(self, device: torch.device | str) -> BatchLayout:

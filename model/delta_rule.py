@@ -38,10 +38,20 @@ def recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta:
     return out.transpose(1, 2).to(out_dtype), S
 
 
-def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor,
-                           chunk_size: int = 64) -> tuple[Tensor, Tensor]:
+# Tokens per chunk. The work inside a chunk grows with C² (its decay matrix, the UT solve), across
+# chunks with T·K·V; 32 halved the prefill of 32-token prompts against 64 (half of each 64-chunk
+# was padding) and was no slower for prompts of 128 to 2048 tokens (float32, one CPU thread,
+# K = V = 64: README "Serving").
+CHUNK_SIZE = 32
+
+
+def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor | None,
+                           chunk_size: int = CHUNK_SIZE) -> tuple[Tensor, Tensor]:
     """Same result as the recurrence: within a chunk of C tokens the C rank-1 updates are folded
-    into one lower-triangular solve (the UT transform); chunks are scanned in order."""
+    into one lower-triangular solve (the UT transform); chunks are scanned in order. `state`
+    None: every sequence starts from zeros (a batch of new prompts), the same result as a zero
+    state with the products of the zero state left out: for prompts of one chunk that is a solve
+    and two batched matmuls of the three the chunk would take."""
     out_dtype = v.dtype
     B, T, H, _ = q.shape
     q, k, v = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, *]
@@ -50,8 +60,9 @@ def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Ten
 
     C = chunk_size
     pad = (C - T % C) % C  # padded tokens get beta = g = 0: exact, see module doc
-    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-    g, beta = F.pad(g, (0, pad)), F.pad(beta, (0, pad))
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        g, beta = F.pad(g, (0, pad)), F.pad(beta, (0, pad))
     n = (T + pad) // C
     q, k, v = (x.reshape(B, H, n, C, x.shape[-1]) for x in (q, k, v))
     g, beta = g.reshape(B, H, n, C), beta.reshape(B, H, n, C)
@@ -65,16 +76,22 @@ def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Ten
     # (I + A) where A[i, j] = β_i (k_i·k_j) decay[i, j] for j < i: the UT system.
     system = (k_beta @ k.transpose(-1, -2)) * decay
     u = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)
-    w = torch.linalg.solve_triangular(system, k_beta * cum.exp()[..., None], upper=False, unitriangular=True)
-
     attn = (q @ k.transpose(-1, -2)) * decay  # intra-chunk, causal incl. the diagonal
-    q_decayed = q * cum.exp()[..., None]
     k_to_end = k * (cum[..., -1:] - cum).exp()[..., None]
     chunk_decay = cum[..., -1].exp()[..., None, None]  # [B, H, n, 1, 1]
-
-    S = state.float().clone()
     out = torch.empty_like(v)
-    for c in range(n):
+    S = None if state is None else state.float().clone()
+    if S is None:  # the first chunk from a zero state: nothing to predict, nothing to decay
+        out[:, :, 0] = attn[:, :, 0] @ u[:, :, 0]
+        S = k_to_end[:, :, 0].transpose(-1, -2) @ u[:, :, 0]  # [B, H, K, V]
+        first = 1
+    else:
+        first = 0
+    if first < n:
+        w = torch.linalg.solve_triangular(system, k_beta * cum.exp()[..., None], upper=False,
+                                          unitriangular=True)
+        q_decayed = q * cum.exp()[..., None]
+    for c in range(first, n):
         v_new = u[:, :, c] - w[:, :, c] @ S  # what the old state does not already predict
         out[:, :, c] = q_decayed[:, :, c] @ S + attn[:, :, c] @ v_new
         S = S * chunk_decay[:, :, c] + k_to_end[:, :, c].transpose(-1, -2) @ v_new

@@ -109,8 +109,11 @@ class GatedDeltaNet(nn.Module):
             rec_state = new_rec
             state.keep(layout, kept_conv, kept_rec)
         else:
-            rule = recurrent_gated_delta_rule if layout.is_decode else chunk_gated_delta_rule
-            o, rec_state = rule(q, k, v, g, beta, rec_state)  # [B, L, H, V]
+            if layout.is_decode:
+                o, rec_state = recurrent_gated_delta_rule(q, k, v, g, beta, rec_state)  # [B, L, H, V]
+            else:  # a step of new prompts only (a burst) skips the zero state's products
+                fresh = bool((layout.starts == 0).all())
+                o, rec_state = chunk_gated_delta_rule(q, k, v, g, beta, None if fresh else rec_state)
         state.write(layout, conv_state, rec_state)
 
         o = self.norm(layout.to_packed(o), z)  # [T, H, V]

@@ -101,3 +101,50 @@ def test_a_background_compile_that_fails_leaves_serving_eager_and_says_so(tiny_d
     assert "compiled decode" in stats.compile_error and "simulated" in stats.compile_error
     assert backend.calls == 1
     assert LLMEngine(executor(tiny_dir, compile=False)).stats.compile_error == ""
+
+
+def run_staggered(model_dir, compile: bool) -> tuple[dict[str, list], int]:
+    """One request decoding when two more arrive: the step that prefills them decodes it too.
+    Returns each request's (token, logprob) pairs and how many steps were split."""
+    ex = executor(model_dir, compile)
+    splits = []
+    split = ex._split_one_token_rows
+    ex._split_one_token_rows = lambda step: splits.append(split(step)) or splits[-1]
+    engine = LLMEngine(ex)
+    out: dict[str, list] = {}
+
+    def step() -> None:
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(zip(o.new_token_ids, o.new_logprobs, strict=True))
+
+    engine.add_request("a", PROMPTS[0], GREEDY)
+    for _ in range(3):  # its prefill and two decode steps (which compile bucket 1)
+        step()
+    engine.add_request("b", PROMPTS[2], GREEDY)
+    engine.add_request("c", [44, 12, 90, 6], GREEDY)
+    while engine.has_unfinished():
+        step()
+    return out, sum(s is not None for s in splits)
+
+
+def test_mixed_step_runs_its_decode_rows_compiled(tiny_dir):
+    """The decode row of a mixed step goes through the compiled bucket, the prompts eagerly; the
+    tokens and logprobs are eager's, and so are the expert counts of that step."""
+    compiled, num_split = run_staggered(tiny_dir, compile=True)
+    eager, _ = run_staggered(tiny_dir, compile=False)
+    assert num_split >= 1
+    for rid in ("a", "b", "c"):
+        assert [t for t, _ in compiled[rid]] == [t for t, _ in eager[rid]]
+        torch.testing.assert_close(torch.tensor([p for _, p in compiled[rid]]),
+                                   torch.tensor([p for _, p in eager[rid]]), rtol=0, atol=5e-4)
+
+
+def test_mixed_step_counts_the_same_experts(tiny_dir):
+    compiled, eager = executor(tiny_dir, compile=True), executor(tiny_dir, compile=False)
+    prompt = StepInput((5, 9, 13), (0,), (0,), (3,), (2,), ((0, 1),))
+    decode = StepInput((7,), (0,), (3,), (1,), (0,), ((0, 1),))  # compiles bucket 1
+    mixed = StepInput((8, 101, 3, 3), (0, 1), (4, 0), (1, 3), (0, 3), ((0, 1), (2, 3)))  # bucket 1 again
+    for step in (prompt, decode, mixed):
+        torch.testing.assert_close(compiled.execute(step), eager.execute(step), rtol=0, atol=1e-3)
+        assert compiled.take_expert_counts() == eager.take_expert_counts()
+    assert compiled._split_one_token_rows(mixed) is not None

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -177,3 +178,33 @@ def test_a_core_outlives_no_replica(tmp_path):
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
     pid = int(out.stdout.split()[0])
     assert wait_gone(pid, 15), f"the core {pid} outlived its replica"
+
+
+def test_an_idle_core_takes_a_burst_into_one_first_step():
+    """Requests that reach an idle core a little apart (within BURST_GAP_S of each other) are
+    prefilled together in its first step, not the first alone while the rest wait behind it;
+    one that comes after the window waits for the next step."""
+    from multiprocessing import Pipe
+
+    from engine.core import BURST_GAP_S, AddRequest, CoreStep, EngineCore, Shutdown
+
+    ours, theirs = Pipe()
+    core = EngineCore(build_fake_engine(num_slots=4), theirs)
+    ours.recv()  # CoreReady
+    thread = threading.Thread(target=core.run, daemon=True)
+    thread.start()
+    for rid in ("a", "b", "c"):
+        ours.send(AddRequest(rid, [3, 4, 5], GREEDY))
+        time.sleep(BURST_GAP_S / 4)
+    first = ours.recv()
+    time.sleep(0.2)  # the burst window is long over
+    ours.send(AddRequest("d", [7], GREEDY))
+    later = []
+    while ours.poll(10) and not any(m.accepted for m in later):
+        later.append(ours.recv())
+    ours.send(Shutdown())
+    thread.join(timeout=10)
+    assert isinstance(first, CoreStep) and first.accepted == ("a", "b", "c")
+    assert sorted(row[0] for row in first.outputs) == ["a", "b", "c"]  # one step, three first tokens
+    assert not thread.is_alive()
+    assert [m.accepted for m in later if m.accepted] == [("d",)]

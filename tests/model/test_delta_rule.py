@@ -32,6 +32,20 @@ def test_chunked_equals_recurrent(T):
     torch.testing.assert_close(s, s_ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("T", [5, 32, 33, 100])
+def test_no_state_is_a_zero_state(T):
+    """state None (a step of new prompts) skips the zero state's products: the same bits as a
+    zero state, over one chunk and several, and the recurrence's result."""
+    q, k, v, decay, beta, state = inputs(3, T, seed=T)
+    zero = torch.zeros_like(state)
+    o, s = chunk_gated_delta_rule(q, k, v, decay, beta, None)
+    o_zero, s_zero = chunk_gated_delta_rule(q, k, v, decay, beta, zero)
+    assert torch.equal(o, o_zero) and torch.equal(s, s_zero)
+    o_ref, s_ref = recurrent_gated_delta_rule(q, k, v, decay, beta, zero)
+    torch.testing.assert_close(o, o_ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(s, s_ref, atol=ATOL, rtol=0)
+
+
 def test_the_caller_state_is_left_alone():
     """The recurrence updates its own copy of the state in place, never the caller's tensor."""
     args = inputs(3, 4, seed=7)
