@@ -74,7 +74,7 @@ class Carry:
 
     h: Wired  # [T, H]
     shared: Wired | None  # [T, H]; None: no shared expert, or h already holds the whole MLP
-    rows: tuple[Wired, ...]  # [n_s] long per shard; () for a dense-MLP layer
+    rows: tuple[Wired | None, ...]  # [n_s] long per shard (None: all rows); () for a dense-MLP layer
     # The gate's pairs per expert of every MoE layer ([M, E] int32, row i: the i-th MoE layer;
     # zeros for layers not yet run; None before the first), carried to the last mixer, which
     # returns them with the logits: under a compiled graph an actor takes no side calls, so the

@@ -105,7 +105,8 @@ class MixerWorker:
         # loads run on a layer just before its tokens do (`run`).
         self.snapshots = {i: StateSnapshots(c, num_state_snapshots) for i, c in self.caches.items()
                           if isinstance(c, DeltaNetState) and num_state_snapshots > 0}
-        self.router = Router(experts) if experts is not None else None
+        self.router = Router(experts, c.num_experts_per_tok) if experts is not None else None
+        self.moe_row = {layer: i for i, layer in enumerate(c.moe_layers)}  # layer -> its row in `counts`
         self.accessed = list(reader.accessed)
         reader.close()
         self._batches: dict[int, tuple[BatchLayout, Tensor]] = {}
@@ -126,7 +127,7 @@ class MixerWorker:
 
     def set_expert_placement(self, experts: ExpertPlacement) -> str:
         """Route to a new set of shards from the next step on (expert rebalancing); the caches stay."""
-        self.router = Router(experts)
+        self.router = Router(experts, self.config.num_experts_per_tok)
         return self.spec.name
 
     def run(self, layer: int, msg: StepMsg, carry: Carry | None, *partials: ShardResult | None):
@@ -165,15 +166,20 @@ class MixerWorker:
                 shared = m.mlp.shared(y)
             plan = self.router.plan(ids, weights)
             flat = ids.flatten()
-            moe_layers = self.config.moe_layers
             pairs = torch.bincount(flat[flat >= 0], minlength=self.config.num_experts).cpu().numpy()  # [E]
-            counts = count_pairs(counts, len(moe_layers), moe_layers.index(layer), pairs)
-            work = [ShardWork(layer, self._wire(y[r]), self._wire(i), self._wire(w))
-                    for r, i, w in zip(plan.rows, plan.ids, plan.weights, strict=True)]
+            counts = count_pairs(counts, len(self.moe_row), self.moe_row[layer], pairs)
+            if plan.rows[0] is None:  # all rows to every shard, one message for all
+                one = ShardWork(layer, self._wire(y), self._wire(ids), self._wire(weights))
+                work = [one] * len(plan.rows)
+                rows: tuple[Wired | None, ...] = plan.rows
+            else:
+                work = [ShardWork(layer, self._wire(y[r]), self._wire(i), self._wire(w))
+                        for r, i, w in zip(plan.rows, plan.ids, plan.weights, strict=True)]
+                rows = tuple(self._wire(r) for r in plan.rows)
             telemetry = telemetry.add(self.spec.name, time.perf_counter() - start,
                                       dispatch_bytes=sum(w.nbytes for w in work))
-            carry_out = Carry(self._wire(h), None if shared is None else self._wire(shared),
-                              tuple(self._wire(r) for r in plan.rows), counts, telemetry)
+            carry_out = Carry(self._wire(h), None if shared is None else self._wire(shared), rows, counts,
+                              telemetry)
         return (carry_out, *work)
 
     def finish(self, msg: StepMsg, carry: Carry | None, *partials: ShardResult | None) -> StepResult | None:
@@ -221,7 +227,7 @@ class MixerWorker:
             telemetry = carry.telemetry
             for s, p in enumerate(partials):
                 telemetry = telemetry.add(f"experts-{s}", p.seconds, combine_bytes=p.partial.nbytes)
-            rows = [from_wire(r, torch.long).to(self.device) for r in carry.rows]
+            rows = [None if r is None else from_wire(r, torch.long).to(self.device) for r in carry.rows]
             parts = [from_wire(p.partial, self.dtype).to(self.device) for p in partials]
             mlp = combine(parts, rows, h.shape[0])
             if carry.shared is not None:
