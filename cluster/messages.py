@@ -24,6 +24,9 @@ Wired = np.ndarray | Tensor
 
 
 def to_wire(t: Tensor, host: bool = True) -> Wired:
+    if host and t.device.type == "cpu" and t.dtype != torch.bfloat16 and not t.requires_grad \
+            and t.is_contiguous():
+        return t.numpy()  # the common case on CPU without a dispatch per step below (~2 µs each, 5 a layer)
     t = t.detach().contiguous()
     if not host:
         return t

@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -23,7 +25,6 @@ from cluster.messages import (
     StepResult,
     Telemetry,
     Wired,
-    count_pairs,
     counts_by_layer,
     from_wire,
     to_wire,
@@ -36,7 +37,7 @@ from model.config import ModelConfig
 from model.decode_math import make_decode_cache
 from model.decoder import DecoderLayer
 from model.loading import load_experts, load_module, materialize
-from model.moe import Experts, SparseMoeBlock
+from model.moe import Experts
 from model.norm import RMSNorm
 from model.weights import CheckpointReader
 from router.dispatch import Router, combine
@@ -69,6 +70,7 @@ class MixerWorker:
         self.host_wire = tensor_transport == "host"  # cluster/messages.py: numpy, else torch tensors
         c = self.config = ModelConfig.from_dir(model_dir, dtype=dtype)
         self.spec, self.device, self.dtype = spec, torch.device(device), c.torch_dtype
+        self.on_host = self.device.type == "cpu"  # wire arrays are used in place, no .to() per tensor
         reader = CheckpointReader(model_dir)
         with torch.device("meta"):
             # expert_ids=[]: the routed experts live in the shards; gate and shared expert stay here
@@ -110,6 +112,8 @@ class MixerWorker:
         self.accessed = list(reader.accessed)
         reader.close()
         self._batches: dict[int, tuple[BatchLayout, Tensor]] = {}
+        self._pending: dict[int, _Unsent] = {}  # seq -> what its Carry does not hold yet (`_carry`)
+        self.shard_names = [f"experts-{s}" for s in range(experts.num_shards if experts else 0)]
 
     def accessed_tensors(self) -> list[str]:
         return self.accessed
@@ -128,17 +132,17 @@ class MixerWorker:
     def set_expert_placement(self, experts: ExpertPlacement) -> str:
         """Route to a new set of shards from the next step on (expert rebalancing); the caches stay."""
         self.router = Router(experts, self.config.num_experts_per_tok)
+        self.shard_names = [f"experts-{s}" for s in range(experts.num_shards)]
         return self.spec.name
 
     def run(self, layer: int, msg: StepMsg, carry: Carry | None, *partials: ShardResult | None):
         """Finish layer-1's MLP (combine), then layer `layer`'s mixer; for a MoE layer also gate,
         shared expert and dispatch: returns (Carry, one ShardWork per shard), else a Carry."""
-        moe = isinstance(self.layers[layer].mlp, SparseMoeBlock)
+        moe = layer in self.moe_row
         if msg.step is None:  # an empty micro-batch lane: pass nothing along
             return (None,) * (1 + self.router.placement.num_shards) if moe else None
         start = time.perf_counter()
-        h, telemetry = self._resume(msg, carry, partials)
-        counts = None if carry is None else carry.counts
+        h, pending = self._resume(msg, carry, partials)
         m = self.layers[layer]
         with torch.inference_mode():
             layout, _ = self._batch(msg)
@@ -153,21 +157,16 @@ class MixerWorker:
             if self.decode is not None and self.decode.supports(layout):  # compiled, the same math
                 h, y, ids, weights, shared = self.decode(layer, h, layout)  # [T, H], None for a dense layer
                 if not moe:
-                    telemetry = telemetry.add(self.spec.name, time.perf_counter() - start)
-                    return Carry(self._wire(h), None, (), counts, telemetry)
+                    return self._carry(layer, msg, carry, pending, start, h, None, ())
             else:
                 h = m.mix(h, layout, self.caches[layer])  # [T, H]
                 if not moe:
-                    out = self._wire(m.feed_forward(h))
-                    telemetry = telemetry.add(self.spec.name, time.perf_counter() - start)
-                    return Carry(out, None, (), counts, telemetry)
+                    return self._carry(layer, msg, carry, pending, start, m.feed_forward(h), None, ())
                 y = m.post_attention_layernorm(h)
                 ids, weights = m.mlp.gate(y)  # [T, k] each
                 shared = m.mlp.shared(y)
             plan = self.router.plan(ids, weights)
-            flat = ids.flatten()
-            pairs = torch.bincount(flat[flat >= 0], minlength=self.config.num_experts).cpu().numpy()  # [E]
-            counts = count_pairs(counts, len(self.moe_row), self.moe_row[layer], pairs)
+            pending.ids.append((self.moe_row[layer], ids))  # counted when the Carry leaves (`_carry`)
             if plan.rows[0] is None:  # all rows to every shard, one message for all
                 one = ShardWork(layer, self._wire(y), self._wire(ids), self._wire(weights))
                 work = [one] * len(plan.rows)
@@ -176,10 +175,8 @@ class MixerWorker:
                 work = [ShardWork(layer, self._wire(y[r]), self._wire(i), self._wire(w))
                         for r, i, w in zip(plan.rows, plan.ids, plan.weights, strict=True)]
                 rows = tuple(self._wire(r) for r in plan.rows)
-            telemetry = telemetry.add(self.spec.name, time.perf_counter() - start,
-                                      dispatch_bytes=sum(w.nbytes for w in work))
-            carry_out = Carry(self._wire(h), None if shared is None else self._wire(shared), rows, counts,
-                              telemetry)
+            pending.dispatch_bytes += sum(w.nbytes for w in work)
+            carry_out = self._carry(layer, msg, carry, pending, start, h, shared, rows)
         return (carry_out, *work)
 
     def finish(self, msg: StepMsg, carry: Carry | None, *partials: ShardResult | None) -> StepResult | None:
@@ -188,15 +185,15 @@ class MixerWorker:
         if msg.step is None:
             return None
         start = time.perf_counter()
-        h, telemetry = self._resume(msg, carry, partials)
+        h, pending = self._resume(msg, carry, partials)
         with torch.inference_mode():
             index = torch.tensor(msg.step.logits_index, dtype=torch.long, device=self.device)
             normed = self.norm(h)
             logits = to_wire(self.lm_head(normed[index]).float())
             hidden = to_wire(normed) if msg.want_hidden else None
-        counts = counts_by_layer(None if carry is None else carry.counts, self.config.moe_layers)
-        return StepResult(logits, counts,
-                          telemetry.add(self.spec.name, time.perf_counter() - start), hidden)
+        del self._pending[msg.seq]
+        counts, telemetry = self._settle(carry, pending, start)
+        return StepResult(logits, counts_by_layer(counts, self.config.moe_layers), telemetry, hidden)
 
     def _batch(self, msg: StepMsg) -> tuple[BatchLayout, Tensor]:
         """Layout and token ids of a (micro-)batch, built on its first layer here; the lanes' calls
@@ -213,26 +210,86 @@ class MixerWorker:
     def _wire(self, t: Tensor) -> Wired:
         return to_wire(t, self.host_wire)
 
+    def _tensor(self, a: Wired, dtype: torch.dtype) -> Tensor:
+        t = from_wire(a, dtype)
+        return t if self.on_host else t.to(self.device)
+
     def _resume(self, msg: StepMsg, carry: Carry | None, partials: Sequence[ShardResult],
-                ) -> tuple[Tensor, Telemetry]:
+                ) -> tuple[Tensor, _Unsent]:
         """The residual stream entering the next layer: embeddings, or the previous layer's carry
-        plus its MLP output (shared expert + the shards' combined partial sums); and the telemetry
-        so far, the shards' seconds and the bytes of their answers added."""
+        plus its MLP output (shared expert + the shards' combined partial sums); and what this
+        mixer has added to the (micro-)batch's counts and telemetry since its Carry last came from
+        another actor, the shards' seconds and the bytes of their answers now included."""
+        if msg.seq in self._pending:  # the carry is this mixer's own, from its previous layer
+            pending = self._pending[msg.seq]
+        else:  # a new (micro-)batch, or a Carry from another actor: the entries of older ones go
+            self._pending = {k: v for k, v in self._pending.items() if k >= msg.seq - msg.lane}
+            pending = self._pending[msg.seq] = _Unsent([0.0] * len(self.shard_names))
         with torch.inference_mode():
             if carry is None:
-                return self.embed(self._batch(msg)[1]), Telemetry()
-            h = from_wire(carry.h, self.dtype).to(self.device)
+                return self.embed(self._batch(msg)[1]), pending
+            h = self._tensor(carry.h, self.dtype)
             if not carry.rows:
-                return h, carry.telemetry
-            telemetry = carry.telemetry
+                return h, pending
+            parts = []
             for s, p in enumerate(partials):
-                telemetry = telemetry.add(f"experts-{s}", p.seconds, combine_bytes=p.partial.nbytes)
-            rows = [None if r is None else from_wire(r, torch.long).to(self.device) for r in carry.rows]
-            parts = [from_wire(p.partial, self.dtype).to(self.device) for p in partials]
+                pending.shard_seconds[s] += p.seconds
+                pending.combine_bytes += p.partial.nbytes
+                parts.append(self._tensor(p.partial, self.dtype))
+            rows = [None if r is None else self._tensor(r, torch.long) for r in carry.rows]
             mlp = combine(parts, rows, h.shape[0])
             if carry.shared is not None:
-                mlp = mlp + from_wire(carry.shared, self.dtype).to(self.device)
-            return h + mlp, telemetry  # the order of model.decoder: h + (routed + shared)
+                mlp = mlp + self._tensor(carry.shared, self.dtype)
+            return h + mlp, pending  # the order of model.decoder: h + (routed + shared)
+
+    def _carry(self, layer: int, msg: StepMsg, carry: Carry | None, pending: _Unsent, start: float,
+               h: Tensor, shared: Tensor | None, rows: tuple[Wired | None, ...]) -> Carry:
+        """The Carry after `layer`. One that stays here (the next layer is this mixer's too) keeps
+        the counts and telemetry it came with, the rest waiting in `pending`; one that leaves takes
+        them all (`_settle`): a count and a telemetry update per layer cost more than the layer's
+        own eager work, one per visit does not."""
+        h_out, shared_out = self._wire(h), None if shared is None else self._wire(shared)
+        if layer + 1 in self.layers:
+            pending.seconds += time.perf_counter() - start
+            return Carry(h_out, shared_out, rows, None if carry is None else carry.counts,
+                         Telemetry() if carry is None else carry.telemetry)
+        del self._pending[msg.seq]
+        return Carry(h_out, shared_out, rows, *self._settle(carry, pending, start))
+
+    def _settle(self, carry: Carry | None, pending: _Unsent, start: float,
+                ) -> tuple[np.ndarray | None, Telemetry]:
+        """The (micro-)batch's counts and telemetry with `pending` added, the current call (since
+        `start`) included: the gate's pairs per expert of the MoE layers run here since it came,
+        counted in one bincount ([M, E] int32, a new array: a received one may be a read-only view)."""
+        counts = None if carry is None else carry.counts
+        if pending.ids:  # in numpy: a few small arrays, where each torch op costs a dispatch
+            M, E = len(self.moe_row), self.config.num_experts
+            rows = [r for r, _ in pending.ids]
+            ids = np.stack([to_wire(i) for _, i in pending.ids])  # [L, T, k]
+            keys = ids + (np.array(rows) * E)[:, None, None]
+            new = np.bincount(keys[ids >= 0], minlength=M * E).astype(np.int32).reshape(M, E)
+            counts = new if counts is None else np.array(counts, dtype=np.int32, copy=True)
+            counts[rows] = new[rows]
+        telemetry = Telemetry() if carry is None else carry.telemetry
+        for name, seconds in zip(self.shard_names, pending.shard_seconds, strict=True):
+            if seconds:
+                telemetry = telemetry.add(name, seconds)
+        telemetry = telemetry.add(self.spec.name, pending.seconds + time.perf_counter() - start,
+                                  pending.dispatch_bytes, pending.combine_bytes)
+        return counts, telemetry
+
+
+@dataclass
+class _Unsent:
+    """What a mixer has added to a (micro-)batch since its Carry came from another actor, not yet
+    in a Carry: seconds of its own calls and of each shard's, bytes moved, and (counts' row, the
+    gate's ids [T, k]) of each MoE layer it ran."""
+
+    shard_seconds: list[float]
+    seconds: float = 0.0
+    dispatch_bytes: int = 0
+    combine_bytes: int = 0
+    ids: list[tuple[int, Tensor]] = field(default_factory=list)
 
 
 class ExpertWorker:
