@@ -69,6 +69,13 @@ def encode(kind: int, key: Key, step: int, value: Any) -> list[Any]:
     return [HEADER.pack(kind, key[0], key[1], step, len(data), len(raws)), lengths, data, *raws]
 
 
+def rekeyed(pieces: list[Any], key: Key) -> list[Any]:
+    """`encode`'s pieces for another edge: a new header, the same pickle and buffers (one value
+    sent on several edges is pickled once)."""
+    kind, _, _, step, size, nbuf = HEADER.unpack(pieces[0])
+    return [HEADER.pack(kind, key[0], key[1], step, size, nbuf), *pieces[1:]]
+
+
 def send_frame(sock: socket.socket, kind: int, key: Key, step: int, value: Any,
                inbox: Inbox | None = None) -> None:
     send_all(sock, encode(kind, key, step, value), inbox)

@@ -151,6 +151,8 @@ class CompiledExperts:
             torch._dynamo.mark_dynamic(t, 0)
         if "experts" in self.compiles:
             with self.compiles.trusted():
-                return self.routed_fn(ex, x, ids, weights)[:n]
-        with self.compiles.first("experts", f"routed experts for up to {self.max_rows} rows"):
-            return self.routed_fn(ex, x, ids, weights)[:n]
+                out = self.routed_fn(ex, x, ids, weights)
+        else:
+            with self.compiles.first("experts", f"routed experts for up to {self.max_rows} rows"):
+                out = self.routed_fn(ex, x, ids, weights)
+        return out[:n] if n == 1 else out

@@ -24,8 +24,11 @@ from cluster.wire import (
     Inbox,
     Listener,
     connect,
+    encode,
     new_token,
     recv_frame,
+    rekeyed,
+    send_all,
     send_frame,
 )
 from engine.executor import StepInput
@@ -41,6 +44,25 @@ def roundtrip(value, key=(3, 1), step=7):
         b.close()
     assert (f.kind, f.key, f.step) == (DATA, key, step)
     return f.value
+
+
+def test_one_value_encoded_once_for_several_edges():
+    """All-rows dispatch returns one ShardWork for every shard: pickled once, re-headed per edge."""
+    work = ShardWork(4, np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((2, 2), np.int64),
+                     np.full((2, 2), 0.5, np.float32))
+    pieces = encode(DATA, (9, 1), 5, work)
+    again = rekeyed(pieces, (9, 2))
+    assert again[1:] == pieces[1:]
+    a, b = socket.socketpair()
+    try:
+        send_all(a, again)
+        f = recv_frame(b)
+    finally:
+        a.close()
+        b.close()
+    assert (f.kind, f.key, f.step) == (DATA, (9, 2), 5)
+    assert f.value.layer == 4 and f.value.x.tolist() == work.x.tolist()
+    assert f.value.weights.tolist() == [[0.5] * 2] * 2
 
 
 def test_messages_round_trip_with_their_arrays():
