@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -166,7 +166,7 @@ class MixerWorker:
                 ids, weights = m.mlp.gate(y)  # [T, k] each
                 shared = m.mlp.shared(y)
             plan = self.router.plan(ids, weights)
-            pending.ids.append((self.moe_row[layer], ids))  # counted when the Carry leaves (`_carry`)
+            pending.count(self.moe_row[layer], to_wire(ids), len(self.moe_row), self.config.num_experts)
             if plan.rows[0] is None:  # all rows to every shard, one message for all
                 one = ShardWork(layer, self._wire(y), self._wire(ids), self._wire(weights))
                 work = [one] * len(plan.rows)
@@ -246,8 +246,8 @@ class MixerWorker:
                h: Tensor, shared: Tensor | None, rows: tuple[Wired | None, ...]) -> Carry:
         """The Carry after `layer`. One that stays here (the next layer is this mixer's too) keeps
         the counts and telemetry it came with, the rest waiting in `pending`; one that leaves takes
-        them all (`_settle`): a count and a telemetry update per layer cost more than the layer's
-        own eager work, one per visit does not."""
+        them all (`_settle`): a copy of the counts and a telemetry update per layer cost more than
+        a layer's own eager work (bench/layer_costs.py), one per visit does not."""
         h_out, shared_out = self._wire(h), None if shared is None else self._wire(shared)
         if layer + 1 in self.layers:
             pending.seconds += time.perf_counter() - start
@@ -259,37 +259,42 @@ class MixerWorker:
     def _settle(self, carry: Carry | None, pending: _Unsent, start: float,
                 ) -> tuple[np.ndarray | None, Telemetry]:
         """The (micro-)batch's counts and telemetry with `pending` added, the current call (since
-        `start`) included: the gate's pairs per expert of the MoE layers run here since it came,
-        counted in one bincount ([M, E] int32, a new array: a received one may be a read-only view)."""
+        `start`) included (counts: [M, E] int32, a new array: a received one may be a read-only view)."""
         counts = None if carry is None else carry.counts
-        if pending.ids:  # in numpy: a few small arrays, where each torch op costs a dispatch
-            M, E = len(self.moe_row), self.config.num_experts
-            rows = [r for r, _ in pending.ids]
-            ids = np.stack([to_wire(i) for _, i in pending.ids])  # [L, T, k]
-            keys = ids + (np.array(rows) * E)[:, None, None]
-            new = np.bincount(keys[ids >= 0], minlength=M * E).astype(np.int32).reshape(M, E)
-            counts = new if counts is None else np.array(counts, dtype=np.int32, copy=True)
-            counts[rows] = new[rows]
-        telemetry = Telemetry() if carry is None else carry.telemetry
-        for name, seconds in zip(self.shard_names, pending.shard_seconds, strict=True):
-            if seconds:
-                telemetry = telemetry.add(name, seconds)
-        telemetry = telemetry.add(self.spec.name, pending.seconds + time.perf_counter() - start,
-                                  pending.dispatch_bytes, pending.combine_bytes)
+        if pending.counts is not None:  # the rows run here are zeros in `counts`, and the others in ours
+            counts = pending.counts if counts is None else counts + pending.counts  # a new array
+        seconds = {} if carry is None else dict(carry.telemetry.seconds)
+        for name, s in zip(self.shard_names, pending.shard_seconds, strict=True):
+            if s:
+                seconds[name] = seconds.get(name, 0.0) + s
+        me = self.spec.name
+        seconds[me] = seconds.get(me, 0.0) + pending.seconds + time.perf_counter() - start
+        before = Telemetry() if carry is None else carry.telemetry
+        telemetry = Telemetry(seconds, before.dispatch_bytes + pending.dispatch_bytes,
+                              before.combine_bytes + pending.combine_bytes)
         return counts, telemetry
 
 
 @dataclass
 class _Unsent:
     """What a mixer has added to a (micro-)batch since its Carry came from another actor, not yet
-    in a Carry: seconds of its own calls and of each shard's, bytes moved, and (counts' row, the
-    gate's ids [T, k]) of each MoE layer it ran."""
+    in a Carry: seconds of its own calls and of each shard's, bytes moved, and the gate's pairs
+    per expert of the MoE layers it ran ([M, E] int32, zeros elsewhere; None before the first)."""
 
     shard_seconds: list[float]
     seconds: float = 0.0
     dispatch_bytes: int = 0
     combine_bytes: int = 0
-    ids: list[tuple[int, Tensor]] = field(default_factory=list)
+    counts: np.ndarray | None = None
+
+    def count(self, row: int, ids: np.ndarray, num_moe_layers: int, num_experts: int) -> None:
+        """Row `row` of `counts`: the pairs per expert of the gate's ids [T, k] (-1: a dropped pair)."""
+        if self.counts is None:
+            self.counts = np.zeros((num_moe_layers, num_experts), np.int32)
+        flat = ids.ravel()
+        if flat.size and flat.min() < 0:
+            flat = flat[flat >= 0]
+        self.counts[row] = np.bincount(flat, minlength=num_experts)
 
 
 class ExpertWorker:
