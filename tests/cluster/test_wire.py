@@ -65,6 +65,19 @@ def test_one_value_encoded_once_for_several_edges():
     assert f.value.weights.tolist() == [[0.5] * 2] * 2
 
 
+def test_received_arrays_are_aligned_in_one_body():
+    """Whatever the pickle's length, each array lands at a multiple of 16 bytes: numpy and SIMD
+    loads want aligned data, and the arrays of a frame share the one buffer it was read into."""
+    for text in ("", "x", "x" * 13):
+        value = (text, np.arange(3, dtype=np.int8), np.arange(5, dtype=np.float64),
+                 np.ones((2, 3), np.float32))
+        got = roundtrip(value)
+        assert got[0] == text
+        for a, b in zip(got[1:], value[1:], strict=True):
+            assert a.ctypes.data % 16 == 0 and a.flags.aligned and a.flags.writeable
+            assert a.dtype == b.dtype and a.tolist() == b.tolist()
+
+
 def test_messages_round_trip_with_their_arrays():
     h = torch.randn(5, 16, dtype=torch.bfloat16)
     carry = Carry(to_wire(h), None, (np.arange(3), np.array([], np.int64)), np.ones((4, 8), np.int32),
