@@ -192,8 +192,8 @@ class MixerWorker:
             logits = to_wire(self.lm_head(normed[index]).float())
             hidden = to_wire(normed) if msg.want_hidden else None
         del self._pending[msg.seq]
-        counts, telemetry = self._settle(carry, pending, start)
-        return StepResult(logits, counts_by_layer(counts, self.config.moe_layers), telemetry, hidden)
+        counts = counts_by_layer(self._counts(carry, pending), self.config.moe_layers)
+        return StepResult(logits, counts, self._telemetry(carry, pending, start), hidden)
 
     def _batch(self, msg: StepMsg) -> tuple[BatchLayout, Tensor]:
         """Layout and token ids of a (micro-)batch, built on its first layer here; the lanes' calls
@@ -218,10 +218,12 @@ class MixerWorker:
                 ) -> tuple[Tensor, _Unsent]:
         """The residual stream entering the next layer: embeddings, or the previous layer's carry
         plus its MLP output (shared expert + the shards' combined partial sums); and what this
-        mixer has added to the (micro-)batch's counts and telemetry since its Carry last came from
-        another actor, the shards' seconds and the bytes of their answers now included."""
+        mixer has counted of the (micro-)batch since its Carry last came from another actor, with
+        this call's telemetry so far (the shards' seconds and the bytes of their answers)."""
         if msg.seq in self._pending:  # the carry is this mixer's own, from its previous layer
             pending = self._pending[msg.seq]
+            pending.shard_seconds = [0.0] * len(self.shard_names)
+            pending.dispatch_bytes = pending.combine_bytes = 0
         else:  # a new (micro-)batch, or a Carry from another actor: the entries of older ones go
             self._pending = {k: v for k, v in self._pending.items() if k >= msg.seq - msg.lane}
             pending = self._pending[msg.seq] = _Unsent([0.0] * len(self.shard_names))
@@ -244,45 +246,47 @@ class MixerWorker:
 
     def _carry(self, layer: int, msg: StepMsg, carry: Carry | None, pending: _Unsent, start: float,
                h: Tensor, shared: Tensor | None, rows: tuple[Wired | None, ...]) -> Carry:
-        """The Carry after `layer`. One that stays here (the next layer is this mixer's too) keeps
-        the counts and telemetry it came with, the rest waiting in `pending`; one that leaves takes
-        them all (`_settle`): a copy of the counts and a telemetry update per layer cost more than
-        a layer's own eager work (bench/layer_costs.py), one per visit does not."""
+        """The Carry after `layer`, its telemetry up to this call. One that stays here (the next
+        layer is this mixer's too) keeps the counts it came with, this mixer's waiting in
+        `pending`; one that leaves takes them (`_counts`): a copy of the [M, E] counts per layer
+        cost more than a layer's own eager work (bench/layer_costs.py), one per visit does not."""
         h_out, shared_out = self._wire(h), None if shared is None else self._wire(shared)
+        telemetry = self._telemetry(carry, pending, start)
         if layer + 1 in self.layers:
-            pending.seconds += time.perf_counter() - start
-            return Carry(h_out, shared_out, rows, None if carry is None else carry.counts,
-                         Telemetry() if carry is None else carry.telemetry)
+            return Carry(h_out, shared_out, rows, None if carry is None else carry.counts, telemetry)
         del self._pending[msg.seq]
-        return Carry(h_out, shared_out, rows, *self._settle(carry, pending, start))
+        return Carry(h_out, shared_out, rows, self._counts(carry, pending), telemetry)
 
-    def _settle(self, carry: Carry | None, pending: _Unsent, start: float,
-                ) -> tuple[np.ndarray | None, Telemetry]:
-        """The (micro-)batch's counts and telemetry with `pending` added, the current call (since
-        `start`) included (counts: [M, E] int32, a new array: a received one may be a read-only view)."""
+    @staticmethod
+    def _counts(carry: Carry | None, pending: _Unsent) -> np.ndarray | None:
+        """The carry's counts with this visit's rows added ([M, E] int32, a new array: a received one
+        may be a read-only view); the rows run here are zeros in the carry's, the others in ours."""
         counts = None if carry is None else carry.counts
-        if pending.counts is not None:  # the rows run here are zeros in `counts`, and the others in ours
-            counts = pending.counts if counts is None else counts + pending.counts  # a new array
-        seconds = {} if carry is None else dict(carry.telemetry.seconds)
+        if pending.counts is None:
+            return counts
+        return pending.counts if counts is None else counts + pending.counts
+
+    def _telemetry(self, carry: Carry | None, pending: _Unsent, start: float) -> Telemetry:
+        """The carry's telemetry with this call's added: its seconds (since `start`), the shards'
+        seconds and the router's bytes; one dict made, not one per `Telemetry.add`."""
+        before = Telemetry() if carry is None else carry.telemetry
+        seconds = dict(before.seconds)
         for name, s in zip(self.shard_names, pending.shard_seconds, strict=True):
             if s:
                 seconds[name] = seconds.get(name, 0.0) + s
         me = self.spec.name
-        seconds[me] = seconds.get(me, 0.0) + pending.seconds + time.perf_counter() - start
-        before = Telemetry() if carry is None else carry.telemetry
-        telemetry = Telemetry(seconds, before.dispatch_bytes + pending.dispatch_bytes,
-                              before.combine_bytes + pending.combine_bytes)
-        return counts, telemetry
+        seconds[me] = seconds.get(me, 0.0) + time.perf_counter() - start
+        return Telemetry(seconds, before.dispatch_bytes + pending.dispatch_bytes,
+                         before.combine_bytes + pending.combine_bytes)
 
 
 @dataclass
 class _Unsent:
-    """What a mixer has added to a (micro-)batch since its Carry came from another actor, not yet
-    in a Carry: seconds of its own calls and of each shard's, bytes moved, and the gate's pairs
-    per expert of the MoE layers it ran ([M, E] int32, zeros elsewhere; None before the first)."""
+    """What a mixer has counted of a (micro-)batch since its Carry came from another actor, not yet
+    in a Carry: the gate's pairs per expert of the MoE layers it ran ([M, E] int32, zeros elsewhere;
+    None before the first); and the current call's shard seconds and bytes moved."""
 
     shard_seconds: list[float]
-    seconds: float = 0.0
     dispatch_bytes: int = 0
     combine_bytes: int = 0
     counts: np.ndarray | None = None
