@@ -296,9 +296,10 @@ class _Unsent:
         if self.counts is None:
             self.counts = np.zeros((num_moe_layers, num_experts), np.int32)
         flat = ids.ravel()
-        if flat.size and flat.min() < 0:
-            flat = flat[flat >= 0]
-        self.counts[row] = np.bincount(flat, minlength=num_experts)
+        try:
+            self.counts[row] = np.bincount(flat, minlength=num_experts)
+        except ValueError:  # a dropped pair (-1): the gate makes none, other routers may
+            self.counts[row] = np.bincount(flat[flat >= 0], minlength=num_experts)
 
 
 class ExpertWorker:
