@@ -46,6 +46,7 @@ from cluster.wire import (
     encode,
     new_token,
     recv_frame,
+    rekeyed,
     send_all,
     send_frame,
 )
@@ -202,13 +203,18 @@ class ActorPlane:
                         local[a] = f.value
                     args.append(local[a])
                 out = getattr(self.worker, op.method)(*args)
-                for k, v in enumerate(out if op.num_returns > 1 else (out,)):
+                outs = out if op.num_returns > 1 else (out,)
+                encoded: dict[int, list[Any]] = {}  # id(output) -> its pieces: a value returned on
+                for k, v in enumerate(outs):        # several edges (all-rows dispatch) pickles once
                     r = Ref(op.node, k)
                     local[r] = v
                     dests = self.program.sends.get(r, ())
                     if dests:
-                        pieces = encode(DATA, (r.node, r.out), step, v)  # once for every consumer
-                        for d in dests:
+                        if id(v) in encoded:
+                            pieces = rekeyed(encoded[id(v)], (r.node, r.out))
+                        else:
+                            pieces = encoded[id(v)] = encode(DATA, (r.node, r.out), step, v)
+                        for d in dests:  # once for every consumer
                             send_all(self.peers[d], pieces, self.inbox)
         except Exception as e:
             e.dataplane_step = step  # type: ignore[attr-defined]

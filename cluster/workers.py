@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -23,7 +25,6 @@ from cluster.messages import (
     StepResult,
     Telemetry,
     Wired,
-    count_pairs,
     counts_by_layer,
     from_wire,
     to_wire,
@@ -36,7 +37,7 @@ from model.config import ModelConfig
 from model.decode_math import make_decode_cache
 from model.decoder import DecoderLayer
 from model.loading import load_experts, load_module, materialize
-from model.moe import Experts, SparseMoeBlock
+from model.moe import Experts
 from model.norm import RMSNorm
 from model.weights import CheckpointReader
 from router.dispatch import Router, combine
@@ -69,6 +70,7 @@ class MixerWorker:
         self.host_wire = tensor_transport == "host"  # cluster/messages.py: numpy, else torch tensors
         c = self.config = ModelConfig.from_dir(model_dir, dtype=dtype)
         self.spec, self.device, self.dtype = spec, torch.device(device), c.torch_dtype
+        self.on_host = self.device.type == "cpu"  # wire arrays are used in place, no .to() per tensor
         reader = CheckpointReader(model_dir)
         with torch.device("meta"):
             # expert_ids=[]: the routed experts live in the shards; gate and shared expert stay here
@@ -105,10 +107,13 @@ class MixerWorker:
         # loads run on a layer just before its tokens do (`run`).
         self.snapshots = {i: StateSnapshots(c, num_state_snapshots) for i, c in self.caches.items()
                           if isinstance(c, DeltaNetState) and num_state_snapshots > 0}
-        self.router = Router(experts) if experts is not None else None
+        self.router = Router(experts, c.num_experts_per_tok) if experts is not None else None
+        self.moe_row = {layer: i for i, layer in enumerate(c.moe_layers)}  # layer -> its row in `counts`
         self.accessed = list(reader.accessed)
         reader.close()
         self._batches: dict[int, tuple[BatchLayout, Tensor]] = {}
+        self._pending: dict[int, _Unsent] = {}  # seq -> what its Carry does not hold yet (`_carry`)
+        self.shard_names = [f"experts-{s}" for s in range(experts.num_shards if experts else 0)]
 
     def accessed_tensors(self) -> list[str]:
         return self.accessed
@@ -126,18 +131,18 @@ class MixerWorker:
 
     def set_expert_placement(self, experts: ExpertPlacement) -> str:
         """Route to a new set of shards from the next step on (expert rebalancing); the caches stay."""
-        self.router = Router(experts)
+        self.router = Router(experts, self.config.num_experts_per_tok)
+        self.shard_names = [f"experts-{s}" for s in range(experts.num_shards)]
         return self.spec.name
 
     def run(self, layer: int, msg: StepMsg, carry: Carry | None, *partials: ShardResult | None):
         """Finish layer-1's MLP (combine), then layer `layer`'s mixer; for a MoE layer also gate,
         shared expert and dispatch: returns (Carry, one ShardWork per shard), else a Carry."""
-        moe = isinstance(self.layers[layer].mlp, SparseMoeBlock)
+        moe = layer in self.moe_row
         if msg.step is None:  # an empty micro-batch lane: pass nothing along
             return (None,) * (1 + self.router.placement.num_shards) if moe else None
         start = time.perf_counter()
-        h, telemetry = self._resume(msg, carry, partials)
-        counts = None if carry is None else carry.counts
+        h, pending = self._resume(msg, carry, partials)
         m = self.layers[layer]
         with torch.inference_mode():
             layout, _ = self._batch(msg)
@@ -152,28 +157,26 @@ class MixerWorker:
             if self.decode is not None and self.decode.supports(layout):  # compiled, the same math
                 h, y, ids, weights, shared = self.decode(layer, h, layout)  # [T, H], None for a dense layer
                 if not moe:
-                    telemetry = telemetry.add(self.spec.name, time.perf_counter() - start)
-                    return Carry(self._wire(h), None, (), counts, telemetry)
+                    return self._carry(layer, msg, carry, pending, start, h, None, ())
             else:
                 h = m.mix(h, layout, self.caches[layer])  # [T, H]
                 if not moe:
-                    out = self._wire(m.feed_forward(h))
-                    telemetry = telemetry.add(self.spec.name, time.perf_counter() - start)
-                    return Carry(out, None, (), counts, telemetry)
+                    return self._carry(layer, msg, carry, pending, start, m.feed_forward(h), None, ())
                 y = m.post_attention_layernorm(h)
                 ids, weights = m.mlp.gate(y)  # [T, k] each
                 shared = m.mlp.shared(y)
             plan = self.router.plan(ids, weights)
-            flat = ids.flatten()
-            moe_layers = self.config.moe_layers
-            pairs = torch.bincount(flat[flat >= 0], minlength=self.config.num_experts).cpu().numpy()  # [E]
-            counts = count_pairs(counts, len(moe_layers), moe_layers.index(layer), pairs)
-            work = [ShardWork(layer, self._wire(y[r]), self._wire(i), self._wire(w))
-                    for r, i, w in zip(plan.rows, plan.ids, plan.weights, strict=True)]
-            telemetry = telemetry.add(self.spec.name, time.perf_counter() - start,
-                                      dispatch_bytes=sum(w.nbytes for w in work))
-            carry_out = Carry(self._wire(h), None if shared is None else self._wire(shared),
-                              tuple(self._wire(r) for r in plan.rows), counts, telemetry)
+            pending.count(self.moe_row[layer], to_wire(ids), len(self.moe_row), self.config.num_experts)
+            if plan.rows[0] is None:  # all rows to every shard, one message for all
+                one = ShardWork(layer, self._wire(y), self._wire(ids), self._wire(weights))
+                work = [one] * len(plan.rows)
+                rows: tuple[Wired | None, ...] = plan.rows
+            else:
+                work = [ShardWork(layer, self._wire(y[r]), self._wire(i), self._wire(w))
+                        for r, i, w in zip(plan.rows, plan.ids, plan.weights, strict=True)]
+                rows = tuple(self._wire(r) for r in plan.rows)
+            pending.dispatch_bytes += sum(w.nbytes for w in work)
+            carry_out = self._carry(layer, msg, carry, pending, start, h, shared, rows)
         return (carry_out, *work)
 
     def finish(self, msg: StepMsg, carry: Carry | None, *partials: ShardResult | None) -> StepResult | None:
@@ -182,15 +185,15 @@ class MixerWorker:
         if msg.step is None:
             return None
         start = time.perf_counter()
-        h, telemetry = self._resume(msg, carry, partials)
+        h, pending = self._resume(msg, carry, partials)
         with torch.inference_mode():
             index = torch.tensor(msg.step.logits_index, dtype=torch.long, device=self.device)
             normed = self.norm(h)
             logits = to_wire(self.lm_head(normed[index]).float())
             hidden = to_wire(normed) if msg.want_hidden else None
-        counts = counts_by_layer(None if carry is None else carry.counts, self.config.moe_layers)
-        return StepResult(logits, counts,
-                          telemetry.add(self.spec.name, time.perf_counter() - start), hidden)
+        del self._pending[msg.seq]
+        counts = counts_by_layer(self._counts(carry, pending), self.config.moe_layers)
+        return StepResult(logits, counts, self._telemetry(carry, pending, start), hidden)
 
     def _batch(self, msg: StepMsg) -> tuple[BatchLayout, Tensor]:
         """Layout and token ids of a (micro-)batch, built on its first layer here; the lanes' calls
@@ -207,26 +210,96 @@ class MixerWorker:
     def _wire(self, t: Tensor) -> Wired:
         return to_wire(t, self.host_wire)
 
+    def _tensor(self, a: Wired, dtype: torch.dtype) -> Tensor:
+        t = from_wire(a, dtype)
+        return t if self.on_host else t.to(self.device)
+
     def _resume(self, msg: StepMsg, carry: Carry | None, partials: Sequence[ShardResult],
-                ) -> tuple[Tensor, Telemetry]:
+                ) -> tuple[Tensor, _Unsent]:
         """The residual stream entering the next layer: embeddings, or the previous layer's carry
-        plus its MLP output (shared expert + the shards' combined partial sums); and the telemetry
-        so far, the shards' seconds and the bytes of their answers added."""
+        plus its MLP output (shared expert + the shards' combined partial sums); and what this
+        mixer has counted of the (micro-)batch since its Carry last came from another actor, with
+        this call's telemetry so far (the shards' seconds and the bytes of their answers)."""
+        if msg.seq in self._pending:  # the carry is this mixer's own, from its previous layer
+            pending = self._pending[msg.seq]
+            pending.shard_seconds = [0.0] * len(self.shard_names)
+            pending.dispatch_bytes = pending.combine_bytes = 0
+        else:  # a new (micro-)batch, or a Carry from another actor: the entries of older ones go
+            self._pending = {k: v for k, v in self._pending.items() if k >= msg.seq - msg.lane}
+            pending = self._pending[msg.seq] = _Unsent([0.0] * len(self.shard_names))
         with torch.inference_mode():
             if carry is None:
-                return self.embed(self._batch(msg)[1]), Telemetry()
-            h = from_wire(carry.h, self.dtype).to(self.device)
+                return self.embed(self._batch(msg)[1]), pending
+            h = self._tensor(carry.h, self.dtype)
             if not carry.rows:
-                return h, carry.telemetry
-            telemetry = carry.telemetry
+                return h, pending
+            parts = []
             for s, p in enumerate(partials):
-                telemetry = telemetry.add(f"experts-{s}", p.seconds, combine_bytes=p.partial.nbytes)
-            rows = [from_wire(r, torch.long).to(self.device) for r in carry.rows]
-            parts = [from_wire(p.partial, self.dtype).to(self.device) for p in partials]
+                pending.shard_seconds[s] += p.seconds
+                pending.combine_bytes += p.partial.nbytes
+                parts.append(self._tensor(p.partial, self.dtype))
+            rows = [None if r is None else self._tensor(r, torch.long) for r in carry.rows]
             mlp = combine(parts, rows, h.shape[0])
             if carry.shared is not None:
-                mlp = mlp + from_wire(carry.shared, self.dtype).to(self.device)
-            return h + mlp, telemetry  # the order of model.decoder: h + (routed + shared)
+                mlp = mlp + self._tensor(carry.shared, self.dtype)
+            return h + mlp, pending  # the order of model.decoder: h + (routed + shared)
+
+    def _carry(self, layer: int, msg: StepMsg, carry: Carry | None, pending: _Unsent, start: float,
+               h: Tensor, shared: Tensor | None, rows: tuple[Wired | None, ...]) -> Carry:
+        """The Carry after `layer`, its telemetry up to this call. One that stays here (the next
+        layer is this mixer's too) keeps the counts it came with, this mixer's waiting in
+        `pending`; one that leaves takes them (`_counts`): a copy of the [M, E] counts per layer
+        cost more than a layer's own eager work (bench/layer_costs.py), one per visit does not."""
+        h_out, shared_out = self._wire(h), None if shared is None else self._wire(shared)
+        telemetry = self._telemetry(carry, pending, start)
+        if layer + 1 in self.layers:
+            return Carry(h_out, shared_out, rows, None if carry is None else carry.counts, telemetry)
+        del self._pending[msg.seq]
+        return Carry(h_out, shared_out, rows, self._counts(carry, pending), telemetry)
+
+    @staticmethod
+    def _counts(carry: Carry | None, pending: _Unsent) -> np.ndarray | None:
+        """The carry's counts with this visit's rows added ([M, E] int32, a new array: a received one
+        may be a read-only view); the rows run here are zeros in the carry's, the others in ours."""
+        counts = None if carry is None else carry.counts
+        if pending.counts is None:
+            return counts
+        return pending.counts if counts is None else counts + pending.counts
+
+    def _telemetry(self, carry: Carry | None, pending: _Unsent, start: float) -> Telemetry:
+        """The carry's telemetry with this call's added: its seconds (since `start`), the shards'
+        seconds and the router's bytes; one dict made, not one per `Telemetry.add`."""
+        before = Telemetry() if carry is None else carry.telemetry
+        seconds = dict(before.seconds)
+        for name, s in zip(self.shard_names, pending.shard_seconds, strict=True):
+            if s:
+                seconds[name] = seconds.get(name, 0.0) + s
+        me = self.spec.name
+        seconds[me] = seconds.get(me, 0.0) + time.perf_counter() - start
+        return Telemetry(seconds, before.dispatch_bytes + pending.dispatch_bytes,
+                         before.combine_bytes + pending.combine_bytes)
+
+
+@dataclass
+class _Unsent:
+    """What a mixer has counted of a (micro-)batch since its Carry came from another actor, not yet
+    in a Carry: the gate's pairs per expert of the MoE layers it ran ([M, E] int32, zeros elsewhere;
+    None before the first); and the current call's shard seconds and bytes moved."""
+
+    shard_seconds: list[float]
+    dispatch_bytes: int = 0
+    combine_bytes: int = 0
+    counts: np.ndarray | None = None
+
+    def count(self, row: int, ids: np.ndarray, num_moe_layers: int, num_experts: int) -> None:
+        """Row `row` of `counts`: the pairs per expert of the gate's ids [T, k] (-1: a dropped pair)."""
+        if self.counts is None:
+            self.counts = np.zeros((num_moe_layers, num_experts), np.int32)
+        flat = ids.ravel()
+        try:
+            self.counts[row] = np.bincount(flat, minlength=num_experts)
+        except ValueError:  # a dropped pair (-1): the gate makes none, other routers may
+            self.counts[row] = np.bincount(flat[flat >= 0], minlength=num_experts)
 
 
 class ExpertWorker:

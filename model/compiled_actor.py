@@ -80,6 +80,8 @@ class CompiledLayers(DecodePadding):
             raise ValueError(f"not a decode step of at most {self.buckets[-1]} sequences")
         B = layout.num_seqs
         bucket, inp = self.step_inputs(layout)
+        if bucket == B:  # a full bucket: neither padded nor cut (a pad and 5 slices a layer otherwise)
+            return self._run(index, h if h.is_inference() else h.clone(), inp)
         out = self._run(index, F.pad(h, (0, 0, 0, bucket - B)), inp)  # padded to [Bp, hidden]
         return MixerLayerOut(*(None if t is None else t[:B] for t in out))
 
@@ -137,14 +139,20 @@ class CompiledExperts:
         if not self.supports(ex, n):
             raise ValueError(f"{n} rows for {len(ex.expert_ids)} experts: the compiled experts take 1 to "
                              f"{self.max_rows} rows for at least one")
-        # New tensors even without padding, made here in inference mode whatever the caller's
-        # were, so every call passes the same guards.
-        pad = (0, 0, 0, 1 if n == 1 else 0)
-        x, ids, weights = F.pad(x, pad), F.pad(ids, pad, value=-1), F.pad(weights, pad)
+        # Inference tensors, contiguous, whatever the caller's were (new ones only where needed: a
+        # pad costs a dispatch), so every call passes the same guards.
+        if n == 1:
+            pad = (0, 0, 0, 1)
+            x, ids, weights = F.pad(x, pad), F.pad(ids, pad, value=-1), F.pad(weights, pad)
+        else:
+            x, ids, weights = (t if t.is_inference() and t.is_contiguous() else t.contiguous().clone()
+                               for t in (x, ids, weights))
         for t in (x, ids, weights):
             torch._dynamo.mark_dynamic(t, 0)
         if "experts" in self.compiles:
             with self.compiles.trusted():
-                return self.routed_fn(ex, x, ids, weights)[:n]
-        with self.compiles.first("experts", f"routed experts for up to {self.max_rows} rows"):
-            return self.routed_fn(ex, x, ids, weights)[:n]
+                out = self.routed_fn(ex, x, ids, weights)
+        else:
+            with self.compiles.first("experts", f"routed experts for up to {self.max_rows} rows"):
+                out = self.routed_fn(ex, x, ids, weights)
+        return out[:n] if n == 1 else out

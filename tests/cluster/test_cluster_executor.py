@@ -205,6 +205,35 @@ def test_other_placement_same_logits(hf_moe_dir):
     assert ex.state is State.SHUT_DOWN and not ex.healthy()
 
 
+def test_all_rows_dispatch_on_every_data_plane(tmp_path):
+    """The built-in tiny model (16 experts top-4) on 2 shards: each shard gets every row
+    (router/dispatch.py all_rows), one ShardWork for both; same logits and pairs per expert as the
+    local executor over sockets, the compiled graph and plain calls, one lane and two, and with
+    torch tensors over Ray's tensor transport (shm)."""
+    from model.tiny import make_tiny_model
+    from router.dispatch import Router
+
+    d = make_tiny_model(tmp_path / "tiny")
+    ex = make(d, cluster={"micro_batch_tokens": 0}, pools={"experts": {"actors": 2}})
+    try:
+        assert Router(ex.expert_placement, ex.config.num_experts_per_tok).all_rows
+        for seed, plane, lanes in ((0, "sockets", 0), (1, "compiled_graph", 8), (2, "remote_calls", 0)):
+            ex.configure_step(data_plane=plane, micro_batch_tokens=lanes)
+            ref = local(d)
+            ex.take_expert_counts()
+            assert_same_logits(ex, ref, seed=seed)
+            assert ex.take_expert_counts() == ref.take_expert_counts(), plane
+    finally:
+        ex.shutdown()
+    # torch tensors by Ray's tensor transport: both shards' edges carry the same tensors
+    ex = make(d, cluster={"tensor_transport": "shm", "micro_batch_tokens": 8, "data_plane": "compiled_graph"},
+              pools={"experts": {"actors": 2}})
+    try:
+        assert_same_logits(ex, local(d), seed=3)
+    finally:
+        ex.shutdown()
+
+
 def test_structured_outputs_through_the_cluster_executor(tmp_path):
     """The grammar masks are the engine's (its sampler), so they hold with the cluster executor too."""
     import json

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 
 from cluster.config import Pools
@@ -55,13 +56,18 @@ def assert_close_logits(got: torch.Tensor, want: torch.Tensor, what: str) -> Non
     assert torch.equal(got.argmax(-1), want.argmax(-1)), what
 
 
-def test_compiled_mixers_match_the_local_eager_executor(hf_dir):
+@pytest.mark.parametrize("all_rows", [True, False])
+def test_compiled_mixers_match_the_local_eager_executor(hf_dir, all_rows, monkeypatch):
+    """The router sends each of the 2 shards either all rows (router/dispatch.py all_rows, chosen
+    here by its threshold) or its own rows. The step's pairs per expert, counted once per visit
+    of a mixer, are the local executor's."""
+    monkeypatch.setattr("router.dispatch.ALL_ROWS_SHARE", 0.0 if all_rows else 1.01)
     config = ModelConfig.from_dir(hf_dir, dtype="float32")
     placement = resolve_placement(Pools.model_validate({"experts": {"actors": 2}}), config)
     mixers = [MixerWorker(hf_dir, "float32", spec, SLOTS, MAX_LEN, placement.experts, block_size=BLOCK,
                           num_kv_blocks=32, compile=True) for spec in placement.mixers]
-    shards = [ExpertWorker(hf_dir, "float32", s, ids, compile_rows=SLOTS)
-              for s, ids in enumerate(placement.experts.shards)]
+    workers = [ExpertWorker(hf_dir, "float32", s, ids, compile_rows=SLOTS)
+               for s, ids in enumerate(placement.experts.shards)]
     local = LocalExecutor(hf_dir, dtype="float32", num_slots=SLOTS, max_model_len=MAX_LEN, block_size=BLOCK,
                           num_kv_blocks=32)
     assert all(m.decode is not None and m.decode.buckets == (1, 2, 4) for m in mixers)
@@ -69,15 +75,24 @@ def test_compiled_mixers_match_the_local_eager_executor(hf_dir):
     for m in mixers:  # one graph per kind of layer here, made on scratch rows
         kinds = {(type(layer.mixer).__name__, type(layer.mlp).__name__) for layer in m.layers.values()}
         assert set(m.warm_up(4)) == {f"4/{a}/{b}" for a, b in kinds}
-    assert all(set(s.warm_up()) == {"experts"} for s in shards)  # one graph for 1 to SLOTS rows
-    compiled = [dict(w.decode.compiles.seconds) for w in (*mixers, *shards)]
+    assert all(set(s.warm_up()) == {"experts"} for s in workers)  # one graph for 1 to SLOTS rows
+    compiled = [dict(w.decode.compiles.seconds) for w in (*mixers, *workers)]
 
     def call(actor, method, num_returns, *args):
         return getattr(actor, method)(*args)
 
+    assert all(m.router.all_rows == all_rows for m in mixers)
     seq = itertools.count()
+    counts: dict[int, list[int]] = {}
     for i, step in enumerate(steps()):
         want = local.execute(step)
-        [result] = wire_lanes(call, [StepMsg(next(seq), step)], config, placement, mixers, shards)
+        [result] = wire_lanes(call, [StepMsg(next(seq), step)], config, placement, mixers, workers)
         assert_close_logits(torch.from_numpy(result.logits), want, f"step {i}")
-    assert [w.decode.compiles.seconds for w in (*mixers, *shards)] == compiled  # none inside a step
+        assert set(result.counts) == set(config.moe_layers)
+        for layer, c in result.counts.items():
+            assert int(c.sum()) == len(step.token_ids) * config.num_experts_per_tok, (i, layer)
+            counts[layer] = [a + b for a, b in zip(counts.get(layer, [0] * len(c)), c.tolist(), strict=True)]
+        assert {name for name, _ in result.telemetry.seconds.items()} == {
+            *(m.spec.name for m in mixers), *(f"experts-{s}" for s in range(len(workers)))}
+    assert counts == local.take_expert_counts()
+    assert [w.decode.compiles.seconds for w in (*mixers, *workers)] == compiled  # none inside a step

@@ -24,8 +24,11 @@ from cluster.wire import (
     Inbox,
     Listener,
     connect,
+    encode,
     new_token,
     recv_frame,
+    rekeyed,
+    send_all,
     send_frame,
 )
 from engine.executor import StepInput
@@ -41,6 +44,38 @@ def roundtrip(value, key=(3, 1), step=7):
         b.close()
     assert (f.kind, f.key, f.step) == (DATA, key, step)
     return f.value
+
+
+def test_one_value_encoded_once_for_several_edges():
+    """All-rows dispatch returns one ShardWork for every shard: pickled once, re-headed per edge."""
+    work = ShardWork(4, np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((2, 2), np.int64),
+                     np.full((2, 2), 0.5, np.float32))
+    pieces = encode(DATA, (9, 1), 5, work)
+    again = rekeyed(pieces, (9, 2))
+    assert again[1:] == pieces[1:]
+    a, b = socket.socketpair()
+    try:
+        send_all(a, again)
+        f = recv_frame(b)
+    finally:
+        a.close()
+        b.close()
+    assert (f.kind, f.key, f.step) == (DATA, (9, 2), 5)
+    assert f.value.layer == 4 and f.value.x.tolist() == work.x.tolist()
+    assert f.value.weights.tolist() == [[0.5] * 2] * 2
+
+
+def test_received_arrays_are_aligned_in_one_body():
+    """Whatever the pickle's length, each array lands at a multiple of 16 bytes: numpy and SIMD
+    loads want aligned data, and the arrays of a frame share the one buffer it was read into."""
+    for text in ("", "x", "x" * 13):
+        value = (text, np.arange(3, dtype=np.int8), np.arange(5, dtype=np.float64),
+                 np.ones((2, 3), np.float32))
+        got = roundtrip(value)
+        assert got[0] == text
+        for a, b in zip(got[1:], value[1:], strict=True):
+            assert a.ctypes.data % 16 == 0 and a.flags.aligned and a.flags.writeable
+            assert a.dtype == b.dtype and a.tolist() == b.tolist()
 
 
 def test_messages_round_trip_with_their_arrays():

@@ -1,5 +1,6 @@
 """Router plan → dispatch → per-shard partial sums → combine against the dense MoE block
-(model.moe.SparseMoeBlock), with even shards, uneven shards and redundant expert copies."""
+(model.moe.SparseMoeBlock), with even shards, uneven shards and redundant expert copies, rows
+selected per shard or (`Router.all_rows`, given k) every row to every shard."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from model.config import ModelConfig
 from model.moe import Experts, SparseMoeBlock
-from router.dispatch import Router, combine
+from router.dispatch import ALL_ROWS_SHARE, Router, combine, row_share
 from router.placement import ExpertPlacement, PlacementError, even_split
 
 E, K, H = 8, 3, 32
@@ -41,13 +42,14 @@ def shard_of(block: SparseMoeBlock, expert_ids) -> Experts:
     return ex
 
 
-def routed(block: SparseMoeBlock, placement: ExpertPlacement, x: torch.Tensor) -> torch.Tensor:
+def routed(block: SparseMoeBlock, placement: ExpertPlacement, x: torch.Tensor,
+           experts_per_token: int | None = None) -> torch.Tensor:
     """What the cluster computes: the mixer gates, plans and dispatches; each shard sums its
     experts over its rows; the next mixer combines and adds the shared expert."""
     ids, w = block.gate(x)
-    plan = Router(placement).plan(ids, w)
+    plan = Router(placement, experts_per_token).plan(ids, w)
     shards = [shard_of(block, held) for held in placement.shards]
-    rows = [x[r] for r in plan.rows]  # dispatch
+    rows = [x if r is None else x[r] for r in plan.rows]  # dispatch
     partials = [s(xs, i, ws) for s, xs, i, ws in zip(shards, rows, plan.ids, plan.weights, strict=True)]
     return combine(partials, plan.rows, x.shape[0]) + block.shared(x)
 
@@ -63,10 +65,39 @@ PLACEMENTS = {
 
 @pytest.mark.parametrize("name", sorted(PLACEMENTS))
 @pytest.mark.parametrize("T", [1, 5, 64])
-def test_routed_equals_dense_block(block, name, T):
+@pytest.mark.parametrize("k", [None, K])
+def test_routed_equals_dense_block(block, name, T, k):
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(T))
     with torch.no_grad():
-        torch.testing.assert_close(routed(block, PLACEMENTS[name], x), block(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(routed(block, PLACEMENTS[name], x, k), block(x), atol=1e-5, rtol=1e-5)
+
+
+def test_all_rows_where_shards_would_get_nearly_every_row():
+    """Without k, or with copies of an expert, rows are selected; with k, only where every shard's
+    share of the rows (a token's chance to have a pair on it) reaches ALL_ROWS_SHARE."""
+    assert row_share(8, 4, 3) == 1 - 4 / 56 >= ALL_ROWS_SHARE  # 2 shards of 4: 93 % of rows each
+    assert row_share(8, 3, 3) == 1 - 10 / 56 < ALL_ROWS_SHARE
+    assert row_share(16, 8, 4) > 0.96  # the tiny checkpoints on 2 shards
+    assert row_share(512, 64, 10) < 0.75  # Qwen3-Next on 8 shards
+    assert Router(ExpertPlacement.even(E, 2), K).all_rows
+    assert Router(ExpertPlacement.even(E, 1), K).all_rows
+    assert not Router(ExpertPlacement.even(E, 2)).all_rows  # k unknown
+    assert not Router(PLACEMENTS["even_3"], K).all_rows
+    assert not Router(PLACEMENTS["everything_twice"], K).all_rows  # copies: split between them
+    ids, w = torch.tensor([[0, 1, 2], [5, 6, 7]]), torch.rand(2, K)
+    plan = Router(ExpertPlacement.even(E, 2), K).plan(ids, w)
+    assert plan.rows == (None, None)
+    assert all(i is ids for i in plan.ids) and all(x is w for x in plan.weights)
+
+
+def test_combine_mixes_all_rows_and_selected_rows():
+    p0, p1 = torch.randn(4, H), torch.randn(2, H)
+    want = p0.clone()
+    want[torch.tensor([1, 3])] += p1
+    torch.testing.assert_close(combine([p0, p1], [None, torch.tensor([1, 3])], 4), want)
+    torch.testing.assert_close(combine([p0, p0], [None, None], 4), p0 + p0, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="2 partial outputs for 1"):
+        combine([p0, p0], [None], 4)
 
 
 def test_every_pair_computed_once_and_replicas_share_the_load():
