@@ -219,7 +219,6 @@ class CompiledDecode(DecodePadding):
                  static_kv_width: bool | None = None) -> None:
         super().__init__(caches, num_slots, num_blocks, buckets)
         self.model = model
-        self.layers_fn = layers_fn or compile_layers_fn()
         self.record_gate = record_gate
         layers = list(model.model.layers)
         self.groups = [(tuple(layers[i:i + layers_per_graph]),
@@ -230,6 +229,8 @@ class CompiledDecode(DecodePadding):
         if cuda_graphs and model.lm_head.weight.device.type != "cuda":
             raise ValueError("cuda_graphs needs the model on a CUDA device")
         self.cuda_graphs = cuda_graphs
+        # On CPU the C++ wrapper saves the Python between kernels (on CUDA a graph replays them).
+        self.layers_fn = layers_fn or compile_layers_fn(cpp_wrapper=model.lm_head.weight.device.type == "cpu")
         self.graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
         # CUDA graphs replay fixed shapes: every row reads keys up to the cache's max_len.
         max_len = self.kv_cache.max_len if self.kv_cache else 1
