@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 
 from model.batch import BatchLayout
 from model.cache import DeltaNetState, KVCache
-from model.compiled import CompiledDecode
+from model.compiled import CompiledDecode, DecodePadding
 from model.decode_math import (
     DecodeInputs,
     default_buckets,
@@ -98,6 +98,31 @@ def test_compiled_decode_matches_eager(model):
         if isinstance(c, DeltaNetState):
             torch.testing.assert_close(c.recurrent[:NUM_SLOTS], e.recurrent[:NUM_SLOTS], rtol=0, atol=1e-5)
             torch.testing.assert_close(c.conv[:NUM_SLOTS], e.conv[:NUM_SLOTS], rtol=0, atol=1e-5)
+
+
+def test_decode_inputs_from_lists_equal_the_layouts(model):
+    """step_inputs (the local executor's decode steps, no BatchLayout) against inputs(layout): the
+    same rows, keys read where the row has them and the scratch row past its end; bad tables and
+    a slot twice refused."""
+    padding = DecodePadding(make_decode_caches(model, NUM_SLOTS, MAX_LEN, BLOCK, NUM_BLOCKS), NUM_SLOTS,
+                            NUM_BLOCKS)
+    table = tables(seed=3)
+    slots, starts = [2, 0, 3], [17, 0, 9]
+    layout = BatchLayout.build(slots, starts, [1, 1, 1], block_tables=[table[s] for s in slots])
+    want = padding.inputs(layout, 4)
+    got = padding.step_inputs(slots, starts, [table[s] for s in slots], 4, "cpu")
+    for name in ("positions", "slots", "fresh", "write_at", "kv_len"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.read_at.shape == want.read_at.shape
+    seen = torch.arange(want.read_at.shape[1])[None, :] < want.kv_len[:, None]
+    assert torch.equal(got.read_at[seen], want.read_at[seen])
+    assert bool((got.read_at[~seen] == padding.scratch_row).all())
+    with pytest.raises(ValueError, match="more than its block table"):
+        padding.step_inputs(slots, [17, 0, 70], [table[s] for s in slots], 4, "cpu")
+    with pytest.raises(ValueError, match="outside the cache"):
+        padding.step_inputs(slots, starts, [table[2], table[0], [NUM_BLOCKS, *table[3][1:]]], 4, "cpu")
+    with pytest.raises(ValueError, match="twice"):
+        padding.step_inputs([2, 2], [3, 4], [table[2], table[2]], 2, "cpu")
 
 
 def test_warm_up_touches_only_the_scratch_room(model):
