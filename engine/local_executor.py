@@ -87,15 +87,19 @@ class LocalExecutor(Executor):
         self.check_step(step)
         if self.device.type == "cpu":
             flush_denormals()  # per thread: whichever thread runs the engine's steps
-        layout = BatchLayout.build(list(step.slots), list(step.starts), list(step.lengths), self.device,
-                                   step.block_tables, keep_states=step.keep_states)
         if step.state_saves or step.state_loads:
             for pool in self.snapshots:
                 pool.apply(step.state_saves, step.state_loads)
         token_ids = torch.tensor(step.token_ids, dtype=torch.long, device=self.device)  # [T]
-        hidden = self._forward(step, token_ids, layout)  # [T, H]
-        if self.drafter is not None:
-            self.drafter.record(layout, token_ids, hidden)
+        # A decode step's compiled inputs straight from the step's lists, without a BatchLayout
+        # (a third of the Python around the graph at batch 32); anything else through a layout.
+        hidden = self._compiled_from_lists(step, token_ids) if self._takes_lists(step) else None
+        if hidden is None:
+            layout = BatchLayout.build(list(step.slots), list(step.starts), list(step.lengths), self.device,
+                                       step.block_tables, keep_states=step.keep_states)
+            hidden = self._forward(step, token_ids, layout)  # [T, H]
+            if self.drafter is not None:
+                self.drafter.record(layout, token_ids, hidden)
         index = torch.tensor(step.logits_index, dtype=torch.long, device=self.device)  # [R]
         return self.model.compute_logits(hidden[index])  # [R, V] float32
 
@@ -127,6 +131,24 @@ class LocalExecutor(Executor):
         assert self.decode is not None
         try:
             return self.decode(token_ids, layout)  # [T, H]
+        except DecodeCompileError as e:
+            log.warning("compiled decode: %s (%s); this step and those of buckets not compiled run "
+                        "eagerly", e, describe_error(e.__cause__))
+            return None
+
+    def _takes_lists(self, step: StepInput) -> bool:
+        """A decode step the compiled decode takes from the step's lists: one token per sequence,
+        block tables given, a model with attention layers, no drafter (which records the layout)."""
+        return (self.decode is not None and self.drafter is None and step.block_tables is not None
+                and self.decode.kv_cache is not None and not step.keep_states
+                and all(n == 1 for n in step.lengths) and self.decode.takes(len(step.slots)))
+
+    def _compiled_from_lists(self, step: StepInput, token_ids: Tensor) -> Tensor | None:
+        """`_compiled` for a step `_takes_lists` (`CompiledDecode.decode_step`); None where the
+        bucket's compile failed (on scratch rows), and the caller runs the step through a layout."""
+        assert self.decode is not None and step.block_tables is not None
+        try:
+            return self.decode.decode_step(token_ids, step.slots, step.starts, step.block_tables)
         except DecodeCompileError as e:
             log.warning("compiled decode: %s (%s); this step and those of buckets not compiled run "
                         "eagerly", e, describe_error(e.__cause__))

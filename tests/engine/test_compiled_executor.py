@@ -43,6 +43,7 @@ def test_compiled_decode_counts_the_same_experts(tiny_dir):
     prefill = StepInput((5, 9, 13, 101, 3, 3), (0, 2, 1), (0, 0, 0), (3, 1, 2), (2, 3, 5),
                         ((0, 1), (4, 5), (2, 3)))
     decode = StepInput((7, 8, 9), (0, 2, 1), (3, 1, 2), (1, 1, 1), (0, 1, 2), ((0, 1), (4, 5), (2, 3)))
+    assert compiled._takes_lists(decode) and not compiled._takes_lists(prefill)
     for step in (prefill, decode):
         torch.testing.assert_close(compiled.execute(step), eager.execute(step), rtol=0, atol=1e-3)
         assert compiled.take_expert_counts() == eager.take_expert_counts()

@@ -14,10 +14,17 @@ from torch._dynamo.utils import counters
 
 from model.batch import BatchLayout
 from model.cache import DeltaNetState, KVCache
-from model.compiled import CompiledDecode
-from model.decode_math import default_buckets, make_decode_caches, state_tensors
+from model.compiled import CompiledDecode, DecodePadding
+from model.decode_math import (
+    DecodeInputs,
+    default_buckets,
+    delta_rule_decode,
+    make_decode_caches,
+    state_tensors,
+)
 from model.decoder import CausalLM
 from model.delta_rule import gated_delta_rule_step, recurrent_gated_delta_rule
+from model.gated_deltanet import l2norm
 
 # The shapes of tests/engine/test_compiled_executor.py's executor, so that it reuses these compiles.
 NUM_SLOTS, MAX_LEN, BLOCK, NUM_BLOCKS = 4, 64, 8, 32
@@ -93,6 +100,31 @@ def test_compiled_decode_matches_eager(model):
             torch.testing.assert_close(c.conv[:NUM_SLOTS], e.conv[:NUM_SLOTS], rtol=0, atol=1e-5)
 
 
+def test_decode_inputs_from_lists_equal_the_layouts(model):
+    """step_inputs (the local executor's decode steps, no BatchLayout) against inputs(layout): the
+    same rows, keys read where the row has them and the scratch row past its end; bad tables and
+    a slot twice refused."""
+    padding = DecodePadding(make_decode_caches(model, NUM_SLOTS, MAX_LEN, BLOCK, NUM_BLOCKS), NUM_SLOTS,
+                            NUM_BLOCKS)
+    table = tables(seed=3)
+    slots, starts = [2, 0, 3], [17, 0, 9]
+    layout = BatchLayout.build(slots, starts, [1, 1, 1], block_tables=[table[s] for s in slots])
+    want = padding.inputs(layout, 4)
+    got = padding.step_inputs(slots, starts, [table[s] for s in slots], 4, "cpu")
+    for name in ("positions", "slots", "fresh", "write_at", "kv_len"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.read_at.shape == want.read_at.shape
+    seen = torch.arange(want.read_at.shape[1])[None, :] < want.kv_len[:, None]
+    assert torch.equal(got.read_at[seen], want.read_at[seen])
+    assert bool((got.read_at[~seen] == padding.scratch_row).all())
+    with pytest.raises(ValueError, match="more than its block table"):
+        padding.step_inputs(slots, [17, 0, 70], [table[s] for s in slots], 4, "cpu")
+    with pytest.raises(ValueError, match="outside the cache"):
+        padding.step_inputs(slots, starts, [table[2], table[0], [NUM_BLOCKS, *table[3][1:]]], 4, "cpu")
+    with pytest.raises(ValueError, match="twice"):
+        padding.step_inputs([2, 2], [3, 4], [table[2], table[2]], 2, "cpu")
+
+
 def test_warm_up_touches_only_the_scratch_room(model):
     """Warming up (and a CUDA graph's capture) runs steps of padded rows only."""
     caches = make_decode_caches(model, NUM_SLOTS, MAX_LEN, BLOCK, NUM_BLOCKS)
@@ -136,6 +168,36 @@ def test_delta_rule_step_matches_recurrence():
                                               beta[:, None], state)
     torch.testing.assert_close(o, o_ref[:, 0], rtol=0, atol=2e-5)
     torch.testing.assert_close(s, s_ref, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("rows", [2, 5])  # 2 of 7 slots: scattered back; 5: every slot in place
+def test_decode_delta_rule_on_the_cache_matches_the_step(rows):
+    """delta_rule_decode (un-normed q, k of G key heads; the states read and written in the cache)
+    against gated_delta_rule_step on the gathered, normed inputs: the rows' outputs and states,
+    a fresh row starting from zeros, and every slot no row holds left bit for bit."""
+    g = torch.Generator().manual_seed(rows)
+    n, G, H, K, V = 7, 2, 4, 16, 8
+    slots = torch.tensor([5, 1, 3, 0, 6][:rows])
+    fresh = torch.tensor([False, True, False, False, False][:rows])
+    q, k = torch.randn(rows, G, K, generator=g), torch.randn(rows, G, K, generator=g)
+    v = torch.randn(rows, H, V, generator=g)
+    decay, beta = -torch.rand(rows, H, generator=g), torch.rand(rows, H, generator=g)
+    recurrent = torch.randn(n, H, K, V, generator=g)
+    before = recurrent.clone()
+    zeros = torch.zeros(rows, dtype=torch.long)
+    inp = DecodeInputs(positions=zeros, slots=slots, fresh=fresh, write_at=zeros, read_at=zeros[:, None],
+                       kv_len=zeros + 1)
+    o = delta_rule_decode(q, k, v, decay, beta, inp, recurrent)
+
+    def normed(x):
+        return l2norm(x).repeat_interleave(H // G, dim=1)
+
+    state = torch.where(fresh[:, None, None, None], 0, before[slots])
+    o_ref, s_ref = gated_delta_rule_step(normed(q), normed(k), v, decay, beta, state)
+    torch.testing.assert_close(o, o_ref, rtol=0, atol=2e-5)
+    torch.testing.assert_close(recurrent[slots], s_ref, rtol=0, atol=2e-5)
+    others = [s for s in range(n) if s not in slots.tolist()]
+    assert torch.equal(recurrent[others], before[others])
 
 
 def test_fixed_key_width_of_cuda_graphs_matches_eager_on_cpu(model):
