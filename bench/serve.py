@@ -185,13 +185,17 @@ def engine_counters(url: str) -> dict[str, float]:
 
     with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
         text = r.read().decode()
-    out = {"steps": 0.0, "step_seconds": 0.0, "tokens": 0.0}
+    out = {"steps": 0.0, "step_seconds": 0.0, "tokens": 0.0, "decode_steps": 0.0, "decode_seconds": 0.0}
     for fam in text_string_to_metric_families(text):
         for smp in fam.samples:
             if smp.labels.get("kind") == "engine" and smp.name == "nextserve_actor_step_seconds_count":
                 out["steps"] += smp.value
             elif smp.labels.get("kind") == "engine" and smp.name == "nextserve_actor_step_seconds_sum":
                 out["step_seconds"] += smp.value
+            elif smp.labels.get("phase") == "decode" and smp.name == "nextserve_engine_step_seconds_count":
+                out["decode_steps"] += smp.value
+            elif smp.labels.get("phase") == "decode" and smp.name == "nextserve_engine_step_seconds_sum":
+                out["decode_seconds"] += smp.value
             elif smp.name == "nextserve_generation_tokens_total":
                 out["tokens"] += smp.value
     return out
@@ -203,9 +207,12 @@ def engine_line(label: str, concurrency: int, before: dict[str, float], after: d
     busy = after["step_seconds"] - before["step_seconds"]
     tokens = after["tokens"] - before["tokens"]
     per_step_ms, per_step_tokens = 1e3 * busy / max(steps, 1), tokens / max(steps, 1)
+    # Decode-only steps (every sequence one token) are what bench.decode times.
+    decode_steps = after["decode_steps"] - before["decode_steps"]
+    decode_ms = 1e3 * (after["decode_seconds"] - before["decode_seconds"]) / max(decode_steps, 1)
     return (f"  {label}, concurrency {concurrency}: {steps:.0f} engine steps, mean {per_step_ms:.1f} ms per "
-            f"step, {per_step_tokens:.1f} tokens per step, engine busy {100 * busy / wall_s:.0f}% of the "
-            f"load's {wall_s:.1f} s")
+            f"step ({decode_steps:.0f} decode-only steps: mean {decode_ms:.1f} ms), {per_step_tokens:.1f} "
+            f"tokens per step, engine busy {100 * busy / wall_s:.0f}% of the load's {wall_s:.1f} s")
 
 
 VARIANTS = {"local": ("inline", "separate"), "cluster": ("inline",)}  # executor: engine processes

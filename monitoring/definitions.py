@@ -56,6 +56,10 @@ METRICS: tuple[MetricDef, ...] = (
     _m("prompt_tokens", "counter", "Prompt tokens computed (prefill)."),
     _m("generation_tokens", "counter", "Output tokens sampled."),
     _m("engine_steps", "counter", "Engine steps run."),
+    _m("engine_step_seconds", "histogram", "Time of one whole engine step, by phase (decode: every "
+                                           "sequence in it computed one token; mixed: it prefilled "
+                                           "prompt chunks or verified draft tokens too).", ("phase",),
+       STEP_BUCKETS, values={"phase": ("decode", "mixed")}),
     _m("requests_finished", "counter", "Requests finished, by reason.", ("reason",),
        values={"reason": FINISH_REASONS}),
     _m("requests_running", "gauge", "Requests holding a sequence slot."),

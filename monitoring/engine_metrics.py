@@ -23,6 +23,7 @@ class StatsLike(Protocol):
     num_prompt_tokens: int
     num_generated_tokens: int
     last_step_num_tokens: int
+    last_step_num_seqs: int
     num_preemptions: int
     num_kv_blocks_used: int
     num_kv_blocks: int
@@ -96,6 +97,8 @@ class EngineMetrics:
         s.set("nextserve_kv_blocks_total", stats.num_kv_blocks)
         s.set("nextserve_step_tokens", stats.last_step_num_tokens)
         s.observe("nextserve_actor_step_seconds", step_seconds, kind="engine")
+        decode = 0 < stats.last_step_num_tokens == stats.last_step_num_seqs
+        s.observe("nextserve_engine_step_seconds", step_seconds, phase="decode" if decode else "mixed")
         if expert_counts and self.expert_load is not None:
             self.record_routing(expert_counts)
 

@@ -61,7 +61,8 @@ def test_engine_hook_takes_increases_and_gauges():
     hook.on_step(engine_stats(num_steps=1, num_prompt_tokens=10, num_generated_tokens=2,
                               last_step_num_tokens=12, num_slots=4), 0.02, {0: [4, 0, 0, 0], 2: [1, 1, 1, 1]})
     hook.on_step(engine_stats(num_steps=2, num_prompt_tokens=10, num_generated_tokens=4, num_running=2,
-                              num_slots=4), 0.01, {0: [0, 2, 0, 0], 2: [0, 0, 0, 2]})
+                              last_step_num_tokens=2, last_step_num_seqs=2, num_slots=4), 0.01,
+                 {0: [0, 2, 0, 0], 2: [0, 0, 0, 2]})
     assert s.value("nextserve_prompt_tokens") == 10
     assert s.value("nextserve_generation_tokens") == 4
     assert s.value("nextserve_engine_steps") == 2
@@ -72,6 +73,9 @@ def test_engine_hook_takes_increases_and_gauges():
     assert s.value("nextserve_moe_routed_tokens", layer="0", shard="0") == 6
     assert s.value("nextserve_moe_routed_tokens", layer="2", shard="1") == 4
     assert s.histogram("nextserve_actor_step_seconds", kind="engine")[-1] == (float("inf"), 2)
+    # the first step prefilled 10 prompt tokens beside its decodes, the second only decoded
+    assert s.histogram("nextserve_engine_step_seconds", phase="mixed")[-1] == (float("inf"), 1)
+    assert dict(s.histogram("nextserve_engine_step_seconds", phase="decode"))[0.01] == 1
     assert hook.expert_load_json()["counts"] == [[4, 2, 0, 0], [1, 1, 1, 3]]
 
 
