@@ -30,6 +30,7 @@ from cluster.messages import (
     to_wire,
 )
 from cluster.placement import MixerSpec
+from engine.cpu_runtime import flush_denormals, keep_freed_memory
 from model.batch import BatchLayout
 from model.cache import DeltaNetState, StateSnapshots
 from model.compiled_actor import CompiledExperts, CompiledLayers
@@ -71,6 +72,8 @@ class MixerWorker:
         c = self.config = ModelConfig.from_dir(model_dir, dtype=dtype)
         self.spec, self.device, self.dtype = spec, torch.device(device), c.torch_dtype
         self.on_host = self.device.type == "cpu"  # wire arrays are used in place, no .to() per tensor
+        if self.on_host:  # as the local executor: engine/cpu_runtime.py (page faults, denormals)
+            keep_freed_memory()
         reader = CheckpointReader(model_dir)
         with torch.device("meta"):
             # expert_ids=[]: the routed experts live in the shards; gate and shared expert stay here
@@ -142,6 +145,8 @@ class MixerWorker:
         if msg.step is None:  # an empty micro-batch lane: pass nothing along
             return (None,) * (1 + self.router.placement.num_shards) if moe else None
         start = time.perf_counter()
+        if self.on_host:
+            flush_denormals()  # per thread: whichever thread of the actor runs this call
         h, pending = self._resume(msg, carry, partials)
         m = self.layers[layer]
         with torch.inference_mode():
@@ -185,6 +190,8 @@ class MixerWorker:
         if msg.step is None:
             return None
         start = time.perf_counter()
+        if self.on_host:
+            flush_denormals()  # per thread: whichever thread of the actor runs this call
         h, pending = self._resume(msg, carry, partials)
         with torch.inference_mode():
             index = torch.tensor(msg.step.logits_index, dtype=torch.long, device=self.device)
@@ -312,6 +319,8 @@ class ExpertWorker:
         self.host_wire = tensor_transport == "host"
         self.model_dir, self.config = model_dir, ModelConfig.from_dir(model_dir, dtype=dtype)
         self.shard, self.device, self.dtype = shard, torch.device(device), self.config.torch_dtype
+        if self.device.type == "cpu":  # as the local executor: engine/cpu_runtime.py
+            keep_freed_memory()
         self.experts: dict[int, Experts] = {}
         self.set_experts(expert_ids)
 
@@ -353,6 +362,8 @@ class ExpertWorker:
         if work is None:
             return None
         start = time.perf_counter()
+        if self.device.type == "cpu":
+            flush_denormals()
         with torch.inference_mode():
             x = from_wire(work.x, self.dtype).to(self.device)
             ids = from_wire(work.ids, torch.long).to(self.device)

@@ -1,4 +1,5 @@
-"""Process and thread settings for a process that computes steps on CPU (the local executor's).
+"""Process and thread settings for a process that computes steps on CPU (the local executor's, and
+the cluster executor's mixer and expert actors on CPU, so both compute the same numbers).
 Both are measured on a prefill of 32 prompts of 32 tokens (1024 tokens, the hd64 tiny model,
 float32, one thread: README "Serving"), and neither changes what the model computes beyond
 values below float32's smallest normal number (~1.2e-38).

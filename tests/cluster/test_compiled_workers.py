@@ -10,6 +10,8 @@ rows only, so that the steps after it compile nothing."""
 from __future__ import annotations
 
 import itertools
+import platform
+import threading
 
 import pytest
 import torch
@@ -96,3 +98,31 @@ def test_compiled_mixers_match_the_local_eager_executor(hf_dir, all_rows, monkey
             *(m.spec.name for m in mixers), *(f"experts-{s}" for s in range(len(workers)))}
     assert counts == local.take_expert_counts()
     assert [w.decode.compiles.seconds for w in (*mixers, *workers)] == compiled  # none inside a step
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="flush-to-zero: an x86 SSE setting")
+def test_workers_flush_denormals_in_the_thread_of_each_call(hf_dir):
+    """As the local executor (engine/cpu_runtime.py): each mixer and shard call on CPU flushes
+    denormals in its own thread (an actor's calls may run in any of its threads), so the two
+    executors compute the same numbers."""
+    config = ModelConfig.from_dir(hf_dir, dtype="float32")
+    placement = resolve_placement(Pools.model_validate({"experts": {"actors": 2}}), config)
+    mixers = [MixerWorker(hf_dir, "float32", spec, SLOTS, MAX_LEN, placement.experts, block_size=BLOCK,
+                          num_kv_blocks=32) for spec in placement.mixers]
+    workers = [ExpertWorker(hf_dir, "float32", s, ids) for s, ids in enumerate(placement.experts.shards)]
+    flushed: dict[str, list[bool]] = {"MixerWorker": [], "ExpertWorker": []}
+
+    def call(actor, method, num_returns, *args):
+        torch.set_flush_denormal(False)  # what a fresh thread of the actor might have
+        out = getattr(actor, method)(*args)
+        tiny = torch.tensor([1e-20]) * torch.tensor([1e-20])  # 1e-40: a denormal unless flushed
+        flushed[type(actor).__name__].append(float(tiny) == 0.0)
+        return out
+
+    # in a thread of its own, whose setting dies with it
+    thread = threading.Thread(target=wire_lanes, args=(call, [StepMsg(0, steps()[0])], config, placement,
+                                                       mixers, workers))
+    thread.start()
+    thread.join(timeout=120)
+    assert flushed["MixerWorker"] and flushed["ExpertWorker"], flushed  # the step ran through both
+    assert all(flushed["MixerWorker"]) and all(flushed["ExpertWorker"]), flushed
