@@ -30,7 +30,7 @@ from cluster.messages import (
     to_wire,
 )
 from cluster.placement import MixerSpec
-from engine.cpu_runtime import flush_denormals, keep_freed_memory
+from engine.cpu_runtime import flushes_denormals, keep_freed_memory
 from model.batch import BatchLayout
 from model.cache import DeltaNetState, StateSnapshots
 from model.compiled_actor import CompiledExperts, CompiledLayers
@@ -138,6 +138,7 @@ class MixerWorker:
         self.shard_names = [f"experts-{s}" for s in range(experts.num_shards)]
         return self.spec.name
 
+    @flushes_denormals  # on CPU, as the local executor's steps (engine/cpu_runtime.py)
     def run(self, layer: int, msg: StepMsg, carry: Carry | None, *partials: ShardResult | None):
         """Finish layer-1's MLP (combine), then layer `layer`'s mixer; for a MoE layer also gate,
         shared expert and dispatch: returns (Carry, one ShardWork per shard), else a Carry."""
@@ -145,8 +146,6 @@ class MixerWorker:
         if msg.step is None:  # an empty micro-batch lane: pass nothing along
             return (None,) * (1 + self.router.placement.num_shards) if moe else None
         start = time.perf_counter()
-        if self.on_host:
-            flush_denormals()  # per thread: whichever thread of the actor runs this call
         h, pending = self._resume(msg, carry, partials)
         m = self.layers[layer]
         with torch.inference_mode():
@@ -184,14 +183,13 @@ class MixerWorker:
             carry_out = self._carry(layer, msg, carry, pending, start, h, shared, rows)
         return (carry_out, *work)
 
+    @flushes_denormals  # on CPU, as the local executor's steps (engine/cpu_runtime.py)
     def finish(self, msg: StepMsg, carry: Carry | None, *partials: ShardResult | None) -> StepResult | None:
         """Combine the last layer's MLP, final norm, LM head at the step's logits rows: [R, V]
         float32, with the step's pairs per expert and what the step cost."""
         if msg.step is None:
             return None
         start = time.perf_counter()
-        if self.on_host:
-            flush_denormals()  # per thread: whichever thread of the actor runs this call
         h, pending = self._resume(msg, carry, partials)
         with torch.inference_mode():
             index = torch.tensor(msg.step.logits_index, dtype=torch.long, device=self.device)
@@ -357,13 +355,12 @@ class ExpertWorker:
             raise RuntimeError(f"experts-{self.shard} was started without compile")
         return self.decode.warm_up(next(iter(self.experts.values())), self.config.num_experts_per_tok)
 
+    @flushes_denormals  # on CPU, as the local executor's steps (engine/cpu_runtime.py)
     def run(self, work: ShardWork | None) -> ShardResult | None:
         """Σ_k weight_k · expert_k(x) over this shard's pairs of its rows: [n, H]."""
         if work is None:
             return None
         start = time.perf_counter()
-        if self.device.type == "cpu":
-            flush_denormals()
         with torch.inference_mode():
             x = from_wire(work.x, self.dtype).to(self.device)
             ids = from_wire(work.ids, torch.long).to(self.device)

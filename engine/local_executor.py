@@ -6,7 +6,7 @@ into and load from (engine/prefix_cache.py decides). With `speculative_tokens` k
 checkpoint's MTP layer (model/mtp.py) and drafts up to k tokens per sequence after each step;
 verify steps keep the DeltaNet state after each of their tokens, and `propose` rolls the state
 back to the last accepted one. On CPU it keeps freed step memory in the process and flushes
-denormals in the thread that runs its steps (engine/cpu_runtime.py)."""
+denormals during its steps (engine/cpu_runtime.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from engine.cpu_runtime import flush_denormals, keep_freed_memory
+from engine.cpu_runtime import flushes_denormals, keep_freed_memory
 from engine.drafter import Drafter
 from engine.executor import DEFAULT_PREFIX_CACHE_STATES, Executor, StepInput
 from model.batch import BatchLayout
@@ -83,10 +83,9 @@ class LocalExecutor(Executor):
         """Memory the saved DeltaNet states take."""
         return sum(s.nbytes for s in self.snapshots)
 
+    @flushes_denormals  # on CPU, for the step's duration in the thread that runs it
     def execute(self, step: StepInput) -> Tensor:
         self.check_step(step)
-        if self.device.type == "cpu":
-            flush_denormals()  # per thread: whichever thread runs the engine's steps
         if step.state_saves or step.state_loads:
             for pool in self.snapshots:
                 pool.apply(step.state_saves, step.state_loads)

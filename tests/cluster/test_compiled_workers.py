@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import itertools
 import platform
-import threading
 
 import pytest
 import torch
 
+import cluster.workers
 from cluster.config import Pools
 from cluster.messages import StepMsg
 from cluster.placement import resolve_placement
@@ -100,29 +100,38 @@ def test_compiled_mixers_match_the_local_eager_executor(hf_dir, all_rows, monkey
     assert [w.decode.compiles.seconds for w in (*mixers, *workers)] == compiled  # none inside a step
 
 
+def denormal_product() -> float:
+    return float(torch.tensor([1e-20]) * torch.tensor([1e-20]))  # 1e-40: a denormal unless flushed
+
+
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="flush-to-zero: an x86 SSE setting")
-def test_workers_flush_denormals_in_the_thread_of_each_call(hf_dir):
-    """As the local executor (engine/cpu_runtime.py): each mixer and shard call on CPU flushes
-    denormals in its own thread (an actor's calls may run in any of its threads), so the two
-    executors compute the same numbers."""
+def test_workers_flush_denormals_during_each_call(hf_dir, monkeypatch):
+    """As the local executor (engine/cpu_runtime.py): each mixer and shard call on CPU computes
+    with denormals flushed in its thread (an actor's calls may run in any of its threads), so the
+    two executors compute the same numbers, and leaves the thread's setting as it found it."""
     config = ModelConfig.from_dir(hf_dir, dtype="float32")
     placement = resolve_placement(Pools.model_validate({"experts": {"actors": 2}}), config)
     mixers = [MixerWorker(hf_dir, "float32", spec, SLOTS, MAX_LEN, placement.experts, block_size=BLOCK,
                           num_kv_blocks=32) for spec in placement.mixers]
     workers = [ExpertWorker(hf_dir, "float32", s, ids) for s, ids in enumerate(placement.experts.shards)]
-    flushed: dict[str, list[bool]] = {"MixerWorker": [], "ExpertWorker": []}
+    inside: dict[str, list[float]] = {"MixerWorker": [], "ExpertWorker": []}
+    after: list[float] = []
+    current = [""]
+    real_from_wire = cluster.workers.from_wire
+
+    def from_wire(*args, **kwargs):  # called by both kinds of worker inside their calls
+        inside[current[0]].append(denormal_product())
+        return real_from_wire(*args, **kwargs)
+
+    monkeypatch.setattr(cluster.workers, "from_wire", from_wire)
 
     def call(actor, method, num_returns, *args):
-        torch.set_flush_denormal(False)  # what a fresh thread of the actor might have
+        current[0] = type(actor).__name__
         out = getattr(actor, method)(*args)
-        tiny = torch.tensor([1e-20]) * torch.tensor([1e-20])  # 1e-40: a denormal unless flushed
-        flushed[type(actor).__name__].append(float(tiny) == 0.0)
+        after.append(denormal_product())
         return out
 
-    # in a thread of its own, whose setting dies with it
-    thread = threading.Thread(target=wire_lanes, args=(call, [StepMsg(0, steps()[0])], config, placement,
-                                                       mixers, workers))
-    thread.start()
-    thread.join(timeout=120)
-    assert flushed["MixerWorker"] and flushed["ExpertWorker"], flushed  # the step ran through both
-    assert all(flushed["MixerWorker"]) and all(flushed["ExpertWorker"]), flushed
+    wire_lanes(call, [StepMsg(0, steps()[0])], config, placement, mixers, workers)
+    assert inside["MixerWorker"] and inside["ExpertWorker"], inside  # the step ran through both
+    assert set(inside["MixerWorker"]) == set(inside["ExpertWorker"]) == {0.0}, inside
+    assert min(after) > 0, after  # IEEE subnormals again between the calls

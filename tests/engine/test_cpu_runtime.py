@@ -1,5 +1,6 @@
 """engine/cpu_runtime.py: the allocator setting takes on glibc, and flushing denormals is a
-per-thread setting that the local executor makes in the thread that runs its steps."""
+per-thread setting that the local executor makes for the duration of each step, in the thread
+that runs it, leaving the thread as it found it."""
 
 import ctypes.util
 import platform
@@ -8,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from engine.cpu_runtime import flush_denormals, keep_freed_memory
+from engine.cpu_runtime import flushes_denormals, keep_freed_memory
 from engine.executor import StepInput
 from engine.local_executor import LocalExecutor
 
@@ -36,29 +37,45 @@ def test_keep_freed_memory_on_glibc():
     assert keep_freed_memory() is True  # once per process; calling again is harmless
 
 
+class Device:
+    def __init__(self, kind: str) -> None:
+        self.device = torch.device(kind)
+
+    @flushes_denormals
+    def compute(self) -> float:
+        return denormal_product()
+
+
 @pytest.mark.skipif(not X86, reason="flush-to-zero is an x86 SSE setting")
-def test_flush_denormals_is_per_thread():
+def test_flushes_denormals_during_the_call_and_restores_the_thread():
     def outer() -> tuple[float, float, float]:
         torch.set_flush_denormal(False)  # a thread starts with its creator's setting
-        kept = denormal_product()
-        flushed = in_thread(lambda: (flush_denormals(), denormal_product())[1])
-        return kept, flushed, denormal_product()
+        return denormal_product(), Device("cpu").compute(), denormal_product()
 
-    kept, flushed, kept_after = in_thread(outer)
-    assert kept > 0 and flushed == 0.0
-    assert kept_after > 0  # the other thread's setting did not leak into this one
+    before, during, after = in_thread(outer)
+    assert before > 0 and during == 0.0 and after > 0
+    assert in_thread(lambda: (torch.set_flush_denormal(False), Device("meta").compute())[1]) > 0  # not CPU
 
 
 @pytest.mark.skipif(not X86, reason="flush-to-zero is an x86 SSE setting")
-def test_local_executor_flushes_in_its_step_thread(tmp_path):
+def test_local_executor_flushes_during_its_steps(tmp_path):
     from model.tiny import make_tiny_model
 
     executor = LocalExecutor(make_tiny_model(tmp_path / "tiny"), num_slots=1, max_model_len=16)
     step = StepInput(token_ids=(5, 9, 13), slots=(0,), starts=(0,), lengths=(3,), logits_index=(2,))
+    seen: list[float] = []
+    compute_logits = executor.model.compute_logits
+
+    def recording(hidden):
+        seen.append(denormal_product())
+        return compute_logits(hidden)
+
+    executor.model.compute_logits = recording
 
     def run_step() -> float:
         torch.set_flush_denormal(False)
         executor.execute(step)
         return denormal_product()
 
-    assert in_thread(run_step) == 0.0
+    assert in_thread(run_step) > 0  # the thread as it was
+    assert seen == [0.0]  # flushed inside the step
