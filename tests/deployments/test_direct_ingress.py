@@ -25,6 +25,7 @@ import yaml
 from deployments.cli import main
 from deployments.serve_command import DEPLOYMENT_NAME, direct_ingress_environment
 from tests.deployments.overload import burst
+from tests.procfs import descendants, listening_sockets
 from tests.serve_app import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,40 +101,7 @@ def test_a_cluster_to_join_is_refused(tmp_path, capsys, monkeypatch):
 
 def _listening(port: int) -> list[tuple[int, str]]:
     """(pid, "ADDR:PORT" hex as /proc/net/tcp{,6} writes it) of every listening socket on `port`."""
-    inodes = {}
-    for table in ("tcp", "tcp6"):
-        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
-            f = line.split()
-            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
-                inodes[f[9]] = f[1]
-    found = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            links = [os.readlink(f"/proc/{d}/fd/{fd}") for fd in os.listdir(f"/proc/{d}/fd")]
-        except OSError:
-            continue
-        found += [(int(d), inodes[ln[8:-1]]) for ln in links
-                  if ln.startswith("socket:[") and ln[8:-1] in inodes]
-    return found
-
-
-def _descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(d))
-    out, todo = set(), [root]
-    while todo:
-        p = todo.pop()
-        out.add(p)
-        todo += children.get(p, [])
-    return out
+    return [(sock.pid, sock.address) for sock in listening_sockets(port=port)]
 
 
 LOOPBACK = ("0100007F:", "00000000000000000000000001000000:", "0000000000000000FFFF00000100007F:")
@@ -219,19 +187,7 @@ def test_the_replica_itself_listens_on_the_port_on_loopback(server):
 def test_every_socket_of_the_cluster_it_started_is_on_loopback(server):
     """The replica's HTTP server binds http_options.host (loopback here), as the proxy would."""
     proc = server[2]
-    pids = _descendants(proc.pid)
-    found = []
-    for table in ("tcp", "tcp6"):
-        listening = {f[9]: f[1] for f in (ln.split() for ln in
-                                          Path(f"/proc/net/{table}").read_text().splitlines()[1:])
-                     if f[3] == "0A"}
-        for pid in pids:
-            try:
-                links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-            except OSError:
-                continue
-            found += [(pid, listening[ln[8:-1]]) for ln in links
-                      if ln.startswith("socket:[") and ln[8:-1] in listening]
+    found = [(sock.pid, sock.address) for sock in listening_sockets(descendants(proc.pid))]
     assert found and all(addr.startswith(LOOPBACK) for _, addr in found), found
 
 
@@ -294,7 +250,7 @@ def test_a_replacement_replica_serves_the_same_port(server):
     port range is that one port and Serve's quarantine of released ports is off)."""
     url, port, proc, _ = server
     (pid,) = {pid for pid, _ in _listening(port)}
-    assert pid in _descendants(proc.pid)  # this test's own server's replica, nothing else
+    assert pid in descendants(proc.pid)  # this test's own server's replica, nothing else
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 120
     while True:

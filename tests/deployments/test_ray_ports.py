@@ -24,6 +24,7 @@ import json, os, socket, sys, time
 sys.path.insert(0, {str(ROOT)!r})
 import ray
 from cluster.session import start_local_ray
+from tests.procfs import descendants, listening_sockets
 
 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # how Ray finds the node's address
     s.connect(("8.8.8.8", 53))
@@ -38,39 +39,12 @@ ray.get(ping.remote(), timeout=120)  # a worker, with its own server, is up too
 time.sleep(1)
 
 
-def descendants(root):
-    children = {{}}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(open(f"/proc/{{d}}/stat").read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(d))
-    out, todo = set(), [root]
-    while todo:
-        p = todo.pop()
-        out.add(p)
-        todo += children.get(p, [])
-    return out
-
-
-listening = {{}}
-for table in ("tcp", "tcp6"):
-    for line in open(f"/proc/net/{{table}}").read().splitlines()[1:]:
-        f = line.split()
-        if f[3] == "0A":  # LISTEN
-            listening[f[9]] = (table, f[1])
 found = []
-for pid in descendants(os.getpid()):
+for sock in listening_sockets(descendants(os.getpid())):
     try:
-        links = [os.readlink(f"/proc/{{pid}}/fd/{{fd}}") for fd in os.listdir(f"/proc/{{pid}}/fd")]
-        name = open(f"/proc/{{pid}}/comm").read().strip()
+        found.append((open(f"/proc/{{sock.pid}}/comm").read().strip(), sock.table, sock.address))
     except OSError:
         continue
-    for link in links:
-        if link.startswith("socket:[") and link[8:-1] in listening:
-            found.append((name, *listening[link[8:-1]]))
 print(json.dumps({{"external": external, "sockets": found}}))
 ray.shutdown()
 """
